@@ -1,0 +1,3001 @@
+#!/usr/bin/env python3
+"""databuild.py -- a want-driven data build system in one module.
+
+Data engineers declare what data they *want* ("partitions", named by refs such
+as ``reviews/date=2025-01-01``).  A single-threaded orchestrator runs the jobs
+that build them, turns each job's reported missing upstream partitions into new
+(derivative) wants, retries, cancels and recovers.  Every change of state is an
+event appended to the build event log, an SQLite database, and all state is a
+pure reduction of that log.  A per-workspace server (Bottle on waitress) exposes
+it as a JSON API; a CLI (argparse + urllib) drives it; the server stops by
+itself when idle.
+
+Run it::
+
+    python databuild.py serve --workspace examples/reviews
+    python databuild.py --workspace examples/reviews build 'report/weekly/week=2025-01-06' --wait
+    python databuild.py want list
+
+Requires Python >= 3.11.  Runtime dependencies: ``bottle`` and ``waitress``
+(only for the server; the reducer, the client and the CLI need only the
+standard library).  License: MIT.
+
+Sections (in dependency order; ``grep -n '^# .*####' databuild.py``):
+
+    Constants and defaults
+    Errors
+    Utilities
+    Events and the reducer
+    Storage: the event log
+    Configuration
+    Job runs: processes
+    Orchestrator
+    Read model
+    HTTP API
+    Server and lifecycle
+    Client
+    CLI
+"""
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildState",
+    "Client",
+    "Config",
+    "Conflict",
+    "ConfigError",
+    "DatabuildError",
+    "Event",
+    "EventLog",
+    "InvalidRequest",
+    "JobConfig",
+    "NotFound",
+    "Orchestrator",
+    "PayloadTooLarge",
+    "ReadModel",
+    "Server",
+    "ServerUnreachable",
+    "StorageError",
+    "Unavailable",
+    "UnsupportedMediaType",
+    "load_config",
+    "main",
+    "make_app",
+]
+
+import argparse
+import collections
+import datetime
+import fcntl
+import functools
+import getpass
+import heapq
+import itertools
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+logger = logging.getLogger("databuild")
+logger.addHandler(logging.NullHandler())
+
+
+###############################################################################
+# Constants and defaults ######################################################
+###############################################################################
+
+#: Every tunable default in one table.  ``[server]`` keys of databuild.toml
+#: override the first five; the rest are internal timings.
+DEFAULTS = {
+    "host": "127.0.0.1",
+    "port": 0,
+    "idle_timeout_seconds": 3 * 60 * 60,
+    "max_concurrent_job_runs": 4,
+    "cors_origins": ["http://localhost:3000"],
+    # Internal timings.
+    "orchestrator_tick_seconds": 1.0,  # longest sleep when nothing wakes it
+    "command_timeout_seconds": 30.0,  # an HTTP write waits this long for a reply
+    "kill_grace_seconds": 3.0,  # SIGTERM -> SIGKILL for a job's process group
+    "http_threads": 8,
+    "list_limit": 100,
+    "list_limit_max": 1000,
+    "max_body_bytes": 1024 * 1024,
+    "max_partitions_per_want": 10000,
+    "cli_start_timeout_seconds": 15.0,
+}
+
+STATE_DIR = ".databuild"
+CONFIG_FILE = "databuild.toml"
+MISSING_DEPS_MARKER = "DATABUILD_MISSING_DEPS_JSON:"
+
+# Want statuses (SPEC 5).
+IDLE = "Idle"
+BUILDING = "Building"
+UPSTREAM_BUILDING = "UpstreamBuilding"
+SUCCESSFUL = "Successful"
+FAILED = "Failed"
+UPSTREAM_FAILED = "UpstreamFailed"
+CANCELED = "Canceled"
+EXPIRED = "Expired"
+WANT_STATUSES = (IDLE, BUILDING, UPSTREAM_BUILDING, SUCCESSFUL, FAILED,
+                 UPSTREAM_FAILED, CANCELED, EXPIRED)
+TERMINAL_WANT_STATUSES = frozenset((SUCCESSFUL, FAILED, UPSTREAM_FAILED, CANCELED, EXPIRED))
+
+# Partition statuses (Building, UpstreamBuilding, Failed and UpstreamFailed are
+# shared with wants).
+UP_FOR_RETRY = "UpForRetry"
+LIVE = "Live"
+TAINTED = "Tainted"
+PARTITION_STATUSES = (BUILDING, UPSTREAM_BUILDING, UP_FOR_RETRY, LIVE, FAILED,
+                      UPSTREAM_FAILED, TAINTED)
+#: A partition in one of these statuses (or with no partition yet) needs a job
+#: run whenever something wants it.
+NEEDS_BUILD = frozenset((None, UP_FOR_RETRY, TAINTED))
+
+# Job run statuses.
+QUEUED = "Queued"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+DEP_MISS = "DepMiss"
+JOB_RUN_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, DEP_MISS, CANCELED)
+ACTIVE_JOB_RUN_STATUSES = frozenset((QUEUED, RUNNING))
+
+# Event types (SPEC 5).
+WANT_CREATE = "want_create"
+WANT_CANCEL = "want_cancel"
+WANT_EXPIRE = "want_expire"
+WANT_SLA_BREACH = "want_sla_breach"
+JOB_RUN_QUEUE = "job_run_queue"
+JOB_RUN_START = "job_run_start"
+JOB_RUN_SUCCESS = "job_run_success"
+JOB_RUN_FAILURE = "job_run_failure"
+JOB_RUN_MISSING_DEPS = "job_run_missing_deps"
+JOB_RUN_CANCEL = "job_run_cancel"
+PARTITION_TAINT = "partition_taint"
+EVENT_TYPES = (WANT_CREATE, WANT_CANCEL, WANT_EXPIRE, WANT_SLA_BREACH,
+               JOB_RUN_QUEUE, JOB_RUN_START, JOB_RUN_SUCCESS, JOB_RUN_FAILURE,
+               JOB_RUN_MISSING_DEPS, JOB_RUN_CANCEL, PARTITION_TAINT)
+
+# Reasons recorded on job runs that did not end on their own.
+REASON_SERVER_SHUTDOWN = "server shutdown"
+REASON_SERVER_RESTARTED = "server restarted"
+REASON_TIMEOUT = "timeout"
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+class DatabuildError(Exception):
+    """Root of every error this module raises on purpose.
+
+    ``fields`` are the identifiers the error is about; the HTTP layer puts them
+    beside ``"error"`` in the JSON body, the CLI prints the message.
+    """
+
+    def __init__(self, message, **fields):
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+    def to_dict(self):
+        """The JSON error body: ``{"error": message, **fields}``."""
+        return {"error": self.message, **self.fields}
+
+
+class ConfigError(DatabuildError):
+    """databuild.toml (or a command-line setting) is invalid."""
+
+
+class InvalidRequest(DatabuildError):
+    """Bad input: bad JSON, wrong types, unknown fields, bad refs (HTTP 400)."""
+
+
+class NotFound(DatabuildError):
+    """No such want, partition or job run (HTTP 404)."""
+
+
+class Conflict(DatabuildError):
+    """The request contradicts the current state (HTTP 409)."""
+
+
+class PayloadTooLarge(DatabuildError):
+    """A request body over the size limit (HTTP 413)."""
+
+
+class UnsupportedMediaType(DatabuildError):
+    """A POST whose body is not ``application/json`` (HTTP 415)."""
+
+
+class Unavailable(DatabuildError):
+    """Shutting down, or the orchestrator did not answer in time (HTTP 503)."""
+
+
+class StorageError(DatabuildError):
+    """The event log could not be read or written (sqlite3 errors, translated)."""
+
+
+class ServerUnreachable(DatabuildError):
+    """The client could not reach a server."""
+
+
+###############################################################################
+# Utilities ###################################################################
+###############################################################################
+
+def isoformat(ts):
+    """Format epoch seconds as ``2026-11-27T09:30:00.123Z`` (None stays None)."""
+    if ts is None:
+        return None
+    dt = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (dt.microsecond // 1000)
+
+
+def new_id():
+    """A fresh uuid4 string: want and job run ids."""
+    return str(uuid.uuid4())
+
+
+_REF_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,1024}")
+
+
+def check_ref(ref):
+    """Raise InvalidRequest unless ``ref`` is a well-formed ref (SPEC 3)."""
+    if not isinstance(ref, str) or not _REF_RE.fullmatch(ref) or not ref.isprintable():
+        raise InvalidRequest("Invalid partition ref: 1 to 1024 printable characters, "
+                             "no whitespace", ref=ref if isinstance(ref, str) else repr(ref))
+    return ref
+
+
+def dumps(obj):
+    """Compact JSON, the one encoding used for the log and the API."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def find_workspace(start=None):
+    """The nearest folder at or above ``start`` holding databuild.toml, or None."""
+    path = os.path.abspath(start or os.getcwd())
+    while True:
+        if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+###############################################################################
+# Events and the reducer ######################################################
+###############################################################################
+
+class Event:
+    """One entry of the build event log: an id, a time, a type and a payload.
+
+    ``timestamp`` is epoch seconds (float); ``to_dict`` renders it ISO 8601.
+    """
+
+    __slots__ = ("event_id", "timestamp", "type", "payload")
+
+    def __init__(self, event_id, timestamp, type, payload):
+        self.event_id = event_id
+        self.timestamp = timestamp
+        self.type = type
+        self.payload = payload
+
+    def to_dict(self):
+        """The event as the API shows it (SPEC 5)."""
+        return {"event_id": self.event_id, "timestamp": isoformat(self.timestamp),
+                "type": self.type, "payload": self.payload}
+
+    def __repr__(self):
+        return "Event(%r, %r, %r)" % (self.event_id, self.type, self.payload)
+
+
+class Want:
+    """A declaration that some partitions should exist (SPEC 5, Want)."""
+
+    __slots__ = ("want_id", "partitions", "status", "data_timestamp", "ttl_seconds",
+                 "sla_seconds", "sla_breached", "source", "parent_want_id",
+                 "root_want_id", "derivative_want_ids", "job_run_ids", "comment",
+                 "created_at", "updated_at", "seq", "counts")
+
+    def to_dict(self, state):
+        """The want as the API shows it; partition statuses come from ``state``."""
+        statuses = {}
+        for ref in self.partitions:
+            part = state.partitions.get(ref)
+            statuses[ref] = part.status if part is not None else IDLE
+        return {
+            "want_id": self.want_id, "partitions": list(self.partitions),
+            "status": self.status, "partition_statuses": statuses,
+            "data_timestamp": self.data_timestamp, "ttl_seconds": self.ttl_seconds,
+            "sla_seconds": self.sla_seconds, "sla_breached": self.sla_breached,
+            "source": dict(self.source), "parent_want_id": self.parent_want_id,
+            "root_want_id": self.root_want_id,
+            "derivative_want_ids": list(self.derivative_want_ids),
+            "job_run_ids": list(self.job_run_ids), "comment": self.comment,
+            "created_at": isoformat(self.created_at), "updated_at": isoformat(self.updated_at),
+        }
+
+
+class Partition:
+    """An atomic unit of data named by a ref (SPEC 5, Partition).
+
+    ``waiting_on`` holds the missing deps not yet Live while UpstreamBuilding;
+    ``retries`` counts plain failures since the last success (for max_retries).
+    """
+
+    __slots__ = ("ref", "status", "job_label", "last_job_run_id", "built_by_job_run_id",
+                 "want_ids", "missing_deps", "updated_at", "waiting_on", "retries", "seq")
+
+    def to_dict(self):
+        """The partition as the API shows it."""
+        return {"ref": self.ref, "status": self.status, "job_label": self.job_label,
+                "last_job_run_id": self.last_job_run_id,
+                "built_by_job_run_id": self.built_by_job_run_id,
+                "want_ids": list(self.want_ids), "missing_deps": list(self.missing_deps),
+                "updated_at": isoformat(self.updated_at)}
+
+
+class JobRun:
+    """One execution of a job for 1..max_partitions_per_run refs (SPEC 5, Job run)."""
+
+    __slots__ = ("job_run_id", "job_label", "partitions", "want_ids", "status", "attempt",
+                 "exit_code", "missing_deps", "error", "queued_at", "started_at",
+                 "finished_at", "pid", "seq")
+
+    @property
+    def duration_ms(self):
+        """Milliseconds from start (or queueing, if it never started) to finish."""
+        if self.finished_at is None or self.started_at is None:
+            return None
+        return int(round((self.finished_at - self.started_at) * 1000))
+
+    def to_dict(self):
+        """The job run as the API shows it."""
+        return {"job_run_id": self.job_run_id, "job_label": self.job_label,
+                "partitions": list(self.partitions), "want_ids": list(self.want_ids),
+                "status": self.status, "attempt": self.attempt, "exit_code": self.exit_code,
+                "missing_deps": list(self.missing_deps), "error": self.error,
+                "queued_at": isoformat(self.queued_at),
+                "started_at": isoformat(self.started_at),
+                "finished_at": isoformat(self.finished_at),
+                "duration_ms": self.duration_ms}
+
+
+class BuildState:
+    """The state of wants, partitions and job runs: a pure reduction of events.
+
+    ``apply(event)`` is deterministic and does no I/O, reads no clock and takes
+    no lock: the same events always give the same state.  Besides the entities
+    it keeps indexes so that neither a read nor an orchestrator step has to
+    walk finished work:
+
+    * ``live_wants_by_ref``: ref -> ids of non-terminal wants naming it;
+    * ``waiters``: ref -> refs of UpstreamBuilding partitions waiting on it;
+    * ``pending_refs``: refs that need a job run now (ordered, oldest first);
+    * ``active_run_by_ref``: ref -> its Queued or Running job run;
+    * ``*_by_status``: status -> ids (ordered dicts used as sets).
+
+    A partition is *wanted* while a non-terminal want names it or a wanted
+    partition waits on it.  It is *pending* while it is wanted, has no active
+    run, and has no partition yet or is UpForRetry or Tainted.
+    """
+
+    def __init__(self):
+        self.wants = {}
+        self.partitions = {}
+        self.job_runs = {}
+        self.latest_event_id = 0
+        self.event_counts = collections.Counter()
+        self.wants_by_status = {s: {} for s in WANT_STATUSES}
+        self.partitions_by_status = {s: {} for s in PARTITION_STATUSES}
+        self.job_runs_by_status = {s: {} for s in JOB_RUN_STATUSES}
+        self.live_wants_by_ref = {}
+        self.waiters = {}
+        self.pending_refs = {}
+        self.active_run_by_ref = {}
+        self._todo = collections.deque()
+
+    @classmethod
+    def from_events(cls, events):
+        """Reduce an iterable of events, oldest first, into a new state."""
+        state = cls()
+        for event in events:
+            state.apply(event)
+        return state
+
+    # -- applying events ----------------------------------------------------
+
+    def apply(self, event):
+        """Advance the state by one event (its id must follow ``latest_event_id``)."""
+        handler = self._HANDLERS.get(event.type)
+        if handler is not None:  # unknown types are skipped: newer logs stay readable
+            handler(self, event.payload, event.timestamp)
+            while self._todo:
+                action, ref, ts = self._todo.popleft()
+                action(self, ref, ts)
+        self.latest_event_id = event.event_id
+        self.event_counts[event.type] += 1
+
+    def _on_want_create(self, p, ts):
+        want = Want()
+        want.want_id = p["want_id"]
+        want.partitions = list(dict.fromkeys(p["partitions"]))
+        want.status = None
+        want.data_timestamp = p.get("data_timestamp", ts)
+        want.ttl_seconds = p.get("ttl_seconds")
+        want.sla_seconds = p.get("sla_seconds")
+        want.sla_breached = False
+        want.source = p.get("source") or {"type": "manual", "user": None}
+        want.parent_want_id = p.get("parent_want_id")
+        want.root_want_id = p.get("root_want_id") or want.want_id
+        want.derivative_want_ids = []
+        want.job_run_ids = []
+        want.comment = p.get("comment")
+        want.created_at = want.updated_at = ts
+        want.seq = len(self.wants)
+        want.counts = collections.Counter()
+        self.wants[want.want_id] = want
+        for ref in want.partitions:
+            part = self.partitions.get(ref)
+            if part is not None and part.status in (FAILED, UPSTREAM_FAILED):
+                # A new want asks again for what failed before: build it anew.
+                part.retries = 0
+                self._set_partition_status(part, UP_FOR_RETRY, ts)
+            self.live_wants_by_ref.setdefault(ref, set()).add(want.want_id)
+            want.counts[part.status if part is not None else None] += 1
+            if part is not None:
+                part.want_ids.append(want.want_id)
+            run_id = self.active_run_by_ref.get(ref)
+            if run_id is not None:  # join the build already under way
+                run = self.job_runs[run_id]
+                if want.want_id not in run.want_ids:
+                    run.want_ids.append(want.want_id)
+                    want.job_run_ids.append(run_id)
+            self._refresh_pending(ref)
+        parent = self.wants.get(want.parent_want_id)
+        if parent is not None:
+            parent.derivative_want_ids.append(want.want_id)
+        self._update_want_status(want, ts)
+
+    def _end_want_tree(self, want_id, status, ts):
+        # Cancel and expiry reach the want's derivative wants too: their work
+        # exists only for it.
+        stack = [want_id]
+        while stack:
+            want = self.wants.get(stack.pop())
+            if want is None or want.status in TERMINAL_WANT_STATUSES:
+                continue
+            self._set_want_status(want, status, ts)
+            stack.extend(want.derivative_want_ids)
+
+    def _on_want_cancel(self, p, ts):
+        self._end_want_tree(p["want_id"], CANCELED, ts)
+
+    def _on_want_expire(self, p, ts):
+        self._end_want_tree(p["want_id"], EXPIRED, ts)
+
+    def _on_want_sla_breach(self, p, ts):
+        want = self.wants.get(p["want_id"])
+        if want is not None:
+            want.sla_breached = True
+            want.updated_at = ts
+
+    def _on_job_run_queue(self, p, ts):
+        run = JobRun()
+        run.job_run_id = p["job_run_id"]
+        run.job_label = p["job_label"]
+        run.partitions = list(p["partitions"])
+        run.want_ids = list(p.get("want_ids", ()))
+        run.status = QUEUED
+        run.attempt = p.get("attempt", 1)
+        run.exit_code = None
+        run.missing_deps = []
+        run.error = None
+        run.queued_at = ts
+        run.started_at = run.finished_at = None
+        run.pid = None
+        run.seq = len(self.job_runs)
+        self.job_runs[run.job_run_id] = run
+        self.job_runs_by_status[QUEUED][run.job_run_id] = None
+        for ref in run.partitions:
+            part = self.partitions.get(ref)
+            if part is None:
+                part = Partition()
+                part.ref = ref
+                part.status = None
+                part.job_label = run.job_label
+                part.built_by_job_run_id = None
+                part.want_ids = sorted(self.live_wants_by_ref.get(ref, ()),
+                                       key=lambda wid: self.wants[wid].seq)
+                part.waiting_on = set()
+                part.retries = 0
+                part.seq = len(self.partitions)
+                self.partitions[ref] = part
+            elif part.status == UPSTREAM_BUILDING:
+                self._drop_waits(part, ts)
+            part.last_job_run_id = run.job_run_id
+            part.missing_deps = []
+            self.active_run_by_ref[ref] = run.job_run_id
+            self._set_partition_status(part, BUILDING, ts)
+        for want_id in run.want_ids:
+            want = self.wants.get(want_id)
+            if want is not None and run.job_run_id not in want.job_run_ids:
+                want.job_run_ids.append(run.job_run_id)
+
+    def _on_job_run_start(self, p, ts):
+        run = self.job_runs[p["job_run_id"]]
+        self._move(self.job_runs_by_status, run.job_run_id, run.status, RUNNING)
+        run.status = RUNNING
+        run.started_at = ts
+        run.pid = p.get("pid")
+
+    def _finish_run(self, p, status, ts):
+        run = self.job_runs[p["job_run_id"]]
+        self._move(self.job_runs_by_status, run.job_run_id, run.status, status)
+        run.status = status
+        run.finished_at = ts
+        run.exit_code = p.get("exit_code")
+        run.error = p.get("error", p.get("reason"))
+        for ref in run.partitions:
+            if self.active_run_by_ref.get(ref) == run.job_run_id:
+                del self.active_run_by_ref[ref]
+        return run
+
+    def _on_job_run_success(self, p, ts):
+        run = self._finish_run(p, SUCCEEDED, ts)
+        for ref in run.partitions:
+            part = self.partitions[ref]
+            part.built_by_job_run_id = run.job_run_id
+            part.retries = 0
+            self._set_partition_status(part, LIVE, ts)
+
+    def _on_job_run_failure(self, p, ts):
+        run = self._finish_run(p, FAILED, ts)
+        status = UP_FOR_RETRY if p.get("retry") else FAILED
+        for ref in run.partitions:
+            part = self.partitions[ref]
+            if p.get("counted", True):
+                part.retries += 1
+            self._set_partition_status(part, status, ts)
+
+    def _on_job_run_missing_deps(self, p, ts):
+        run = self._finish_run(p, DEP_MISS, ts)
+        deps = list(p["missing_deps"])
+        run.missing_deps = deps
+        for dep in deps:
+            dep_part = self.partitions.get(dep)
+            if dep_part is not None and dep_part.status in (FAILED, UPSTREAM_FAILED):
+                dep_part.retries = 0  # a dep miss asks again for what failed before
+                self._set_partition_status(dep_part, UP_FOR_RETRY, ts)
+        unmet = [d for d in deps if self._status_of(d) != LIVE]
+        for ref in run.partitions:
+            part = self.partitions[ref]
+            part.missing_deps = deps
+            if not unmet or not self.is_wanted(ref):
+                # Nothing to wait for, or nobody to wait for: a later want reruns it.
+                self._set_partition_status(part, UP_FOR_RETRY, ts)
+                continue
+            part.waiting_on = set(unmet)
+            for dep in unmet:
+                self.waiters.setdefault(dep, set()).add(ref)
+                self._refresh_pending(dep)
+            self._set_partition_status(part, UPSTREAM_BUILDING, ts)
+
+    def _on_job_run_cancel(self, p, ts):
+        run = self._finish_run(p, CANCELED, ts)
+        for ref in run.partitions:
+            self._set_partition_status(self.partitions[ref], UP_FOR_RETRY, ts)
+
+    def _on_partition_taint(self, p, ts):
+        part = self.partitions.get(p["ref"])
+        if part is not None:
+            self._set_partition_status(part, TAINTED, ts)
+
+    _HANDLERS = {
+        WANT_CREATE: _on_want_create, WANT_CANCEL: _on_want_cancel,
+        WANT_EXPIRE: _on_want_expire, WANT_SLA_BREACH: _on_want_sla_breach,
+        JOB_RUN_QUEUE: _on_job_run_queue, JOB_RUN_START: _on_job_run_start,
+        JOB_RUN_SUCCESS: _on_job_run_success, JOB_RUN_FAILURE: _on_job_run_failure,
+        JOB_RUN_MISSING_DEPS: _on_job_run_missing_deps, JOB_RUN_CANCEL: _on_job_run_cancel,
+        PARTITION_TAINT: _on_partition_taint,
+    }
+
+    # -- derived state ------------------------------------------------------
+
+    @staticmethod
+    def _move(index, key, old, new):
+        if old is not None:
+            index[old].pop(key, None)
+        index[new][key] = None
+
+    def _status_of(self, ref):
+        part = self.partitions.get(ref)
+        return part.status if part is not None else None
+
+    def is_wanted(self, ref):
+        """True while a non-terminal want names ``ref`` or a wanted partition waits on it."""
+        return ref in self.live_wants_by_ref or ref in self.waiters
+
+    def _refresh_pending(self, ref):
+        if (self._status_of(ref) in NEEDS_BUILD and ref not in self.active_run_by_ref
+                and self.is_wanted(ref)):
+            self.pending_refs[ref] = None
+        else:
+            self.pending_refs.pop(ref, None)
+
+    def _set_partition_status(self, part, status, ts):
+        old = part.status
+        part.updated_at = ts
+        if old == status:
+            return
+        self._move(self.partitions_by_status, part.ref, old, status)
+        part.status = status
+        for want_id in list(self.live_wants_by_ref.get(part.ref, ())):
+            want = self.wants[want_id]
+            want.counts[old] -= 1
+            want.counts[status] += 1
+            self._update_want_status(want, ts)
+        self._refresh_pending(part.ref)
+        if status == LIVE:
+            for ref in self.waiters.pop(part.ref, ()):
+                self._todo.append((BuildState._dep_live, (ref, part.ref), ts))
+        elif status in (FAILED, UPSTREAM_FAILED):
+            for ref in self.waiters.pop(part.ref, ()):
+                self._todo.append((BuildState._dep_failed, ref, ts))
+
+    def _dep_live(self, args, ts):
+        ref, dep = args
+        part = self.partitions[ref]
+        if part.status != UPSTREAM_BUILDING:
+            return
+        part.waiting_on.discard(dep)
+        if not part.waiting_on:
+            self._set_partition_status(part, UP_FOR_RETRY, ts)
+
+    def _dep_failed(self, ref, ts):
+        part = self.partitions[ref]
+        if part.status != UPSTREAM_BUILDING:
+            return
+        self._drop_waits(part, ts)
+        self._set_partition_status(part, UPSTREAM_FAILED, ts)
+
+    def _drop_waits(self, part, ts):
+        # Stop waiting on upstream refs; one nobody waits on any more may have
+        # become unwanted.
+        for dep in part.waiting_on:
+            refs = self.waiters.get(dep)
+            if refs is None:
+                continue
+            refs.discard(part.ref)
+            if not refs:
+                del self.waiters[dep]
+                self._refresh_pending(dep)
+                self._todo.append((BuildState._maybe_unwanted, dep, ts))
+        part.waiting_on = set()
+
+    def _maybe_unwanted(self, ref, ts):
+        # A partition that waits on upstream work nobody wants any more drops
+        # back to UpForRetry: its unstarted work is dropped (SPEC 5, TTL/cancel).
+        part = self.partitions.get(ref)
+        if part is not None and part.status == UPSTREAM_BUILDING and not self.is_wanted(ref):
+            self._drop_waits(part, ts)
+            self._set_partition_status(part, UP_FOR_RETRY, ts)
+
+    def _update_want_status(self, want, ts):
+        if want.status in TERMINAL_WANT_STATUSES:
+            return
+        counts = want.counts
+        if counts[FAILED]:
+            status = FAILED
+        elif counts[UPSTREAM_FAILED]:
+            status = UPSTREAM_FAILED
+        elif counts[LIVE] == len(want.partitions):
+            status = SUCCESSFUL
+        elif counts[BUILDING]:
+            status = BUILDING
+        elif counts[UPSTREAM_BUILDING]:
+            status = UPSTREAM_BUILDING
+        else:
+            status = IDLE
+        self._set_want_status(want, status, ts)
+
+    def _set_want_status(self, want, status, ts):
+        if want.status == status:
+            return
+        self._move(self.wants_by_status, want.want_id, want.status, status)
+        want.status = status
+        want.updated_at = ts
+        if status in TERMINAL_WANT_STATUSES:
+            for ref in want.partitions:
+                live = self.live_wants_by_ref.get(ref)
+                if live is not None:
+                    live.discard(want.want_id)
+                    if not live:
+                        del self.live_wants_by_ref[ref]
+                        self._refresh_pending(ref)
+                        self._todo.append((BuildState._maybe_unwanted, ref, ts))
+
+    # -- queries ------------------------------------------------------------
+
+    def want_chain_runs(self, want_id):
+        """Job runs whose dep misses led to this want, nearest first."""
+        runs = []
+        seen = set()
+        want = self.wants.get(want_id)
+        while want is not None and want.want_id not in seen:
+            seen.add(want.want_id)
+            run = self.job_runs.get(want.source.get("job_run_id") or "")
+            if run is None:
+                break
+            runs.append(run)
+            want = self.wants.get(want.parent_want_id)
+        return runs
+
+    def is_needed(self, run):
+        """True if a run's partitions are still wanted by something live."""
+        return any(self.is_wanted(ref) for ref in run.partitions)
+
+
+###############################################################################
+# Storage: the event log ######################################################
+###############################################################################
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    event_id  INTEGER PRIMARY KEY,   -- gapless from 1: single writer, never deleted
+    timestamp REAL NOT NULL,         -- epoch seconds
+    type      TEXT NOT NULL,
+    payload   TEXT NOT NULL          -- JSON
+);
+"""
+
+
+class EventLog:
+    """The build event log: an append-only SQLite table in WAL mode.
+
+    Each thread gets its own connection (sqlite3 connections must not be
+    shared across threads).  Only the orchestrator thread calls ``append``;
+    any thread may read.  Durability: ``synchronous=FULL`` fsyncs the WAL at
+    every commit, so an event acknowledged to a client survives a power loss
+    (SPEC 8); group commit keeps that affordable, one fsync per orchestrator
+    step rather than per event.  sqlite3 errors become ``StorageError``.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._local = threading.local()
+        self._connections = []  # every thread's connection, for close()
+        self._lock = threading.Lock()  # guards _connections only
+        with self._errors():
+            self._conn().executescript(_SCHEMA)
+
+    @staticmethod
+    def _errors():
+        return _translate_sqlite_errors()
+
+    def _conn(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def append(self, entries):
+        """Append ``(type, payload, timestamp)`` entries in one transaction.
+
+        Returns the new ``Event`` objects with their ids.  Nothing is appended
+        if anything fails.
+        """
+        if not entries:
+            return []
+        with self._errors():
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                (latest,) = conn.execute(
+                    "SELECT COALESCE(MAX(event_id), 0) FROM events").fetchone()
+                events = [Event(latest + i, ts, type_, payload)
+                          for i, (type_, payload, ts) in enumerate(entries, 1)]
+                conn.executemany(
+                    "INSERT INTO events (event_id, timestamp, type, payload) VALUES (?, ?, ?, ?)",
+                    [(e.event_id, e.timestamp, e.type, dumps(e.payload)) for e in events])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return events
+
+    @staticmethod
+    def _event(row):
+        return Event(row[0], row[1], row[2], json.loads(row[3]))
+
+    def list_events(self, since=0, limit=None, upto=None):
+        """Events with ``since < event_id <= upto``, oldest first, at most ``limit``."""
+        sql = "SELECT event_id, timestamp, type, payload FROM events WHERE event_id > ?"
+        args = [since]
+        if upto is not None:
+            sql += " AND event_id <= ?"
+            args.append(upto)
+        sql += " ORDER BY event_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._errors():
+            return [self._event(r) for r in self._conn().execute(sql, args)]
+
+    def iter_events(self, since=0, upto=None, batch=20000):
+        """Yield every event after ``since`` (up to ``upto``), oldest first, in batches."""
+        while True:
+            events = self.list_events(since, batch, upto)
+            yield from events
+            if len(events) < batch:
+                return
+            since = events[-1].event_id
+
+    def get_event(self, event_id):
+        """The event with this id; NotFound if there is none."""
+        with self._errors():
+            row = self._conn().execute(
+                "SELECT event_id, timestamp, type, payload FROM events WHERE event_id = ?",
+                (event_id,)).fetchone()
+        if row is None:
+            raise NotFound("Event not found", event_id=event_id)
+        return self._event(row)
+
+    def latest_event_id(self):
+        """The id of the newest event, 0 for an empty log."""
+        with self._errors():
+            (latest,) = self._conn().execute(
+                "SELECT COALESCE(MAX(event_id), 0) FROM events").fetchone()
+        return latest
+
+    def close(self):
+        """Close every thread's connection."""
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+
+class _translate_sqlite_errors:
+    """Context manager: sqlite3 errors become StorageError (original as cause)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, sqlite3.Error):
+            raise StorageError("Event log error: %s" % exc) from exc
+        return False
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+_LABEL_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_SERVER_KEYS = ("host", "port", "idle_timeout_seconds", "max_concurrent_job_runs",
+                "cors_origins")
+_JOB_KEYS = ("label", "entrypoint", "partition_patterns", "environment",
+             "max_partitions_per_run", "max_retries", "timeout_seconds")
+
+
+class JobConfig:
+    """One ``[[jobs]]`` entry of databuild.toml."""
+
+    def __init__(self, label, entrypoint, partition_patterns, environment=None,
+                 max_partitions_per_run=1, max_retries=0, timeout_seconds=0):
+        self.label = label
+        self.entrypoint = list(entrypoint)
+        self.partition_patterns = list(partition_patterns)
+        self.patterns = [re.compile(p) for p in self.partition_patterns]
+        self.environment = dict(environment or {})
+        self.max_partitions_per_run = max_partitions_per_run
+        self.max_retries = max_retries
+        self.timeout_seconds = timeout_seconds
+
+    def produces(self, ref):
+        """True if one of this job's patterns fully matches ``ref``."""
+        return any(p.fullmatch(ref) for p in self.patterns)
+
+
+class Config:
+    """A workspace's settings: the ``[server]`` table and the jobs.
+
+    ``root`` is the workspace folder (the jobs' cwd); ``path`` the toml file
+    (None for a config built in code, as tests do).
+    """
+
+    def __init__(self, root, jobs, path=None, **server):
+        unknown = set(server) - set(_SERVER_KEYS)
+        if unknown:
+            raise ConfigError("unknown server setting: %s" % ", ".join(sorted(unknown)))
+        self.root = os.path.abspath(root)
+        self.path = path
+        self.jobs = list(jobs)
+        self.jobs_by_label = {job.label: job for job in self.jobs}
+        for key in _SERVER_KEYS:
+            setattr(self, key, server.get(key, DEFAULTS[key]))
+        self.job_for = functools.lru_cache(maxsize=1 << 16)(self._job_for)
+
+    @property
+    def state_dir(self):
+        """``<workspace>/.databuild``."""
+        return os.path.join(self.root, STATE_DIR)
+
+    def _job_for(self, ref):
+        check_ref(ref)
+        jobs = [job for job in self.jobs if job.produces(ref)]
+        if not jobs:
+            raise InvalidRequest("No job produces partition %r" % ref, ref=ref)
+        if len(jobs) > 1:
+            raise InvalidRequest("Partition %r matches more than one job (%s)"
+                                 % (ref, ", ".join(j.label for j in jobs)),
+                                 ref=ref, job_labels=[j.label for j in jobs])
+        return jobs[0]
+
+
+def _config_value(where, key, value, kind, minimum=None):
+    def bad(what):
+        raise ConfigError("%s %s: %s" % (where, key, what))
+    if kind == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            bad("must be an integer, not %r" % (value,))
+        if minimum is not None and value < minimum:
+            bad("must be at least %d, not %d" % (minimum, value))
+    elif kind == "num":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            bad("must be a number, not %r" % (value,))
+        if minimum is not None and value < minimum:
+            bad("must be at least %s, not %s" % (minimum, value))
+    elif kind == "str":
+        if not isinstance(value, str) or not value:
+            bad("must be a non-empty string, not %r" % (value,))
+    elif kind == "str_list":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            bad("must be a list of strings, not %r" % (value,))
+    return value
+
+
+def load_config(workspace):
+    """Read ``<workspace>/databuild.toml`` into a Config; ConfigError names file, key, problem."""
+    path = os.path.join(os.path.abspath(workspace), CONFIG_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("%s: no such file (a workspace is a folder holding %s)"
+                          % (path, CONFIG_FILE)) from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError("%s: %s" % (path, e)) from None
+    try:
+        return _parse_config(os.path.dirname(path), data, path)
+    except ConfigError as e:
+        raise ConfigError("%s: %s" % (path, e.message)) from None
+
+
+def _parse_config(root, data, path):
+    unknown = set(data) - {"server", "jobs"}
+    if unknown:
+        raise ConfigError("unknown top-level key %r (expected [server] and [[jobs]])"
+                          % sorted(unknown)[0])
+    server = data.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError("server: must be a table")
+    for key, value in server.items():
+        where = "[server]"
+        if key not in _SERVER_KEYS:
+            raise ConfigError("%s %s: unknown key (known: %s)" % (where, key, ", ".join(_SERVER_KEYS)))
+        if key == "host":
+            _config_value(where, key, value, "str")
+        elif key == "port":
+            _config_value(where, key, value, "int", 0)
+            if value > 65535:
+                raise ConfigError("%s port: must be at most 65535, not %d" % (where, value))
+        elif key == "idle_timeout_seconds":
+            _config_value(where, key, value, "num", 0)
+        elif key == "max_concurrent_job_runs":
+            _config_value(where, key, value, "int", 1)
+        elif key == "cors_origins":
+            _config_value(where, key, value, "str_list")
+    jobs_data = data.get("jobs", [])
+    if not isinstance(jobs_data, list):
+        raise ConfigError("jobs: must be an array of tables ([[jobs]])")
+    jobs = []
+    labels = set()
+    for i, job in enumerate(jobs_data):
+        where = "[[jobs]] #%d" % (i + 1)
+        if not isinstance(job, dict):
+            raise ConfigError("%s: must be a table" % where)
+        if isinstance(job.get("label"), str):
+            where = "[[jobs]] %r" % job["label"]
+        for key in job:
+            if key not in _JOB_KEYS:
+                raise ConfigError("%s %s: unknown key (known: %s)" % (where, key, ", ".join(_JOB_KEYS)))
+        for key in ("label", "entrypoint", "partition_patterns"):
+            if key not in job:
+                raise ConfigError("%s %s: missing (required)" % (where, key))
+        label = _config_value(where, "label", job["label"], "str")
+        if not _LABEL_RE.fullmatch(label):
+            raise ConfigError("%s label: must match [A-Za-z0-9_.-]+" % where)
+        if label in labels:
+            raise ConfigError("%s label: duplicate label %r" % (where, label))
+        labels.add(label)
+        entrypoint = job["entrypoint"]
+        if isinstance(entrypoint, str):
+            try:
+                entrypoint = shlex.split(entrypoint)
+            except ValueError as e:
+                raise ConfigError("%s entrypoint: %s" % (where, e)) from None
+        _config_value(where, "entrypoint", entrypoint, "str_list")
+        if not entrypoint:
+            raise ConfigError("%s entrypoint: must not be empty" % where)
+        patterns = _config_value(where, "partition_patterns", job["partition_patterns"], "str_list")
+        if not patterns:
+            raise ConfigError("%s partition_patterns: must not be empty" % where)
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError("%s partition_patterns: bad regex %r: %s"
+                                  % (where, pattern, e)) from None
+        environment = job.get("environment", {})
+        if not isinstance(environment, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in environment.items()):
+            raise ConfigError("%s environment: must be a table of strings" % where)
+        jobs.append(JobConfig(
+            label, entrypoint, patterns, environment,
+            _config_value(where, "max_partitions_per_run", job.get("max_partitions_per_run", 1), "int", 1),
+            _config_value(where, "max_retries", job.get("max_retries", 0), "int", 0),
+            _config_value(where, "timeout_seconds", job.get("timeout_seconds", 0), "num", 0)))
+    return Config(root, jobs, path=path, **server)
+
+
+###############################################################################
+# Job runs: processes #########################################################
+###############################################################################
+
+def job_run_log_path(state_dir, job_run_id, stream):
+    """``.databuild/logs/<job_run_id>/<stream>.log`` -- built from a known run id only."""
+    if stream not in ("stdout", "stderr"):
+        raise NotFound("No such log stream", stream=stream)
+    return os.path.join(state_dir, "logs", job_run_id, stream + ".log")
+
+
+def _process_start_time(pid):
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None.
+
+    Recorded with each job run so that after a crash a surviving job process
+    is recognised by (pid, start time), never by a reused pid alone.
+    """
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _JobProcess:
+    """A job run's subprocess, in its own process group (SPEC 4).
+
+    Owned by the orchestrator thread, except ``returncode``, which the waiter
+    thread sets just before it appends the process to the orchestrator's
+    ``exited`` deque and wakes it.
+    """
+
+    def __init__(self, run, job, config, url, on_exit, now):
+        self.job_run_id = run.job_run_id
+        self.stdout_path = job_run_log_path(config.state_dir, run.job_run_id, "stdout")
+        self.stderr_path = job_run_log_path(config.state_dir, run.job_run_id, "stderr")
+        os.makedirs(os.path.dirname(self.stdout_path), exist_ok=True)
+        env = dict(os.environ)
+        env.update(job.environment)
+        env.update({
+            "DATABUILD_JOB_RUN_ID": run.job_run_id,
+            "DATABUILD_JOB_LABEL": job.label,
+            "DATABUILD_WORKSPACE": config.root,
+            "DATABUILD_URL": url or "",
+            "DATABUILD_PARTITIONS": " ".join(run.partitions),
+        })
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.popen = subprocess.Popen(
+                job.entrypoint + list(run.partitions), cwd=config.root, env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+        self.pid = self.popen.pid
+        self.start_time = _process_start_time(self.pid)
+        self.deadline = now + job.timeout_seconds if job.timeout_seconds else None
+        self.stop_reason = None
+        self.kill_at = None
+        self.returncode = None
+        self._on_exit = on_exit
+        threading.Thread(target=self._wait, name="databuild-job-%s" % self.pid,
+                         daemon=True).start()
+
+    def _wait(self):
+        self.returncode = self.popen.wait()
+        self._on_exit(self)
+
+    def stop(self, reason, now, grace):
+        """SIGTERM the process group now, SIGKILL it at ``now + grace``."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.kill_at = now + grace
+            _signal_group(self.pid, signal.SIGTERM)
+
+    def kill(self):
+        """SIGKILL the process group."""
+        _signal_group(self.pid, signal.SIGKILL)
+
+    def outcome(self):
+        """Read the run's stdout for a dep-miss line: ``(missing_deps or None, problem)``."""
+        missing, problem = None, None
+        try:
+            with open(self.stdout_path, "rb") as f:
+                for raw in f:
+                    if not raw.startswith(MISSING_DEPS_MARKER.encode()):
+                        continue
+                    text = raw[len(MISSING_DEPS_MARKER):].decode("utf-8", "replace")
+                    try:
+                        deps = json.loads(text)["missing_deps"]
+                        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+                            raise ValueError
+                    except (ValueError, KeyError, TypeError):
+                        problem = "unreadable %s line: %s" % (MISSING_DEPS_MARKER, text.strip()[:200])
+                        continue
+                    missing = (missing or []) + [d for d in deps if d not in (missing or [])]
+        except OSError as e:
+            problem = "cannot read stdout log: %s" % e
+        return missing, problem
+
+    def stderr_tail(self, lines=10):
+        """The last lines the job wrote to stderr."""
+        try:
+            with open(self.stderr_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                tail = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return []
+        return [line for line in tail if line.strip()][-lines:]
+
+
+###############################################################################
+# Orchestrator ################################################################
+###############################################################################
+
+class _Command:
+    """A write request in the orchestrator's inbox, answered through ``done``."""
+
+    __slots__ = ("kind", "args", "done", "result", "error")
+
+    def __init__(self, kind, args):
+        self.kind = kind
+        self.args = args
+        self.done = threading.Event()
+        self.result = None
+        self.error = None
+
+
+class Orchestrator:
+    """The only writer of the event log: reconciles wants into job runs (SPEC 2).
+
+    Other threads talk to it through ``submit`` (or ``enqueue``): commands go
+    into a ``collections.deque`` inbox and the caller waits on the command's
+    ``threading.Event``, set only after the command's events are committed.
+    ``step(now)`` is one reconciliation pass; ``start()`` runs steps in a named
+    thread that sleeps until woken by a command, a job's exit or a deadline.
+
+    ``state`` (a BuildState) and the job processes belong to the orchestrator
+    thread (or to the test driving ``step``); nothing else may touch them.
+    """
+
+    def __init__(self, config, log, url=None, clock=time.time):
+        self.config = config
+        self.log = log
+        self.url = url
+        self.clock = clock
+        self.state = BuildState.from_events(log.iter_events())
+        self._inbox = collections.deque()  # any thread appends, the orchestrator pops
+        self._exited = collections.deque()  # waiter threads append, the orchestrator pops
+        self._wake = threading.Event()
+        self._processes = {}  # job_run_id -> _JobProcess
+        self._entries = []  # (type, payload, timestamp) of this step, not yet committed
+        self._replies = []  # (command, result) to answer after the next commit
+        self._waiting_cancels = {}  # job_run_id -> commands answered when it ends
+        self._deadlines = []  # heap of (when, kind, want_id): "ttl" and "sla"
+        self._stop_requested = False
+        self._stopped = threading.Event()
+        self._thread = None
+        self._current_command = None  # the command a _cmd_ handler is answering
+        self.last_step_error = None
+        now = clock()
+        for want_id in self.state.wants_by_status[IDLE].keys() | self.state.wants_by_status[
+                BUILDING].keys() | self.state.wants_by_status[UPSTREAM_BUILDING].keys():
+            self._push_deadlines(self.state.wants[want_id])
+        for want in self.state.wants.values():
+            if want.status not in (SUCCESSFUL, CANCELED, EXPIRED) and want.sla_seconds \
+                    and not want.sla_breached:
+                self._push_deadlines(want, ttl=False)
+        self._recover(now)
+
+    # -- commands from other threads ------------------------------------------
+
+    def enqueue(self, kind, **args):
+        """Put a command in the inbox and wake the orchestrator; returns the command."""
+        if self._stop_requested:
+            raise Unavailable("Server is shutting down")
+        cmd = _Command(kind, args)
+        self._inbox.append(cmd)
+        self._wake.set()
+        return cmd
+
+    def submit(self, kind, timeout=None, **args):
+        """Run a command and return its result once its events are committed.
+
+        Kinds: ``create_want`` (request) -> (created, want dict);
+        ``cancel_want`` (want_id), ``taint`` (ref, reason),
+        ``cancel_job_run`` (job_run_id) -> dict.  Raises the command's
+        DatabuildError, or Unavailable if no answer came within ``timeout``.
+        """
+        cmd = self.enqueue(kind, **args)
+        if not cmd.done.wait(DEFAULTS["command_timeout_seconds"] if timeout is None else timeout):
+            raise Unavailable("The orchestrator did not answer in time")
+        if cmd.error is not None:
+            raise cmd.error
+        return cmd.result
+
+    def notify(self):
+        """Wake the orchestrator (any thread)."""
+        self._wake.set()
+
+    # -- the loop -------------------------------------------------------------
+
+    def start(self):
+        """Run ``step`` in a thread named databuild-orchestrator until ``stop``."""
+        self._thread = threading.Thread(target=self._loop, name="databuild-orchestrator",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=None):
+        """Ask the loop to finish its step, stop running jobs and exit; wait for it."""
+        self._stop_requested = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self):
+        try:
+            while not self._stop_requested:
+                self._wake.clear()
+                now = self.clock()
+                try:
+                    self.step(now)
+                    self.last_step_error = None
+                except Exception as e:  # survive: log, wait a tick, try again
+                    self.last_step_error = e
+                    logger.exception("Orchestrator step failed")
+                self._wake.wait(self._sleep_seconds(self.clock()))
+        finally:
+            try:
+                self.shutdown()
+            except Exception:
+                logger.exception("Orchestrator shutdown failed")
+            self._stopped.set()
+
+    def _sleep_seconds(self, now):
+        when = now + DEFAULTS["orchestrator_tick_seconds"]
+        if self._deadlines:
+            when = min(when, self._deadlines[0][0])
+        for proc in self._processes.values():
+            for t in (proc.deadline, proc.kill_at):
+                if t is not None:
+                    when = min(when, t)
+        return max(0.0, when - now)
+
+    def step(self, now=None):
+        """One reconciliation pass (SPEC 2).
+
+        Drain the inbox -> reap finished job runs -> enforce timeouts -> expire
+        wants -> schedule pending partitions -> commit and answer -> start
+        queued runs up to the limit -> commit.
+        """
+        now = self.clock() if now is None else now
+        commands = []
+        while self._inbox:
+            commands.append(self._inbox.popleft())
+        for cmd in commands:
+            self._current_command = cmd
+            try:
+                result = getattr(self, "_cmd_" + cmd.kind)(now, **cmd.args)
+            except DatabuildError as e:
+                cmd.error = e
+            except Exception as e:
+                logger.exception("Command %s failed", cmd.kind)
+                cmd.error = e
+            else:
+                if result is not _LATER:
+                    self._replies.append((cmd, result))
+            if cmd.error is not None:
+                cmd.done.set()
+        self._reap(now)
+        self._enforce_deadlines(now)
+        self._expire(now)
+        self._schedule(now)
+        self._commit()
+        if not self._stop_requested:
+            self._start_queued(now)
+            self._commit()
+
+    def _commit(self):
+        entries, self._entries = self._entries, []
+        replies, self._replies = self._replies, []
+        try:
+            if entries:
+                events = self.log.append(entries)
+                if events[-1].event_id != self.state.latest_event_id:
+                    raise StorageError("Event log was written by someone else "
+                                       "(expected event %d, got %d)"
+                                       % (self.state.latest_event_id, events[-1].event_id))
+        except StorageError as e:
+            logger.error("Commit failed, reloading state from the log: %s", e)
+            self.state = BuildState.from_events(self.log.iter_events())
+            for cmd, _ in replies:
+                cmd.error = Unavailable("Event log write failed: %s" % e.message)
+                cmd.done.set()
+            raise
+        for cmd, result in replies:
+            try:
+                cmd.result = result() if callable(result) else result
+            except Exception as e:
+                logger.exception("Reply to %s failed", cmd.kind)
+                cmd.error = e
+            cmd.done.set()
+
+    def _emit(self, type_, payload, now):
+        self._entries.append((type_, payload, now))
+        self.state.apply(Event(self.state.latest_event_id + 1, now, type_, payload))
+        if type_ == WANT_CREATE:
+            self._push_deadlines(self.state.wants[payload["want_id"]])
+
+    def _push_deadlines(self, want, ttl=True):
+        if ttl and want.ttl_seconds:
+            heapq.heappush(self._deadlines,
+                           (want.data_timestamp + want.ttl_seconds, "ttl", want.want_id))
+        if want.sla_seconds:
+            heapq.heappush(self._deadlines,
+                           (want.data_timestamp + want.sla_seconds, "sla", want.want_id))
+
+    # -- commands -------------------------------------------------------------
+
+    def _want_reply(self, want_id):
+        return lambda: self.state.wants[want_id].to_dict(self.state)
+
+    def _cmd_create_want(self, now, request):
+        want_id = request.get("want_id") or new_id()
+        refs = list(dict.fromkeys(request["partitions"]))
+        existing = self.state.wants.get(want_id)
+        if existing is not None:
+            if existing.partitions != refs:
+                raise Conflict("want_id already used with other partitions", want_id=want_id,
+                               partitions=existing.partitions)
+            return lambda: (False, existing.to_dict(self.state))
+        for ref in refs:
+            self.config.job_for(ref)
+        data_timestamp = request.get("data_timestamp")
+        self._emit(WANT_CREATE, {
+            "want_id": want_id, "partitions": refs,
+            "data_timestamp": now if data_timestamp is None else data_timestamp,
+            "ttl_seconds": request.get("ttl_seconds"),
+            "sla_seconds": request.get("sla_seconds"),
+            "source": {"type": "manual", "user": request.get("user")},
+            "parent_want_id": None, "root_want_id": want_id,
+            "comment": request.get("comment"),
+        }, now)
+        reply = self._want_reply(want_id)
+        return lambda: (True, reply())
+
+    def _cmd_cancel_want(self, now, want_id):
+        want = self.state.wants.get(want_id)
+        if want is None:
+            raise NotFound("Want not found", want_id=want_id)
+        if want.status in TERMINAL_WANT_STATUSES:
+            raise Conflict("Want is already %s" % want.status, want_id=want_id,
+                           status=want.status)
+        self._emit(WANT_CANCEL, {"want_id": want_id}, now)
+        self._drop_unneeded_runs(now, "want canceled")
+        return self._want_reply(want_id)
+
+    def _cmd_taint(self, now, ref, reason=None):
+        part = self.state.partitions.get(ref)
+        if part is None:
+            raise NotFound("Partition not found", ref=ref)
+        if ref in self.state.active_run_by_ref:
+            raise Conflict("Partition is being built", ref=ref,
+                           job_run_id=self.state.active_run_by_ref[ref])
+        self._emit(PARTITION_TAINT, {"ref": ref, "reason": reason}, now)
+        return lambda: self.state.partitions[ref].to_dict()
+
+    def _cmd_cancel_job_run(self, now, job_run_id, reason="canceled by user"):
+        run = self.state.job_runs.get(job_run_id)
+        if run is None:
+            raise NotFound("Job run not found", job_run_id=job_run_id)
+        if run.status not in ACTIVE_JOB_RUN_STATUSES:
+            raise Conflict("Job run already finished (%s)" % run.status,
+                           job_run_id=job_run_id, status=run.status)
+        proc = self._processes.get(job_run_id)
+        if proc is None:
+            self._emit(JOB_RUN_CANCEL, {"job_run_id": job_run_id, "reason": reason}, now)
+            return lambda: self.state.job_runs[job_run_id].to_dict()
+        proc.stop(reason, now, DEFAULTS["kill_grace_seconds"])
+        self._waiting_cancels.setdefault(job_run_id, []).append(self._current_command)
+        return _LATER
+
+    # -- reconciliation -------------------------------------------------------
+
+    def _drop_unneeded_runs(self, now, reason):
+        # SPEC 6 (DELETE want): queued runs nobody needs are dropped, running
+        # ones stopped (recorded Canceled once their process has exited).
+        for run_id in list(self.state.job_runs_by_status[QUEUED]):
+            run = self.state.job_runs[run_id]
+            if not self.state.is_needed(run):
+                self._emit(JOB_RUN_CANCEL, {"job_run_id": run_id, "reason": reason}, now)
+        for run_id, proc in self._processes.items():
+            if not self.state.is_needed(self.state.job_runs[run_id]):
+                proc.stop(reason, now, DEFAULTS["kill_grace_seconds"])
+
+    def _on_process_exit(self, proc):
+        # Runs in the job's waiter thread: hand over and wake the orchestrator.
+        self._exited.append(proc)
+        self._wake.set()
+
+    def _reap(self, now):
+        while self._exited:
+            proc = self._exited.popleft()
+            self._processes.pop(proc.job_run_id, None)
+            if proc.stop_reason is not None:
+                proc.kill()  # whatever the job left behind in its group
+            self._record_outcome(proc, now)
+            waiting = self._waiting_cancels.pop(proc.job_run_id, ())
+            run_id = proc.job_run_id
+            for cmd in waiting:
+                self._replies.append((cmd, lambda: self.state.job_runs[run_id].to_dict()))
+
+    def _fail(self, run, now, error, retry, counted=True, exit_code=None, stderr_tail=None):
+        payload = {"job_run_id": run.job_run_id, "exit_code": exit_code, "error": error,
+                   "retry": bool(retry), "counted": counted}
+        if stderr_tail:
+            payload["stderr_tail"] = stderr_tail
+        self._emit(JOB_RUN_FAILURE, payload, now)
+
+    def _may_retry(self, run):
+        job = self.config.jobs_by_label.get(run.job_label)
+        return job is not None and run.attempt <= job.max_retries
+
+    def _record_outcome(self, proc, now):
+        run = self.state.job_runs[proc.job_run_id]
+        code = proc.returncode
+        if proc.stop_reason == REASON_TIMEOUT:
+            self._fail(run, now, "timeout", self._may_retry(run), exit_code=code)
+            return
+        if proc.stop_reason is not None:
+            self._emit(JOB_RUN_CANCEL, {"job_run_id": run.job_run_id,
+                                        "reason": proc.stop_reason, "exit_code": code}, now)
+            return
+        missing, problem = proc.outcome()
+        if problem is not None and missing is None:
+            self._fail(run, now, problem, False, exit_code=code)
+        elif missing is not None:
+            self._record_dep_miss(run, missing, code, now)
+        elif code == 0:
+            self._emit(JOB_RUN_SUCCESS, {"job_run_id": run.job_run_id, "exit_code": 0}, now)
+        else:
+            tail = proc.stderr_tail()
+            error = "exit code %d" % code if code >= 0 else "killed by signal %d" % -code
+            if tail:
+                error += ": " + tail[-1][:500]
+            self._fail(run, now, error, self._may_retry(run), exit_code=code, stderr_tail=tail)
+
+    def _record_dep_miss(self, run, missing, code, now):
+        if not missing:
+            self._fail(run, now, "job reported missing deps but named none", False,
+                       exit_code=code)
+            return
+        for dep in missing:
+            try:
+                self.config.job_for(dep)
+            except InvalidRequest as e:
+                self._fail(run, now, "missing dependency %r: %s" % (dep, e.message), False,
+                           exit_code=code)
+                return
+        cycle = self._find_cycle(run, missing)
+        if cycle:
+            self._fail(run, now, "dependency cycle: " + " -> ".join(cycle), False,
+                       exit_code=code)
+            return
+        self._emit(JOB_RUN_MISSING_DEPS, {"job_run_id": run.job_run_id,
+                                          "missing_deps": missing, "exit_code": code}, now)
+        unmet = [d for d in missing if self.state._status_of(d) != LIVE]
+        live_parents = [self.state.wants[w] for w in run.want_ids
+                        if self.state.wants[w].status not in TERMINAL_WANT_STATUSES]
+        if not unmet or not live_parents:
+            return
+        parent = live_parents[0]
+        want_id = new_id()
+        self._emit(WANT_CREATE, {
+            "want_id": want_id, "partitions": unmet,
+            "data_timestamp": parent.data_timestamp, "ttl_seconds": parent.ttl_seconds,
+            "sla_seconds": parent.sla_seconds,
+            "source": {"type": "job", "job_run_id": run.job_run_id},
+            "parent_want_id": parent.want_id, "root_want_id": parent.root_want_id,
+            "comment": None,
+        }, now)
+
+    def _find_cycle(self, run, missing):
+        # SPEC 5: a dep miss on a ref already in the run's own want chain.
+        for dep in missing:
+            if dep in run.partitions:
+                return [dep, dep]
+            for want_id in run.want_ids:
+                path = [run.partitions[0]]
+                for upstream_run in self.state.want_chain_runs(want_id):
+                    if dep in upstream_run.partitions:
+                        return [dep] + path[::-1] + [dep]
+                    path.append(upstream_run.partitions[0])
+        return None
+
+    def _enforce_deadlines(self, now):
+        for proc in self._processes.values():
+            if proc.stop_reason is None and proc.deadline is not None and now >= proc.deadline:
+                logger.info("Job run %s timed out", proc.job_run_id)
+                proc.stop(REASON_TIMEOUT, now, DEFAULTS["kill_grace_seconds"])
+            elif proc.kill_at is not None and now >= proc.kill_at:
+                proc.kill()
+
+    def _expire(self, now):
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, kind, want_id = heapq.heappop(self._deadlines)
+            want = self.state.wants[want_id]
+            if kind == "ttl":
+                if want.status not in TERMINAL_WANT_STATUSES:
+                    self._emit(WANT_EXPIRE, {"want_id": want_id}, now)
+                    self._drop_unneeded_runs(now, "want expired")
+            elif want.status not in (SUCCESSFUL, CANCELED, EXPIRED) and not want.sla_breached:
+                self._emit(WANT_SLA_BREACH, {"want_id": want_id}, now)
+
+    def _schedule(self, now):
+        state = self.state
+        if not state.pending_refs:
+            return
+        by_job = {}
+        for ref in list(state.pending_refs):
+            try:
+                job = self.config.job_for(ref)
+            except InvalidRequest as e:  # the config changed under an old want
+                run_id = new_id()
+                self._emit(JOB_RUN_QUEUE, {"job_run_id": run_id, "job_label": None,
+                                           "partitions": [ref], "want_ids": [], "attempt": 1}, now)
+                self._fail(state.job_runs[run_id], now, e.message, False)
+                continue
+            by_job.setdefault(job.label, (job, []))[1].append(ref)
+        for job, refs in by_job.values():
+            size = job.max_partitions_per_run
+            for i in range(0, len(refs), size):
+                chunk = refs[i:i + size]
+                want_ids = set()
+                for ref in chunk:
+                    want_ids.update(state.live_wants_by_ref.get(ref, ()))
+                retries = max((state.partitions[r].retries for r in chunk
+                               if r in state.partitions), default=0)
+                self._emit(JOB_RUN_QUEUE, {
+                    "job_run_id": new_id(), "job_label": job.label, "partitions": chunk,
+                    "want_ids": sorted(want_ids, key=lambda w: state.wants[w].seq),
+                    "attempt": retries + 1}, now)
+
+    def _start_queued(self, now):
+        free = self.config.max_concurrent_job_runs - len(self._processes)
+        if free <= 0:
+            return
+        for run_id in list(itertools.islice(self.state.job_runs_by_status[QUEUED], free)):
+            run = self.state.job_runs[run_id]
+            job = self.config.jobs_by_label.get(run.job_label)
+            if job is None:
+                self._fail(run, now, "no job labelled %r in the config" % run.job_label, False)
+                continue
+            try:
+                proc = _JobProcess(run, job, self.config, self.url, self._on_process_exit, now)
+            except OSError as e:
+                self._fail(run, now, "cannot start job: %s" % e, self._may_retry(run))
+                continue
+            self._processes[run_id] = proc
+            self._emit(JOB_RUN_START, {"job_run_id": run_id, "pid": proc.pid,
+                                       "pid_start_time": proc.start_time}, now)
+
+    # -- recovery and shutdown ------------------------------------------------
+
+    def _recover(self, now):
+        # SPEC 8: runs a previous server left Queued or Running failed with
+        # "server restarted"; their wants go on.  A job process that outlived
+        # that server is recognised by (pid, start time) and stopped first, so
+        # that two processes never build one partition at once.
+        stale = list(self.state.job_runs_by_status[QUEUED]) + list(
+            self.state.job_runs_by_status[RUNNING])
+        if not stale:
+            return
+        for run_id in stale:
+            run = self.state.job_runs[run_id]
+            if run.pid and _pid_alive(run.pid):
+                start_time = self._start_times().get(run_id)
+                if start_time is not None and start_time == _process_start_time(run.pid):
+                    logger.warning("Stopping job run %s (pid %d) left by a previous server",
+                                   run_id, run.pid)
+                    _stop_orphan(run.pid)
+            self._fail(run, now, REASON_SERVER_RESTARTED, True, counted=False)
+        self._commit()
+
+    def _start_times(self):
+        # pid start times live in job_run_start payloads, not in the state.
+        if not hasattr(self, "_start_time_cache"):
+            running = set(self.state.job_runs_by_status[RUNNING])
+            found = {}
+            for event in self.log.iter_events():
+                if event.type == JOB_RUN_START and event.payload["job_run_id"] in running:
+                    found[event.payload["job_run_id"]] = event.payload.get("pid_start_time")
+            self._start_time_cache = found
+        return self._start_time_cache
+
+    def shutdown(self, now=None):
+        """Stop every job process and record its run Canceled ("server shutdown").
+
+        Queued runs are canceled too; commands still in the inbox get 503.
+        Called by the loop on exit; safe to call from a test driving ``step``.
+        """
+        self._stop_requested = True
+        now = self.clock() if now is None else now
+        for proc in self._processes.values():
+            proc.stop(REASON_SERVER_SHUTDOWN, now, DEFAULTS["kill_grace_seconds"])
+        deadline = time.monotonic() + DEFAULTS["kill_grace_seconds"]
+        while self._processes and time.monotonic() < deadline + 5:
+            if time.monotonic() >= deadline:
+                for proc in self._processes.values():
+                    proc.kill()
+            self._wake.wait(0.05)
+            self._wake.clear()
+            self._reap(self.clock())
+        for run_id in list(self.state.job_runs_by_status[QUEUED]):
+            self._emit(JOB_RUN_CANCEL, {"job_run_id": run_id,
+                                        "reason": REASON_SERVER_SHUTDOWN}, self.clock())
+        try:
+            self._commit()
+        finally:
+            while self._inbox:
+                cmd = self._inbox.popleft()
+                cmd.error = Unavailable("Server is shutting down")
+                cmd.done.set()
+            for cmds in self._waiting_cancels.values():
+                for cmd in cmds:
+                    cmd.error = Unavailable("Server is shutting down")
+                    cmd.done.set()
+            self._waiting_cancels.clear()
+
+
+_LATER = object()  # a command answered later (when its job process has exited)
+
+
+def _stop_orphan(pid):
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + DEFAULTS["kill_grace_seconds"]
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.05)
+    _signal_group(pid, signal.SIGKILL)
+
+
+###############################################################################
+# Read model ##################################################################
+###############################################################################
+
+class ReadModel:
+    """The readers' BuildState, cached and advanced incrementally (SPEC 2).
+
+    ``read()`` first applies the events appended since the last read -- one
+    indexed SQLite query, usually returning nothing -- so a read costs the
+    size of its answer, not of the log.  The state is guarded by ``_lock``:
+    hold it (through ``read()``) while looking at the state, never across I/O
+    other than that catch-up query.  ``read(as_of=N)`` answers from a replay
+    of the log up to event N, cached (a few of them) so that a burst of reads
+    at one ``as_of`` replays once; those snapshots are never mutated.
+    """
+
+    def __init__(self, log, snapshots=4):
+        self.log = log
+        self._lock = threading.Lock()  # guards _state
+        self._state = BuildState()
+        self._past_lock = threading.Lock()  # guards _past (and serialises replays)
+        self._past = collections.OrderedDict()
+        self._snapshots = snapshots
+
+    def _catch_up(self):
+        while True:
+            events = self.log.list_events(self._state.latest_event_id, 10000)
+            for event in events:
+                self._state.apply(event)
+            if len(events) < 10000:
+                return
+
+    def read(self, as_of=None):
+        """Context manager yielding the current state, or the state right after ``as_of``."""
+        if as_of is None:
+            return _LockedState(self)
+        return _Snapshot(self._state_at(as_of))
+
+    def _state_at(self, as_of):
+        with self._past_lock:
+            state = self._past.get(as_of)
+            if state is not None:
+                self._past.move_to_end(as_of)
+                return state
+            latest = self.log.latest_event_id()
+            if as_of > latest:
+                raise InvalidRequest("as_of is beyond the latest event", as_of=as_of,
+                                     latest_event_id=latest)
+            state = BuildState.from_events(self.log.iter_events(upto=as_of))
+            self._past[as_of] = state
+            while len(self._past) > self._snapshots:
+                self._past.popitem(last=False)
+            return state
+
+
+class _LockedState:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.model._lock.acquire()
+        try:
+            self.model._catch_up()
+        except BaseException:
+            self.model._lock.release()
+            raise
+        return self.model._state
+
+    def __exit__(self, *exc):
+        self.model._lock.release()
+        return False
+
+
+class _Snapshot:
+    def __init__(self, state):
+        self.state = state
+
+    def __enter__(self):
+        return self.state
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _newest_first(entities, index, offset, limit, keep=None):
+    """Page through ``entities`` (creation-ordered dict) newest first.
+
+    ``index`` (ids, or None for all) narrows the candidates; ``keep`` filters
+    them.  Returns ``(page, total)``.
+    """
+    if keep is None:
+        if index is None:
+            return [entities[k] for k in itertools.islice(reversed(entities), offset,
+                                                          offset + limit)], len(entities)
+        ids = heapq.nlargest(offset + limit, index, key=lambda k: entities[k].seq)
+        return [entities[k] for k in ids[offset:]], len(index)
+    source = reversed(entities) if index is None else sorted(
+        index, key=lambda k: entities[k].seq, reverse=True)
+    matches = [entities[k] for k in source if keep(entities[k])]
+    return matches[offset:offset + limit], len(matches)
+
+
+###############################################################################
+# HTTP API ####################################################################
+###############################################################################
+
+#: Domain errors -> HTTP status codes (the one place that knows both).
+HTTP_STATUS = (
+    (InvalidRequest, 400), (ConfigError, 400), (NotFound, 404), (Conflict, 409),
+    (PayloadTooLarge, 413), (UnsupportedMediaType, 415), (Unavailable, 503),
+    (StorageError, 503), (ServerUnreachable, 502), (DatabuildError, 500),
+)
+JSON_TYPE = "application/json; charset=utf-8"
+_WANT_FIELDS = ("partitions", "want_id", "data_timestamp", "ttl_seconds", "sla_seconds",
+                "comment", "user")
+_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def _import_bottle():
+    try:
+        import bottle
+    except ImportError:
+        raise ConfigError("The server needs bottle and waitress: pip install bottle waitress") from None
+    return bottle
+
+
+def http_status_for(error):
+    """The HTTP status code of a DatabuildError."""
+    for cls, status in HTTP_STATUS:
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+def _number(body, name, positive=False, allow_none=True):
+    value = body.get(name)
+    if value is None:
+        if allow_none:
+            return None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+            and abs(value) != float("inf") and (value > 0 if positive else value >= 0):
+        return value
+    raise InvalidRequest("%s must be a %s number" % (name, "positive" if positive else
+                                                      "non-negative"), field=name, value=value)
+
+
+def _string(body, name, max_len):
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > max_len:
+        raise InvalidRequest("%s must be a string of at most %d characters" % (name, max_len),
+                             field=name)
+    return value
+
+
+def parse_want_request(body, config):
+    """Validate a POST /api/wants body; returns the request for ``create_want``.
+
+    Raises InvalidRequest naming the field (or the ref) that is wrong.
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object")
+    unknown = sorted(set(body) - set(_WANT_FIELDS))
+    if unknown:
+        raise InvalidRequest("Unknown field(s): %s" % ", ".join(unknown), fields=unknown)
+    refs = body.get("partitions")
+    if not isinstance(refs, list) or not refs:
+        raise InvalidRequest("partitions must be a non-empty list of refs", field="partitions")
+    if len(refs) > DEFAULTS["max_partitions_per_want"]:
+        raise InvalidRequest("A want may name at most %d partitions"
+                             % DEFAULTS["max_partitions_per_want"], field="partitions")
+    for ref in refs:
+        config.job_for(ref)
+    want_id = body.get("want_id")
+    if want_id is not None and (not isinstance(want_id, str) or not _ID_RE.fullmatch(want_id)):
+        raise InvalidRequest("want_id must be 1 to 128 characters of [A-Za-z0-9_.:-]",
+                             field="want_id")
+    return {"partitions": refs, "want_id": want_id,
+            "data_timestamp": _number(body, "data_timestamp"),
+            "ttl_seconds": _number(body, "ttl_seconds", positive=True),
+            "sla_seconds": _number(body, "sla_seconds", positive=True),
+            "comment": _string(body, "comment", 10000), "user": _string(body, "user", 200)}
+
+
+def make_app(server):
+    """Build the Bottle application for ``server`` (a Server, or anything with
+    ``config``, ``read_model``, ``orchestrator``, ``started_at``, ``stopping``,
+    ``request_stop(reason)`` and ``touch()``).  Routes validate input, make one
+    call into the domain and return a dict.
+    """
+    bottle = _import_bottle()
+    app = bottle.Bottle(catchall=True)
+    request, response = bottle.request, bottle.response
+    config = server.config
+    read_model = server.read_model
+    max_body = DEFAULTS["max_body_bytes"]
+
+    def json_error(status, body):
+        response.status = status
+        response.content_type = JSON_TYPE
+        return dumps(body)
+
+    def api(callback):
+        # The one boundary where every exception becomes an HTTP answer.
+        @functools.wraps(callback)
+        def wrapper(*args, **kwargs):
+            server.touch()
+            try:
+                if server.stopping and request.method != "GET":
+                    raise Unavailable("Server is shutting down")
+                result = callback(*args, **kwargs)
+            except bottle.HTTPResponse:
+                raise
+            except DatabuildError as e:
+                return json_error(http_status_for(e), e.to_dict())
+            except Exception:
+                error_id = uuid.uuid4().hex[:12]
+                logger.exception("Unhandled error %s in %s %s", error_id, request.method,
+                                 request.path)
+                return json_error(500, {"error": "Internal server error", "error_id": error_id})
+            if isinstance(result, dict):
+                response.content_type = JSON_TYPE
+                return dumps(result)
+            return result
+        return wrapper
+
+    app.install(api)
+
+    def default_error(error):
+        # Bottle's own errors (unknown route, wrong method) as JSON too.
+        response.content_type = JSON_TYPE
+        message = {404: "Not found", 405: "Method not allowed"}.get(error.status_code,
+                                                                    error.status_line)
+        body = {"error": message}
+        if error.status_code == 404:
+            body["path"] = request.path
+        if error.status_code == 405:
+            body["allow"] = response.headers.get("Allow")
+        return dumps(body)
+
+    app.default_error_handler = default_error
+
+    # -- request helpers ------------------------------------------------------
+
+    def query(allowed):
+        unknown = sorted(set(request.query) - set(allowed))
+        if unknown:
+            raise InvalidRequest("Unknown query parameter(s): %s" % ", ".join(unknown),
+                                 parameters=unknown)
+        return request.query
+
+    def int_param(name, default, minimum=0, maximum=None):
+        raw = request.query.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            bound = "from %d to %d" % (minimum, maximum) if maximum is not None else \
+                "of at least %d" % minimum
+            raise InvalidRequest("%s must be an integer %s" % (name, bound), parameter=name,
+                                 value=raw)
+        return value
+
+    def status_param(allowed):
+        raw = request.query.get("status")
+        if raw is None or raw == "":
+            return None
+        if raw not in allowed:
+            raise InvalidRequest("Unknown status %r (one of %s)" % (raw, ", ".join(allowed)),
+                                 parameter="status", value=raw)
+        return raw
+
+    def paging():
+        return (int_param("limit", DEFAULTS["list_limit"], 0, DEFAULTS["list_limit_max"]),
+                int_param("offset", 0))
+
+    def as_of():
+        return int_param("as_of", None)
+
+    def body_json():
+        ctype = (request.content_type or "").split(";")[0].strip().lower()
+        if request.content_length > max_body:
+            raise PayloadTooLarge("Request body over %d bytes" % max_body, limit=max_body)
+        if ctype != "application/json":
+            raise UnsupportedMediaType("POST bodies must be application/json",
+                                       content_type=request.content_type or None)
+        raw = request.body.read(max_body + 1)
+        if len(raw) > max_body:
+            raise PayloadTooLarge("Request body over %d bytes" % max_body, limit=max_body)
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidRequest("Body is not valid JSON: %s" % e) from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("Request body must be a JSON object")
+        return body
+
+    def listing(page, total, limit, offset, state, to_dict):
+        return {"data": [to_dict(x) for x in page], "total": total, "limit": limit,
+                "offset": offset, "latest_event_id": state.latest_event_id}
+
+    def orchestrator():
+        if server.orchestrator is None:
+            raise Unavailable("This server does not accept writes")
+        return server.orchestrator
+
+    # -- routes ---------------------------------------------------------------
+
+    @app.get("/health")
+    def health():
+        query(())
+        return {"status": "ok", "version": __version__,
+                "latest_event_id": server.read_model.log.latest_event_id(),
+                "uptime_seconds": round(time.time() - server.started_at, 3)}
+
+    @app.get("/api/wants")
+    def list_wants():
+        query(("status", "limit", "offset", "as_of"))
+        status = status_param(WANT_STATUSES)
+        limit, offset = paging()
+        with read_model.read(as_of()) as state:
+            index = None if status is None else state.wants_by_status[status]
+            page, total = _newest_first(state.wants, index, offset, limit)
+            return listing(page, total, limit, offset, state, lambda w: w.to_dict(state))
+
+    @app.post("/api/wants")
+    def create_want():
+        query(())
+        want_request = parse_want_request(body_json(), config)
+        created, want = orchestrator().submit("create_want", request=want_request)
+        response.status = 201 if created else 200
+        return {"data": want}
+
+    @app.get("/api/wants/<want_id>")
+    def get_want(want_id):
+        query(("as_of",))
+        with read_model.read(as_of()) as state:
+            want = state.wants.get(want_id)
+            if want is None:
+                raise NotFound("Want not found", want_id=want_id)
+            return {"data": want.to_dict(state)}
+
+    @app.delete("/api/wants/<want_id>")
+    def cancel_want(want_id):
+        query(())
+        return {"data": orchestrator().submit("cancel_want", want_id=want_id)}
+
+    @app.get("/api/partitions")
+    def list_partitions():
+        query(("status", "prefix", "limit", "offset", "as_of"))
+        status = status_param(PARTITION_STATUSES)
+        prefix = request.query.get("prefix") or None
+        limit, offset = paging()
+        with read_model.read(as_of()) as state:
+            index = None if status is None else state.partitions_by_status[status]
+            keep = None if prefix is None else (lambda p: p.ref.startswith(prefix))
+            page, total = _newest_first(state.partitions, index, offset, limit, keep)
+            return listing(page, total, limit, offset, state, Partition.to_dict)
+
+    @app.get("/api/partitions/<ref:path>")
+    def get_partition(ref):
+        query(("as_of",))
+        with read_model.read(as_of()) as state:
+            part = state.partitions.get(ref)
+            if part is None:
+                raise NotFound("Partition not found", ref=ref)
+            return {"data": part.to_dict()}
+
+    @app.post("/api/partitions/<ref:path>/taint")
+    def taint_partition(ref):
+        query(())
+        body = body_json()
+        unknown = sorted(set(body) - {"reason"})
+        if unknown:
+            raise InvalidRequest("Unknown field(s): %s" % ", ".join(unknown), fields=unknown)
+        reason = _string(body, "reason", 10000)
+        return {"data": orchestrator().submit("taint", ref=ref, reason=reason)}
+
+    @app.get("/api/job_runs")
+    def list_job_runs():
+        query(("status", "job_label", "want_id", "limit", "offset", "as_of"))
+        status = status_param(JOB_RUN_STATUSES)
+        label = request.query.get("job_label") or None
+        want_id = request.query.get("want_id") or None
+        limit, offset = paging()
+        with read_model.read(as_of()) as state:
+            index = None if status is None else state.job_runs_by_status[status]
+            if want_id is not None:
+                want = state.wants.get(want_id)
+                ids = want.job_run_ids if want is not None else ()
+                index = [i for i in ids if index is None or i in index]
+            keep = None if label is None else (lambda r: r.job_label == label)
+            page, total = _newest_first(state.job_runs, index, offset, limit, keep)
+            return listing(page, total, limit, offset, state, JobRun.to_dict)
+
+    @app.get("/api/job_runs/<job_run_id>")
+    def get_job_run(job_run_id):
+        query(("as_of",))
+        with read_model.read(as_of()) as state:
+            run = state.job_runs.get(job_run_id)
+            if run is None:
+                raise NotFound("Job run not found", job_run_id=job_run_id)
+            return {"data": run.to_dict()}
+
+    @app.post("/api/job_runs/<job_run_id>/cancel")
+    def cancel_job_run(job_run_id):
+        query(())
+        body_json()
+        return {"data": orchestrator().submit("cancel_job_run", job_run_id=job_run_id)}
+
+    @app.get("/api/job_runs/<job_run_id>/logs/<stream>")
+    def job_run_log(job_run_id, stream):
+        query(("follow",))
+        with read_model.read() as state:
+            if job_run_id not in state.job_runs:
+                raise NotFound("Job run not found", job_run_id=job_run_id)
+        # The path is built from a known job run id, never from user input.
+        path = job_run_log_path(config.state_dir, job_run_id, stream)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        response.content_type = "text/plain; charset=utf-8"
+        return data
+
+    @app.get("/api/events")
+    def list_events():
+        query(("since", "limit"))
+        since = int_param("since", 0)
+        limit = int_param("limit", DEFAULTS["list_limit"], 0, DEFAULTS["list_limit_max"])
+        events = read_model.log.list_events(since, limit)
+        latest = read_model.log.latest_event_id()
+        return {"data": [e.to_dict() for e in events], "total": max(0, latest - since),
+                "limit": limit, "since": since, "latest_event_id": latest}
+
+    @app.post("/api/shutdown")
+    def shutdown():
+        query(())
+        body_json()
+        server.request_stop("shutdown requested over HTTP")
+        response.status = 202
+        return {"status": "shutting down"}
+
+    return app
+
+
+###############################################################################
+# Server and lifecycle ########################################################
+###############################################################################
+
+class IdleTimer:
+    """Calls ``on_idle`` once nothing happened for ``timeout`` seconds (SPEC 8).
+
+    Activity is an HTTP request (``touch``) or a job run Queued or Running
+    (``is_busy()``).  ``check(now)`` is one tick, for tests with an explicit
+    clock; ``start()`` runs ticks in a thread named databuild-idle-timer.
+    """
+
+    def __init__(self, timeout, is_busy, on_idle, clock=time.monotonic):
+        self.timeout = timeout
+        self.is_busy = is_busy
+        self.on_idle = on_idle
+        self.clock = clock
+        self.last_activity = clock()
+        self._stop = threading.Event()
+        self.fired = False
+
+    def touch(self, now=None):
+        """Record activity now."""
+        self.last_activity = self.clock() if now is None else now
+
+    def check(self, now=None):
+        """One tick: fire ``on_idle`` (once) if idle long enough; returns whether it fired."""
+        now = self.clock() if now is None else now
+        if self.fired or not self.timeout:
+            return False
+        if self.is_busy():
+            self.last_activity = now
+            return False
+        if now - self.last_activity >= self.timeout:
+            self.fired = True
+            self.on_idle(now - self.last_activity)
+            return True
+        return False
+
+    def start(self):
+        """Tick in a daemon thread until ``stop``."""
+        if not self.timeout:
+            return self
+        interval = min(1.0, max(0.01, self.timeout / 10.0))
+        def run():
+            while not self._stop.wait(interval):
+                try:
+                    if self.check():
+                        return
+                except Exception:
+                    logger.exception("Idle timer failed")
+        threading.Thread(target=run, name="databuild-idle-timer", daemon=True).start()
+        return self
+
+    def stop(self):
+        """Stop ticking."""
+        self._stop.set()
+
+
+def read_server_info(state_dir):
+    """The parsed ``server.json`` of a workspace, or None."""
+    try:
+        with open(os.path.join(state_dir, "server.json")) as f:
+            info = json.load(f)
+        return info if isinstance(info, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+class Server:
+    """One workspace's server: event log, orchestrator, read model, HTTP app.
+
+    Construct it (which takes the workspace lock and replays the log), then
+    ``serve()`` in the main thread; ``request_stop`` from anywhere (signal
+    handlers, the idle timer, POST /api/shutdown) begins the graceful stop.
+    """
+
+    def __init__(self, config, host=None, port=None, idle_timeout=None):
+        self.config = config
+        self.host = host or config.host
+        self.port = config.port if port is None else port
+        self.idle_timeout = config.idle_timeout_seconds if idle_timeout is None else idle_timeout
+        self.url = None
+        self.started_at = time.time()
+        self.stopping = False
+        self.stop_reason = None
+        os.makedirs(config.state_dir, exist_ok=True)
+        self._lock_file = self._take_lock()
+        try:
+            self.log = EventLog(os.path.join(config.state_dir, "events.db"))
+            self.read_model = ReadModel(self.log)
+            self.orchestrator = Orchestrator(config, self.log)
+        except BaseException:
+            self._lock_file.close()
+            raise
+        self.idle_timer = IdleTimer(self.idle_timeout, self._busy, self._on_idle)
+        self.app = make_app(self)
+        self._wsgi_server = None
+        self._stop_event = threading.Event()
+
+    def _take_lock(self):
+        path = os.path.join(self.config.state_dir, "server.lock")
+        lock_file = open(path, "a+")
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            info = read_server_info(self.config.state_dir) or {}
+            raise Conflict("A server is already running for workspace %s at %s (pid %s)"
+                           % (self.config.root, info.get("url", "?"), info.get("pid", "?")),
+                           url=info.get("url"), pid=info.get("pid")) from None
+        return lock_file
+
+    def _busy(self):
+        runs = self.orchestrator.state.job_runs_by_status
+        return bool(runs[QUEUED]) or bool(runs[RUNNING])
+
+    def _on_idle(self, seconds):
+        logger.info("Server idle for %d seconds, shutting down", seconds)
+        self.request_stop("idle")
+
+    def touch(self):
+        """Note an HTTP request (for the idle timer)."""
+        self.idle_timer.touch()
+
+    def request_stop(self, reason):
+        """Begin the graceful stop (safe from signal handlers and any thread)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stop_event.set()
+        server = self._wsgi_server
+        if server is not None:
+            try:
+                server.pull_trigger()
+            except Exception:
+                pass
+
+    def bind(self):
+        """Create the waitress server (binding the port) and start the orchestrator."""
+        import waitress
+        self._wsgi_server = waitress.create_server(
+            self.app, host=self.host, port=self.port, threads=DEFAULTS["http_threads"],
+            ident="databuild", channel_timeout=30, connection_limit=200)
+        self.port = int(self._wsgi_server.effective_port)
+        host = self.host if ":" not in self.host else "[%s]" % self.host
+        self.url = "http://%s:%d" % (host, self.port)
+        self.orchestrator.url = self.url
+        self.orchestrator.start()
+        self._write_info()
+        self.idle_timer.start()
+        return self.url
+
+    def _write_info(self):
+        info = {"pid": os.getpid(), "url": self.url, "port": self.port, "host": self.host,
+                "started_at": isoformat(self.started_at), "workspace_root": self.config.root,
+                "version": __version__}
+        path = os.path.join(self.config.state_dir, "server.json")
+        tmp = path + ".%d.tmp" % os.getpid()
+        with open(tmp, "w") as f:
+            json.dump(info, f, indent=2)
+        os.replace(tmp, path)
+
+    def serve(self):
+        """Serve until ``request_stop``, then stop gracefully (SPEC 8)."""
+        if self._wsgi_server is None:
+            self.bind()
+        from waitress import wasyncore
+        socket_map = self._wsgi_server._map
+        try:
+            while not self._stop_event.is_set():
+                wasyncore.loop(timeout=1.0, map=socket_map, count=1)
+        finally:
+            self._graceful_stop(wasyncore, socket_map)
+
+    def _graceful_stop(self, wasyncore, socket_map):
+        logger.info("Stopping (%s)", self.stop_reason or "stop requested")
+        self.stopping = True
+        self.idle_timer.stop()
+        server = self._wsgi_server
+        try:
+            server.close()  # stop accepting connections
+        except Exception:
+            logger.exception("Closing the listening socket failed")
+        # Let in-flight requests finish and their answers go out.
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            busy = server.task_dispatcher.active_count or server.task_dispatcher.queue or any(
+                getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0)
+                for ch in list(socket_map.values()))
+            if not busy:
+                break
+            wasyncore.loop(timeout=0.05, map=socket_map, count=1)
+        self.orchestrator.stop()
+        wasyncore.close_all(socket_map)
+        server.task_dispatcher.shutdown(timeout=2)
+        self.close()
+        logger.info("Shutdown complete")
+
+    def close(self):
+        """Remove server.json, close the log, release the workspace lock."""
+        info = read_server_info(self.config.state_dir)
+        if info is not None and info.get("pid") == os.getpid():
+            try:
+                os.unlink(os.path.join(self.config.state_dir, "server.json"))
+            except OSError:
+                pass
+        self.log.close()
+        self._lock_file.close()
+
+
+###############################################################################
+# Client ######################################################################
+###############################################################################
+
+_ERROR_FOR_STATUS = {400: InvalidRequest, 404: NotFound, 405: InvalidRequest, 409: Conflict,
+                     413: PayloadTooLarge, 415: UnsupportedMediaType, 503: Unavailable}
+
+
+class Client:
+    """A urllib client of the HTTP API; one method per route.
+
+    Errors come back as the module's own exceptions (NotFound, Conflict, ...),
+    carrying the server's message and fields; an unreachable server raises
+    ServerUnreachable.
+    """
+
+    def __init__(self, url, timeout=60.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def request(self, method, path, body=None, params=None, raw=False):
+        """Send one request; returns the decoded JSON (or bytes with ``raw``)."""
+        url = self.url + urllib.parse.quote(path, safe="/=:@")
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        data = None
+        headers = {"Accept": "application/json"}
+        if method in ("POST", "PUT"):
+            data = dumps(body if body is not None else {}).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as e:
+            raise self._error(e) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ServerUnreachable("Cannot reach the databuild server at %s: %s"
+                                    % (self.url, reason), url=self.url) from None
+        if raw:
+            return payload
+        return json.loads(payload) if payload else {}
+
+    @staticmethod
+    def _error(e):
+        try:
+            body = json.loads(e.read())
+            message = body.pop("error")
+        except Exception:
+            body, message = {}, "HTTP %d %s" % (e.code, e.reason)
+        cls = _ERROR_FOR_STATUS.get(e.code, DatabuildError)
+        error = cls(message, **body)
+        error.status = e.code
+        return error
+
+    def health(self):
+        """GET /health."""
+        return self.request("GET", "/health")
+
+    def list_wants(self, status=None, limit=None, offset=None, as_of=None):
+        """GET /api/wants: the list envelope."""
+        return self.request("GET", "/api/wants", params=dict(
+            status=status, limit=limit, offset=offset, as_of=as_of))
+
+    def create_want(self, partitions, **fields):
+        """POST /api/wants; returns the want."""
+        body = {"partitions": list(partitions)}
+        body.update({k: v for k, v in fields.items() if v is not None})
+        return self.request("POST", "/api/wants", body)["data"]
+
+    def get_want(self, want_id, as_of=None):
+        """GET /api/wants/<want_id>."""
+        return self.request("GET", "/api/wants/" + want_id, params={"as_of": as_of})["data"]
+
+    def cancel_want(self, want_id):
+        """DELETE /api/wants/<want_id>; returns the canceled want."""
+        return self.request("DELETE", "/api/wants/" + want_id)["data"]
+
+    def list_partitions(self, status=None, prefix=None, limit=None, offset=None, as_of=None):
+        """GET /api/partitions: the list envelope."""
+        return self.request("GET", "/api/partitions", params=dict(
+            status=status, prefix=prefix, limit=limit, offset=offset, as_of=as_of))
+
+    def get_partition(self, ref, as_of=None):
+        """GET /api/partitions/<ref>."""
+        return self.request("GET", "/api/partitions/" + ref, params={"as_of": as_of})["data"]
+
+    def taint(self, ref, reason=None):
+        """POST /api/partitions/<ref>/taint; returns the partition."""
+        body = {"reason": reason} if reason is not None else {}
+        return self.request("POST", "/api/partitions/%s/taint" % ref, body)["data"]
+
+    def list_job_runs(self, status=None, job_label=None, want_id=None, limit=None,
+                      offset=None, as_of=None):
+        """GET /api/job_runs: the list envelope."""
+        return self.request("GET", "/api/job_runs", params=dict(
+            status=status, job_label=job_label, want_id=want_id, limit=limit,
+            offset=offset, as_of=as_of))
+
+    def get_job_run(self, job_run_id, as_of=None):
+        """GET /api/job_runs/<id>."""
+        return self.request("GET", "/api/job_runs/" + job_run_id, params={"as_of": as_of})["data"]
+
+    def cancel_job_run(self, job_run_id):
+        """POST /api/job_runs/<id>/cancel; returns the job run."""
+        return self.request("POST", "/api/job_runs/%s/cancel" % job_run_id)["data"]
+
+    def logs(self, job_run_id, stream="stdout"):
+        """GET /api/job_runs/<id>/logs/<stream> as text."""
+        return self.request("GET", "/api/job_runs/%s/logs/%s" % (job_run_id, stream),
+                            raw=True).decode("utf-8", "replace")
+
+    def events(self, since=0, limit=None):
+        """GET /api/events: events after ``since``, oldest first."""
+        return self.request("GET", "/api/events", params={"since": since, "limit": limit})
+
+    def shutdown(self):
+        """POST /api/shutdown."""
+        return self.request("POST", "/api/shutdown")
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+_CLI_DESCRIPTION = """\
+databuild: declare the data you want; the server builds it.
+
+A workspace is a folder holding databuild.toml.  Commands other than `serve`
+talk to the workspace's server over HTTP; if none is running, they start one
+in the background (see --no-start).
+
+examples:
+  databuild.py serve --workspace examples/reviews
+  databuild.py build 'report/weekly/week=2025-01-06' --wait
+  databuild.py want list --status Building
+  databuild.py job-runs list --job daily_aggregates
+  databuild.py logs JOB_RUN_ID --stderr
+"""
+
+
+def _add_global_options(parser, suppress):
+    default = argparse.SUPPRESS if suppress else None
+    group = parser.add_argument_group("global options (before or after the command)")
+    group.add_argument("--server", metavar="URL", default=default,
+                       help="server URL (default: $DATABUILD_URL, else the workspace's server)")
+    group.add_argument("--workspace", metavar="DIR", default=default,
+                       help="workspace folder (default: nearest folder upward with databuild.toml)")
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress
+                       else False, help="machine-readable JSON output")
+    group.add_argument("--no-start", action="store_true", default=argparse.SUPPRESS if suppress
+                       else False, help="do not start a server if none is running")
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(
+        prog="databuild.py", description=_CLI_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="databuild " + __version__)
+    _add_global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, suppress=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def command(parent, name, help_text, func, **kw):
+        sub = parent.add_parser(name, help=help_text, description=help_text,
+                                parents=[common], **kw)
+        sub.set_defaults(func=func)
+        return sub
+
+    p = command(commands, "serve", "run the server for a workspace (in the foreground)",
+                _cmd_serve)
+    p.add_argument("--host", help="address to listen on (default: [server] host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: [server] port; 0 = any free port)")
+    p.add_argument("--idle-timeout", type=float, metavar="S",
+                   help="stop after S idle seconds (default: [server] idle_timeout_seconds; 0 = never)")
+
+    p = command(commands, "build", "want partitions built (and optionally wait for them)",
+                _cmd_build)
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the want until it ends; exit 0 only if Successful")
+    p.add_argument("--comment", help="a note stored with the want")
+
+    want = commands.add_parser("want", help="create, list, show and cancel wants",
+                               parents=[common]).add_subparsers(dest="want_command",
+                                                                metavar="ACTION")
+    want.required = True
+    p = command(want, "create", "create a want for partitions", _cmd_build)
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.add_argument("--comment", help="a note stored with the want")
+    p.add_argument("--ttl", type=float, metavar="S", help="expire after S seconds")
+    p.add_argument("--sla", type=float, metavar="S", help="flag as breached after S seconds")
+    p.set_defaults(wait=False)
+    p = command(want, "list", "list wants, newest first", _cmd_want_list)
+    p.add_argument("--status", choices=WANT_STATUSES)
+    p.add_argument("--limit", type=int, default=DEFAULTS["list_limit"])
+    p = command(want, "get", "show one want", _cmd_want_get)
+    p.add_argument("want_id", metavar="ID")
+    p = command(want, "cancel", "cancel a want (and the work only it needs)", _cmd_want_cancel)
+    p.add_argument("want_id", metavar="ID")
+
+    parts = commands.add_parser("partitions", help="list and show partitions",
+                                parents=[common]).add_subparsers(dest="partitions_command",
+                                                                 metavar="ACTION")
+    parts.required = True
+    p = command(parts, "list", "list partitions, newest first", _cmd_partitions_list)
+    p.add_argument("--status", choices=PARTITION_STATUSES)
+    p.add_argument("--prefix", help="only refs starting with this")
+    p.add_argument("--limit", type=int, default=DEFAULTS["list_limit"])
+    p = command(parts, "get", "show one partition", _cmd_partitions_get)
+    p.add_argument("ref", metavar="REF")
+
+    runs = commands.add_parser("job-runs", help="list and show job runs",
+                               parents=[common]).add_subparsers(dest="job_runs_command",
+                                                                metavar="ACTION")
+    runs.required = True
+    p = command(runs, "list", "list job runs, newest first", _cmd_job_runs_list)
+    p.add_argument("--status", choices=JOB_RUN_STATUSES)
+    p.add_argument("--job", metavar="LABEL", help="only runs of this job")
+    p.add_argument("--want", metavar="WANT_ID", help="only runs for this want")
+    p.add_argument("--limit", type=int, default=DEFAULTS["list_limit"])
+    p = command(runs, "get", "show one job run", _cmd_job_runs_get)
+    p.add_argument("job_run_id", metavar="ID")
+
+    p = command(commands, "logs", "print a job run's stdout (or stderr)", _cmd_logs)
+    p.add_argument("job_run_id", metavar="JOB_RUN_ID")
+    p.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
+
+    p = command(commands, "taint", "mark partitions Tainted (rebuilt when wanted)", _cmd_taint)
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.add_argument("--reason", help="why (stored in the event)")
+
+    p = command(commands, "events", "print events of the build event log", _cmd_events)
+    p.add_argument("--since", type=int, default=0, metavar="N", help="events after id N")
+    p.add_argument("--limit", type=int, default=DEFAULTS["list_limit_max"])
+
+    command(commands, "status", "show the workspace's server and what it holds", _cmd_status)
+    command(commands, "stop", "stop the workspace's server gracefully", _cmd_stop)
+    return parser
+
+
+def _opt(args, name, default=None):
+    return getattr(args, name, default)
+
+
+def _workspace(args):
+    workspace = _opt(args, "workspace")
+    if workspace:
+        if not os.path.isfile(os.path.join(workspace, CONFIG_FILE)):
+            raise ConfigError("%s holds no %s" % (os.path.abspath(workspace), CONFIG_FILE))
+        return os.path.abspath(workspace)
+    found = find_workspace()
+    if found is None:
+        raise ConfigError("No %s in this folder or above: use --workspace DIR or --server URL"
+                          % CONFIG_FILE)
+    return found
+
+
+def _server_alive(url):
+    try:
+        Client(url, timeout=2).health()
+        return True
+    except DatabuildError:
+        return False
+
+
+def _connect(args):
+    """A Client for the server: --server, $DATABUILD_URL, or the workspace's own."""
+    url = _opt(args, "server") or os.environ.get("DATABUILD_URL")
+    if url:
+        return Client(url)
+    workspace = _workspace(args)
+    state_dir = os.path.join(workspace, STATE_DIR)
+    info = read_server_info(state_dir)
+    if info and info.get("url") and _server_alive(info["url"]):
+        return Client(info["url"])
+    if _opt(args, "no_start"):
+        raise ServerUnreachable("No server is running for workspace %s (--no-start given)"
+                                % workspace)
+    return Client(_start_server(workspace))
+
+
+def _start_server(workspace):
+    """Start ``serve`` in the background, detached, logging to server.log; wait for it."""
+    state_dir = os.path.join(workspace, STATE_DIR)
+    os.makedirs(state_dir, exist_ok=True)
+    log_path = os.path.join(state_dir, "server.log")
+    before = read_server_info(state_dir)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "serve", "--workspace", workspace],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=workspace)
+    print("Starting databuild server for %s ..." % workspace, file=sys.stderr)
+    deadline = time.monotonic() + DEFAULTS["cli_start_timeout_seconds"]
+    while time.monotonic() < deadline:
+        info = read_server_info(state_dir)
+        if info and info != before and info.get("url") and _server_alive(info["url"]):
+            return info["url"]
+        code = proc.poll()
+        if code is not None:
+            info = read_server_info(state_dir)  # lost a race with another starter?
+            if info and info.get("url") and _server_alive(info["url"]):
+                return info["url"]
+            raise ServerUnreachable("The server exited with status %d while starting: %s "
+                                    "(see %s)" % (code, _last_line(log_path), log_path))
+        time.sleep(0.05)
+    raise ServerUnreachable("The server did not answer within %.0f seconds (see %s)"
+                            % (DEFAULTS["cli_start_timeout_seconds"], log_path))
+
+
+def _last_line(path):
+    try:
+        with open(path, "rb") as f:
+            lines = [l for l in f.read()[-4096:].decode("utf-8", "replace").splitlines()
+                     if l.strip()]
+        return lines[-1] if lines else ""
+    except OSError:
+        return ""
+
+
+def _out(args, obj, text):
+    if _opt(args, "json"):
+        print(json.dumps(obj, indent=2, ensure_ascii=False))
+    else:
+        print(text)
+
+
+def format_table(rows, columns):
+    """Aligned plain-text table: ``columns`` are (header, key-or-function)."""
+    cells = [[h for h, _ in columns]]
+    for row in rows:
+        cells.append([str(f(row) if callable(f) else ("-" if row.get(f) is None else row[f]))
+                      for _, f in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def format_object(obj, keys=None):
+    """Readable ``key: value`` lines for one object."""
+    keys = keys or list(obj)
+    width = max(len(k) for k in keys)
+    lines = []
+    for key in keys:
+        value = obj.get(key)
+        if isinstance(value, dict):
+            value = ", ".join("%s=%s" % kv for kv in value.items()) or "-"
+        elif isinstance(value, list):
+            value = ", ".join(str(v) for v in value) or "-"
+        elif value is None:
+            value = "-"
+        lines.append("%s  %s" % ((key + ":").ljust(width + 1), value))
+    return "\n".join(lines)
+
+
+def _refs_cell(refs):
+    return refs[0] + (" (+%d more)" % (len(refs) - 1) if len(refs) > 1 else "")
+
+
+def _listing(args, envelope, columns, noun):
+    rows = envelope["data"]
+    text = format_table(rows, columns) if rows else "No %s." % noun
+    if envelope["total"] > len(rows):
+        text += "\n(%d of %d shown; use --limit or --json)" % (len(rows), envelope["total"])
+    _out(args, envelope, text)
+    return 0
+
+
+_WANT_COLUMNS = [("WANT_ID", "want_id"), ("STATUS", "status"),
+                 ("PARTITIONS", lambda w: _refs_cell(w["partitions"])),
+                 ("SOURCE", lambda w: w["source"].get("type")), ("CREATED", "created_at")]
+_PARTITION_COLUMNS = [("REF", "ref"), ("STATUS", "status"), ("JOB", "job_label"),
+                      ("UPDATED", "updated_at")]
+_JOB_RUN_COLUMNS = [("JOB_RUN_ID", "job_run_id"), ("STATUS", "status"), ("JOB", "job_label"),
+                    ("ATTEMPT", "attempt"), ("PARTITIONS", lambda r: _refs_cell(r["partitions"])),
+                    ("DURATION", lambda r: "-" if r["duration_ms"] is None
+                     else "%.1fs" % (r["duration_ms"] / 1000.0))]
+
+
+def _cmd_serve(args):
+    config = load_config(_workspace(args))
+    server = Server(config, host=args.host, port=args.port, idle_timeout=args.idle_timeout)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: server.request_stop(
+            "signal %s" % signal.Signals(signum).name))
+    url = server.bind()
+    logger.info("Workspace %s, event log at event %d", config.root,
+                server.orchestrator.state.latest_event_id)
+    print("Listening on %s" % url, flush=True)
+    server.serve()
+    return 0
+
+
+def _cmd_build(args):
+    client = _connect(args)
+    fields = {"comment": args.comment, "user": _user(),
+              "ttl_seconds": _opt(args, "ttl"), "sla_seconds": _opt(args, "sla")}
+    want = client.create_want(args.refs, **fields)
+    if not args.wait:
+        _out(args, want, "Want %s: %s" % (want["want_id"], want["status"]))
+        return 0
+    print("Want %s: %s" % (want["want_id"], want["status"]), file=sys.stderr)
+    want = _follow_want(client, want)
+    if _opt(args, "json"):
+        _out(args, want, "")
+    else:
+        print(format_object(want, ["want_id", "status", "partition_statuses",
+                                   "derivative_want_ids", "job_run_ids"]))
+    if want["status"] != SUCCESSFUL:
+        _explain_failure(client, want)
+        return 1
+    return 0
+
+
+def _user():
+    try:
+        return getpass.getuser()
+    except Exception:
+        return None
+
+
+def _follow_want(client, want):
+    """Poll a want until it is terminal, printing progress on stderr."""
+    started = time.monotonic()
+    last = None
+    delay = 0.05
+    while want["status"] not in TERMINAL_WANT_STATUSES:
+        time.sleep(delay)
+        delay = min(0.5, delay * 1.5)
+        want = client.get_want(want["want_id"])
+        statuses = collections.Counter(want["partition_statuses"].values())
+        line = "%s: %d/%d partitions live%s" % (
+            want["status"], statuses.get(LIVE, 0), len(want["partitions"]),
+            "".join(", %d %s" % (n, s) for s, n in sorted(statuses.items()) if s != LIVE))
+        if line != last:
+            print("[%6.1fs] %s" % (time.monotonic() - started, line), file=sys.stderr)
+            last = line
+    print("[%6.1fs] Want %s ended %s" % (time.monotonic() - started, want["want_id"],
+                                         want["status"]), file=sys.stderr)
+    return want
+
+
+def _explain_failure(client, want):
+    seen = set()
+    stack = [want]
+    while stack:
+        w = stack.pop()
+        for run_id in w["job_run_ids"]:
+            if run_id in seen:
+                continue
+            seen.add(run_id)
+            run = client.get_job_run(run_id)
+            if run["status"] == FAILED:
+                print("  job run %s (%s %s) failed: %s" % (
+                    run_id, run["job_label"], " ".join(run["partitions"]), run["error"]),
+                    file=sys.stderr)
+        for child in w["derivative_want_ids"]:
+            stack.append(client.get_want(child))
+
+
+def _cmd_want_list(args):
+    envelope = _connect(args).list_wants(status=args.status, limit=args.limit)
+    return _listing(args, envelope, _WANT_COLUMNS, "wants")
+
+
+def _cmd_want_get(args):
+    want = _connect(args).get_want(args.want_id)
+    _out(args, want, format_object(want))
+    return 0
+
+
+def _cmd_want_cancel(args):
+    want = _connect(args).cancel_want(args.want_id)
+    _out(args, want, "Want %s: %s" % (want["want_id"], want["status"]))
+    return 0
+
+
+def _cmd_partitions_list(args):
+    envelope = _connect(args).list_partitions(status=args.status, prefix=args.prefix,
+                                              limit=args.limit)
+    return _listing(args, envelope, _PARTITION_COLUMNS, "partitions")
+
+
+def _cmd_partitions_get(args):
+    part = _connect(args).get_partition(args.ref)
+    _out(args, part, format_object(part))
+    return 0
+
+
+def _cmd_job_runs_list(args):
+    envelope = _connect(args).list_job_runs(status=args.status, job_label=args.job,
+                                            want_id=args.want, limit=args.limit)
+    return _listing(args, envelope, _JOB_RUN_COLUMNS, "job runs")
+
+
+def _cmd_job_runs_get(args):
+    run = _connect(args).get_job_run(args.job_run_id)
+    _out(args, run, format_object(run))
+    return 0
+
+
+def _cmd_logs(args):
+    text = _connect(args).logs(args.job_run_id, "stderr" if args.stderr else "stdout")
+    if _opt(args, "json"):
+        _out(args, {"job_run_id": args.job_run_id, "text": text}, "")
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    return 0
+
+
+def _cmd_taint(args):
+    client = _connect(args)
+    parts = [client.taint(ref, args.reason) for ref in args.refs]
+    _out(args, parts, "\n".join("%s: %s" % (p["ref"], p["status"]) for p in parts))
+    return 0
+
+
+def _cmd_events(args):
+    envelope = _connect(args).events(since=args.since, limit=args.limit)
+    columns = [("EVENT_ID", "event_id"), ("TIMESTAMP", "timestamp"), ("TYPE", "type"),
+               ("PAYLOAD", lambda e: dumps(e["payload"])[:100])]
+    text = format_table(envelope["data"], columns) if envelope["data"] else "No events."
+    _out(args, envelope, text)
+    return 0
+
+
+def _cmd_status(args):
+    client = _connect(args)
+    health = client.health()
+    counts = {}
+    for noun, method, statuses in (("wants", client.list_wants, WANT_STATUSES),
+                                   ("job runs", client.list_job_runs, JOB_RUN_STATUSES)):
+        counts[noun] = {s: method(status=s, limit=0)["total"] for s in statuses}
+    info = {"url": client.url, **health, "counts": counts}
+    lines = [format_object(info, ["url", "status", "version", "uptime_seconds",
+                                  "latest_event_id"])]
+    for noun, by_status in counts.items():
+        shown = ", ".join("%d %s" % (n, s) for s, n in by_status.items() if n) or "none"
+        lines.append("%s  %s" % ((noun + ":").ljust(16), shown))
+    _out(args, info, "\n".join(lines))
+    return 0
+
+
+def _cmd_stop(args):
+    args.no_start = True
+    try:
+        client = _connect(args)
+    except ServerUnreachable:
+        _out(args, {"stopped": False}, "No server is running.")
+        return 0
+    pid = None
+    if not _opt(args, "server") and not os.environ.get("DATABUILD_URL"):
+        pid = (read_server_info(os.path.join(_workspace(args), STATE_DIR)) or {}).get("pid")
+    client.shutdown()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if pid is not None and not _pid_alive(pid):
+            break
+        if pid is None and not _server_alive(client.url):
+            break
+        time.sleep(0.05)
+    else:
+        raise Unavailable("The server at %s did not stop within 60 seconds" % client.url)
+    _out(args, {"stopped": True, "url": client.url}, "Server at %s stopped." % client.url)
+    return 0
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit status (SPEC 7)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.func is _cmd_serve:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print("databuild: error: %s" % e.message, file=sys.stderr)
+        return 2
+    except DatabuildError as e:
+        print("databuild: error: %s" % e.message, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("databuild: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as e:  # a bug: one line for the user, the traceback on request
+        if os.environ.get("DATABUILD_DEBUG"):
+            traceback.print_exc()
+        print("databuild: internal error: %s: %s (set DATABUILD_DEBUG=1 for the traceback)"
+              % (type(e).__name__, e), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
