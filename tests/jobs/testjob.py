@@ -1,0 +1,64 @@
+"""A scriptable job for the tests: what it does per ref comes from plan.json.
+
+``python testjob.py REF...`` runs in the workspace.  ``plan.json`` maps a ref
+to ``{"deps": [...], "exit": N, "sleep": S, "fail_times": N, "stdout": "..."}``
+(every key optional; an unplanned ref just succeeds).  A ref is "built" when
+``built/<ref>`` exists.  Each invocation appends a line to ``runs/<ref>``.
+"""
+import json
+import os
+import sys
+import time
+import urllib.parse
+
+
+def fname(ref):
+    return urllib.parse.quote(ref, safe="")
+
+
+def main(refs):
+    try:
+        with open("plan.json") as f:
+            plan = json.load(f)
+    except FileNotFoundError:
+        plan = {}
+    os.makedirs("runs", exist_ok=True)
+    os.makedirs("built", exist_ok=True)
+    attempts = {}
+    for ref in refs:
+        with open(os.path.join("runs", fname(ref)), "a") as f:
+            f.write("%s %s\n" % (os.getpid(), os.environ.get("DATABUILD_JOB_RUN_ID")))
+        with open(os.path.join("runs", fname(ref))) as f:
+            attempts[ref] = len(f.readlines())
+    missing = []
+    for ref in refs:
+        for dep in plan.get(ref, {}).get("deps", []):
+            if not os.path.exists(os.path.join("built", fname(dep))) and dep not in missing:
+                missing.append(dep)
+    for ref in refs:
+        step = plan.get(ref, {})
+        if step.get("stdout"):
+            print(step["stdout"], flush=True)
+    if missing:
+        print("DATABUILD_MISSING_DEPS_JSON: " + json.dumps({"missing_deps": missing}), flush=True)
+        return 0
+    time.sleep(max(plan.get(ref, {}).get("sleep", 0) for ref in refs))
+    for ref in refs:
+        step = plan.get(ref, {})
+        if attempts[ref] <= step.get("fail_times", 0):
+            print("planned failure %d of %s" % (attempts[ref], ref), file=sys.stderr)
+            return 1
+        if step.get("exit"):
+            print("planned exit %d for %s" % (step["exit"], ref), file=sys.stderr)
+            return step["exit"]
+    for ref in refs:
+        with open(os.path.join("built", fname(ref)), "w") as f:
+            f.write(json.dumps({"ref": ref, "env": {k: v for k, v in os.environ.items()
+                                                   if k.startswith(("DATABUILD_", "TEST_"))},
+                                "argv": sys.argv[1:], "cwd": os.getcwd()}))
+    print("built", " ".join(refs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,125 @@
+"""databuild.toml: parsing, defaults, and one clear line per error."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import MODULE, write_workspace
+from databuild import ConfigError, InvalidRequest, load_config
+
+
+def write(tmp_path, text):
+    (tmp_path / "databuild.toml").write_text(text)
+    return str(tmp_path)
+
+
+GOOD = """
+[server]
+port = 8123
+idle_timeout_seconds = 60
+max_concurrent_job_runs = 2
+cors_origins = ["http://localhost:5173"]
+
+[[jobs]]
+label = "raw"
+entrypoint = "sh jobs/raw.sh --fast"
+partition_patterns = ['raw/date=\\d{4}-\\d{2}-\\d{2}']
+environment = { REGION = "eu" }
+max_partitions_per_run = 3
+max_retries = 2
+timeout_seconds = 30
+
+[[jobs]]
+label = "agg"
+entrypoint = ["python3", "agg.py"]
+partition_patterns = ['agg/.*']
+"""
+
+
+def test_good_config(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert (config.port, config.idle_timeout_seconds, config.max_concurrent_job_runs) == (8123, 60, 2)
+    assert config.host == "127.0.0.1"
+    assert config.cors_origins == ["http://localhost:5173"]
+    raw = config.jobs_by_label["raw"]
+    assert raw.entrypoint == ["sh", "jobs/raw.sh", "--fast"]
+    assert (raw.max_partitions_per_run, raw.max_retries, raw.timeout_seconds) == (3, 2, 30)
+    assert raw.environment == {"REGION": "eu"}
+    assert config.jobs_by_label["agg"].max_partitions_per_run == 1
+    assert config.job_for("raw/date=2025-01-01") is raw
+    assert config.state_dir == os.path.join(str(tmp_path), ".databuild")
+
+
+def test_defaults(tmp_path):
+    config = load_config(write(tmp_path, ""))
+    assert config.port == 0 and config.idle_timeout_seconds == 10800
+    assert config.max_concurrent_job_runs == 4 and config.jobs == []
+
+
+def test_ref_lookup_errors(tmp_path):
+    config = load_config(write(tmp_path, GOOD + """
+[[jobs]]
+label = "greedy"
+entrypoint = ["true"]
+partition_patterns = ['agg/x']
+"""))
+    with pytest.raises(InvalidRequest) as info:
+        config.job_for("nothing/here")
+    assert info.value.fields["ref"] == "nothing/here"
+    with pytest.raises(InvalidRequest) as info:
+        config.job_for("agg/x")
+    assert "more than one job" in info.value.message
+    for bad in ["", "has space", "tab\there", "x" * 1025, "bell\x07"]:
+        with pytest.raises(InvalidRequest):
+            config.job_for(bad)
+    with pytest.raises(InvalidRequest):
+        config.job_for("raw/date=2025-01-01x")  # patterns must match fully
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[server\nport=1", "databuild.toml"),
+    ("[server]\nprot = 1", "[server] prot: unknown key"),
+    ("[server]\nport = 'x'", "[server] port: must be an integer"),
+    ("[server]\nport = 70000", "[server] port: must be at most 65535"),
+    ("[server]\nmax_concurrent_job_runs = 0", "max_concurrent_job_runs: must be at least 1"),
+    ("[server]\ncors_origins = 'x'", "cors_origins: must be a list of strings"),
+    ("[[jobs]]\nlabel='a'\nentrypoint=['x']\npartition_patterns=['(']",
+     "[[jobs]] 'a' partition_patterns: bad regex '('"),
+    ("[[jobs]]\nlabel='a'\nentrypoint=['x']", "[[jobs]] 'a' partition_patterns: missing"),
+    ("[[jobs]]\nlabel='a b'\nentrypoint=['x']\npartition_patterns=['a']", "label: must match"),
+    ("[[jobs]]\nlabel='a'\nentrypoint=['x']\npartition_patterns=['a']\n"
+     "[[jobs]]\nlabel='a'\nentrypoint=['y']\npartition_patterns=['b']", "duplicate label 'a'"),
+    ("[[jobs]]\nlabel='a'\nentrypoint=['x']\npartition_patterns=['a']\nretries=1",
+     "[[jobs]] 'a' retries: unknown key"),
+    ("[[jobs]]\nlabel='a'\nentrypoint=[]\npartition_patterns=['a']", "entrypoint: must not be empty"),
+    ("[[jobs]]\nlabel='a'\nentrypoint=['x']\npartition_patterns=['a']\nmax_retries=-1",
+     "max_retries: must be at least 0"),
+    ("[[jobs]]\nlabel='a'\nentrypoint=['x']\npartition_patterns=['a']\nenvironment={A=1}",
+     "environment: must be a table of strings"),
+    ("jobs = 3", "jobs: must be an array"),
+    ("[other]", "unknown top-level key"),
+])
+def test_config_errors_name_file_key_and_problem(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert expected in info.value.message
+    assert info.value.message.startswith(os.path.join(path, "databuild.toml"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path))
+    assert "no such file" in info.value.message
+
+
+def test_serve_with_bad_config_exits_2_with_one_line(tmp_path):
+    path = write(tmp_path, "[server]\nport = 'eighty'\n")
+    result = subprocess.run([sys.executable, MODULE, "serve", "--workspace", path],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "databuild.toml: [server] port: must be an integer" in lines[0]
+    assert "Traceback" not in result.stderr

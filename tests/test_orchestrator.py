@@ -1,0 +1,285 @@
+"""The orchestrator with real job subprocesses, stepped by the test."""
+import json
+import os
+import time
+
+import pytest
+
+import databuild
+from conftest import built, run_count, set_plan, write_workspace
+from databuild import (CANCELED, DEP_MISS, EXPIRED, FAILED, LIVE, QUEUED, RUNNING,
+                       SUCCEEDED, SUCCESSFUL, UPSTREAM_FAILED, Conflict, NotFound)
+
+
+def runs_of(state, ref):
+    return [r for r in state.job_runs.values() if ref in r.partitions]
+
+
+def test_success_with_the_job_protocol(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", jobs=[{
+        "label": "t", "partition_patterns": ["out/.*"], "environment": {"TEST_REGION": "eu"}}])
+    d = driver_for(ws)
+    want = d.want("out/a")
+    assert want["status"] == "Building"  # queued in the step that created it
+    assert d.settle(want["want_id"]) == SUCCESSFUL
+    (run,) = d.state.job_runs.values()
+    assert run.status == SUCCEEDED and run.exit_code == 0 and run.duration_ms is not None
+    with open(os.path.join(ws, "built", "out%2Fa")) as f:
+        record = json.load(f)
+    assert record["argv"] == ["out/a"]
+    assert os.path.realpath(record["cwd"]) == os.path.realpath(ws)
+    env = record["env"]
+    assert env["TEST_REGION"] == "eu"
+    assert env["DATABUILD_JOB_RUN_ID"] == run.job_run_id
+    assert env["DATABUILD_JOB_LABEL"] == "t"
+    assert env["DATABUILD_WORKSPACE"] == d.config.root
+    assert env["DATABUILD_URL"] == "http://127.0.0.1:9"
+    assert env["DATABUILD_PARTITIONS"] == "out/a"
+    with open(os.path.join(ws, ".databuild", "logs", run.job_run_id, "stdout.log")) as f:
+        assert f.read() == "built out/a\n"
+    assert d.log.latest_event_id() == d.state.latest_event_id
+
+
+def test_dep_miss_chain_builds_upstream_then_reruns(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", plan={
+        "c": {"deps": ["b"]}, "b": {"deps": ["a"]}})
+    d = driver_for(ws)
+    want = d.want("c")
+    assert d.settle(want["want_id"]) == SUCCESSFUL
+    assert all(built(ws, r) for r in "abc")
+    assert [run_count(ws, r) for r in "abc"] == [1, 2, 2]
+    root = d.state.wants[want["want_id"]]
+    (child_id,) = root.derivative_want_ids
+    child = d.state.wants[child_id]
+    assert child.partitions == ["b"] and child.parent_want_id == root.want_id
+    assert child.root_want_id == root.want_id and child.source["type"] == "job"
+    assert d.state.job_runs[child.source["job_run_id"]].status == DEP_MISS
+    (grandchild_id,) = child.derivative_want_ids
+    assert d.state.wants[grandchild_id].root_want_id == root.want_id
+    assert d.state.partitions["c"].missing_deps == []  # cleared by the rebuild
+
+
+def test_failure_is_retried_up_to_max_retries(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", jobs=[{"label": "t", "partition_patterns": [".*"],
+                                                 "max_retries": 2}],
+                         plan={"ok": {"fail_times": 2}, "bad": {"exit": 7}})
+    d = driver_for(ws)
+    ok = d.want("ok")
+    assert d.settle(ok["want_id"]) == SUCCESSFUL
+    assert [r.attempt for r in runs_of(d.state, "ok")] == [1, 2, 3]
+    assert [r.status for r in runs_of(d.state, "ok")] == [FAILED, FAILED, SUCCEEDED]
+    bad = d.want("bad")
+    assert d.settle(bad["want_id"]) == FAILED
+    runs = runs_of(d.state, "bad")
+    assert len(runs) == 3 and all(r.status == FAILED for r in runs)
+    assert runs[-1].exit_code == 7
+    assert runs[-1].error == "exit code 7: planned exit 7 for bad"
+    assert d.state.partitions["bad"].status == FAILED
+
+
+def test_timeout_kills_the_process_group(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", jobs=[{"label": "t", "partition_patterns": [".*"],
+                                                 "timeout_seconds": 0.3}],
+                         plan={"slow": {"sleep": 30}})
+    d = driver_for(ws)
+    started = time.monotonic()
+    want = d.want("slow")
+    assert d.settle(want["want_id"]) == FAILED
+    assert time.monotonic() - started < 10
+    (run,) = d.state.job_runs.values()
+    assert run.error == "timeout" and run.status == FAILED
+    assert not built(ws, "slow")
+
+
+def test_dependency_cycle_fails_the_run(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", plan={"a": {"deps": ["b"]}, "b": {"deps": ["a"]},
+                                                "self": {"deps": ["self"]}})
+    d = driver_for(ws)
+    want = d.want("a")
+    assert d.settle(want["want_id"]) == UPSTREAM_FAILED
+    failed = [r for r in d.state.job_runs.values() if r.status == FAILED]
+    assert [r.error for r in failed] == ["dependency cycle: a -> b -> a"]
+    me = d.want("self")
+    assert d.settle(me["want_id"]) == FAILED
+    assert runs_of(d.state, "self")[-1].error == "dependency cycle: self -> self"
+
+
+def test_missing_dep_no_job_produces_fails_the_run(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", jobs=[{"label": "t", "partition_patterns": ["x/.*"]}],
+                         plan={"x/a": {"deps": ["nobody/builds/this"]}})
+    d = driver_for(ws)
+    want = d.want("x/a")
+    assert d.settle(want["want_id"]) == FAILED
+    (run,) = d.state.job_runs.values()
+    assert "nobody/builds/this" in run.error
+
+
+def test_cancel_want_stops_its_running_job(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", plan={"slow": {"sleep": 30}})
+    d = driver_for(ws)
+    want = d.want("slow")
+    d.until(lambda s: s.job_runs_by_status[RUNNING])
+    started = time.monotonic()
+    canceled = d.command("cancel_want", want_id=want["want_id"])
+    assert canceled["status"] == CANCELED
+    d.until(lambda s: not s.job_runs_by_status[RUNNING])
+    assert time.monotonic() - started < 10
+    (run,) = d.state.job_runs.values()
+    assert run.status == CANCELED and run.error == "want canceled"
+    with pytest.raises(Conflict):
+        d.command("cancel_want", want_id=want["want_id"])
+    with pytest.raises(NotFound):
+        d.command("cancel_want", want_id="nope")
+
+
+def test_cancel_keeps_runs_another_want_needs(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", plan={"slow": {"sleep": 0.5}})
+    d = driver_for(ws)
+    first = d.want("slow")
+    second = d.want("slow")
+    d.command("cancel_want", want_id=first["want_id"])
+    assert d.settle(second["want_id"]) == SUCCESSFUL
+    assert len(d.state.job_runs) == 1
+
+
+def test_cancel_drops_queued_runs(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", server={"max_concurrent_job_runs": 1},
+                         plan={"a": {"sleep": 30}})
+    d = driver_for(ws)
+    d.want("a")
+    want = d.want("b")
+    (queued,) = d.state.job_runs_by_status[QUEUED]
+    d.command("cancel_want", want_id=want["want_id"])
+    assert d.state.job_runs[queued].status == CANCELED
+    assert d.state.job_runs[queued].error == "want canceled"
+    assert run_count(ws, "b") == 0
+
+
+def test_concurrency_limit(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", server={"max_concurrent_job_runs": 2},
+                         plan={r: {"sleep": 0.2} for r in "abcde"})
+    d = driver_for(ws)
+    want = d.want(*"abcde")
+    most = 0
+
+    def check(state):
+        nonlocal most
+        most = max(most, len(state.job_runs_by_status[RUNNING]))
+        return state.wants[want["want_id"]].status == SUCCESSFUL
+    d.until(check)
+    assert most == 2
+
+
+def test_batching_up_to_max_partitions_per_run(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", jobs=[{"label": "t", "partition_patterns": [".*"],
+                                                 "max_partitions_per_run": 3}])
+    d = driver_for(ws)
+    want = d.want(*"abcdefg")
+    assert d.settle(want["want_id"]) == SUCCESSFUL
+    sizes = sorted(len(r.partitions) for r in d.state.job_runs.values())
+    assert sizes == [1, 3, 3]
+
+
+def test_shared_build_one_run_for_many_wants(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", plan={"a": {"sleep": 0.3}})
+    d = driver_for(ws)
+    wants = [d.want("a") for _ in range(3)]
+    for w in wants:
+        assert d.settle(w["want_id"]) == SUCCESSFUL
+    (run,) = d.state.job_runs.values()
+    assert run.want_ids == [w["want_id"] for w in wants]
+    assert run_count(ws, "a") == 1
+
+
+def test_never_two_runs_for_one_partition(tmp_path, driver_for):
+    # b and c both need a: a is built once, by one run.
+    ws = write_workspace(tmp_path / "ws", plan={"b": {"deps": ["a"]}, "c": {"deps": ["a"]},
+                                                "a": {"sleep": 0.2}})
+    d = driver_for(ws)
+    want = d.want("b", "c")
+    assert d.settle(want["want_id"]) == SUCCESSFUL
+    assert run_count(ws, "a") == 1
+
+
+def test_ttl_expires_a_want_and_drops_its_work(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", server={"max_concurrent_job_runs": 1},
+                         plan={"a": {"sleep": 30}})
+    d = driver_for(ws)
+    want = d.want("a", ttl_seconds=0.3)
+    assert d.settle(want["want_id"]) == EXPIRED
+    d.until(lambda s: not s.job_runs_by_status[RUNNING])
+    (run,) = d.state.job_runs.values()
+    assert run.status == CANCELED and run.error == "want expired"
+
+
+def test_sla_breach_is_recorded(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", plan={"a": {"sleep": 1}, "b": {}})
+    d = driver_for(ws)
+    late = d.want("a", sla_seconds=0.2)
+    fine = d.want("b", sla_seconds=5)
+    d.until(lambda s: s.wants[late["want_id"]].sla_breached)
+    assert d.settle(late["want_id"]) == SUCCESSFUL
+    assert d.settle(fine["want_id"]) == SUCCESSFUL
+    assert not d.state.wants[fine["want_id"]].sla_breached
+
+
+def test_want_id_idempotency(tmp_path, driver_for):
+    d = driver_for(write_workspace(tmp_path / "ws"))
+    created, first = d.command("create_want", request={"partitions": ["a"], "want_id": "w-1"})
+    again, second = d.command("create_want", request={"partitions": ["a"], "want_id": "w-1"})
+    assert created and not again and first["want_id"] == second["want_id"] == "w-1"
+    events = d.log.latest_event_id()
+    with pytest.raises(Conflict):
+        d.command("create_want", request={"partitions": ["b"], "want_id": "w-1"})
+    assert d.log.latest_event_id() == events  # a refused request leaves no trace
+
+
+def test_taint_rebuilds_when_wanted(tmp_path, driver_for):
+    d = driver_for(write_workspace(tmp_path / "ws"))
+    want = d.want("a")
+    d.settle(want["want_id"])
+    part = d.command("taint", ref="a", reason="bad rows")
+    assert part["status"] == "Tainted"
+    again = d.want("a")
+    assert d.settle(again["want_id"]) == SUCCESSFUL
+    assert run_count(d.path, "a") == 2
+    with pytest.raises(NotFound):
+        d.command("taint", ref="never-built")
+
+
+def test_cancel_a_running_job_run(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", plan={"a": {"sleep": 30}})
+    d = driver_for(ws)
+    d.want("a")
+    d.until(lambda s: s.job_runs_by_status[RUNNING])
+    (run_id,) = d.state.job_runs_by_status[RUNNING]
+    cmd = d.orch.enqueue("cancel_job_run", job_run_id=run_id)
+    d.until(lambda s: cmd.done.is_set())
+    assert cmd.result["status"] == CANCELED
+    with pytest.raises(Conflict):
+        d.command("cancel_job_run", job_run_id=run_id)
+
+
+def test_restart_fails_leftover_runs_and_goes_on(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", server={"max_concurrent_job_runs": 1},
+                         plan={"a": {"sleep": 0.2}})
+    d = driver_for(ws)
+    want = d.want("a", "b")
+    d.until(lambda s: s.job_runs_by_status[RUNNING])
+    # A crash: the orchestrator is gone without recording anything more.
+    for proc in d.orch._processes.values():
+        proc.kill()
+    d.orch._processes.clear()
+    again = databuild.Orchestrator(d.config, d.log)
+    stale = [r for r in again.state.job_runs.values() if r.status == FAILED]
+    assert {r.error for r in stale} == {"server restarted"}
+    d.orch = again
+    assert d.settle(want["want_id"]) == SUCCESSFUL
+
+
+def test_step_cost_does_not_walk_finished_work(tmp_path, driver_for):
+    d = driver_for(write_workspace(tmp_path / "ws"))
+    want = d.want(*["p%d" % i for i in range(20)])
+    d.settle(want["want_id"])
+    assert not d.state.pending_refs and not d.state.active_run_by_ref
+    assert not d.state.job_runs_by_status[QUEUED] and not d.state.live_wants_by_ref

@@ -1,0 +1,284 @@
+"""The pure reducer: every state and transition of SPEC 5, from events alone."""
+import pytest
+
+from databuild import (BuildState, Event, BUILDING, CANCELED, DEP_MISS, EXPIRED, FAILED,
+                       IDLE, LIVE, QUEUED, RUNNING, SUCCEEDED, SUCCESSFUL, TAINTED,
+                       UP_FOR_RETRY, UPSTREAM_BUILDING, UPSTREAM_FAILED)
+
+
+class Log:
+    """Builds events with consecutive ids and applies them to a state."""
+
+    def __init__(self):
+        self.events = []
+        self.state = BuildState()
+
+    def __call__(self, type_, **payload):
+        event = Event(len(self.events) + 1, 1000.0 + len(self.events), type_, payload)
+        self.events.append(event)
+        self.state.apply(event)
+        return event
+
+    def want(self, want_id, *refs, **extra):
+        extra.setdefault("source", {"type": "manual", "user": "t"})
+        self("want_create", want_id=want_id, partitions=list(refs), **extra)
+        return self.state.wants[want_id]
+
+    def queue(self, run_id, *refs, want_ids=(), label="job", attempt=1):
+        self("job_run_queue", job_run_id=run_id, job_label=label, partitions=list(refs),
+             want_ids=list(want_ids), attempt=attempt)
+        return self.state.job_runs[run_id]
+
+
+@pytest.fixture
+def log():
+    return Log()
+
+
+def test_new_want_is_idle_and_pending(log):
+    want = log.want("w1", "a", "b", "a")
+    assert want.status == IDLE
+    assert want.partitions == ["a", "b"]  # duplicates dropped
+    assert list(log.state.pending_refs) == ["a", "b"]
+    assert want.to_dict(log.state)["partition_statuses"] == {"a": IDLE, "b": IDLE}
+    assert want.root_want_id == "w1"
+
+
+def test_queue_start_success(log):
+    want = log.want("w1", "a")
+    run = log.queue("r1", "a", want_ids=["w1"])
+    part = log.state.partitions["a"]
+    assert (run.status, part.status, want.status) == (QUEUED, BUILDING, BUILDING)
+    assert not log.state.pending_refs
+    assert log.state.active_run_by_ref == {"a": "r1"}
+    log("job_run_start", job_run_id="r1", pid=1)
+    assert run.status == RUNNING and run.started_at is not None
+    log("job_run_success", job_run_id="r1", exit_code=0)
+    assert run.status == SUCCEEDED and run.exit_code == 0
+    assert run.duration_ms == 1000  # timestamps of start and finish, one second apart
+    assert part.status == LIVE and part.built_by_job_run_id == "r1"
+    assert want.status == SUCCESSFUL
+    assert want.job_run_ids == ["r1"]
+    assert not log.state.active_run_by_ref
+
+
+def test_want_for_live_partition_is_successful_at_once(log):
+    log.want("w1", "a")
+    log.queue("r1", "a", want_ids=["w1"])
+    log("job_run_success", job_run_id="r1")
+    assert log.want("w2", "a").status == SUCCESSFUL
+    assert not log.state.pending_refs
+
+
+def test_status_order_of_a_multi_partition_want(log):
+    want = log.want("w1", "a", "b", "c")
+    log.queue("ra", "a", want_ids=["w1"])
+    log("job_run_success", job_run_id="ra")
+    assert want.status == IDLE  # a Live, b and c not started
+    log.queue("rb", "b", want_ids=["w1"])
+    assert want.status == BUILDING
+    log("job_run_missing_deps", job_run_id="rb", missing_deps=["x"])
+    assert want.status == UPSTREAM_BUILDING
+    log.queue("rc", "c", want_ids=["w1"])
+    assert want.status == BUILDING  # Building outranks UpstreamBuilding
+    log("job_run_failure", job_run_id="rc", error="boom", retry=False)
+    assert want.status == FAILED
+
+
+def test_failure_with_retry_goes_up_for_retry(log):
+    want = log.want("w1", "a")
+    log.queue("r1", "a", want_ids=["w1"])
+    log("job_run_failure", job_run_id="r1", exit_code=1, error="exit code 1", retry=True)
+    part = log.state.partitions["a"]
+    assert part.status == UP_FOR_RETRY and part.retries == 1
+    assert want.status == IDLE
+    assert "a" in log.state.pending_refs
+    assert log.state.job_runs["r1"].status == FAILED
+    assert log.state.job_runs["r1"].error == "exit code 1"
+
+
+def test_dep_miss_waits_then_up_for_retry(log):
+    want = log.want("w1", "b")
+    log.queue("r1", "b", want_ids=["w1"])
+    log("job_run_missing_deps", job_run_id="r1", missing_deps=["a"])
+    part = log.state.partitions["b"]
+    assert log.state.job_runs["r1"].status == DEP_MISS
+    assert part.status == UPSTREAM_BUILDING and part.missing_deps == ["a"]
+    assert want.status == UPSTREAM_BUILDING
+    # Nobody wants "a" through a want yet, but b waits on it: it is pending.
+    assert log.state.is_wanted("a") and "a" in log.state.pending_refs
+    log("want_create", want_id="w2", partitions=["a"], parent_want_id="w1",
+        root_want_id="w1", source={"type": "job", "job_run_id": "r1"})
+    assert want.derivative_want_ids == ["w2"]
+    log.queue("r2", "a", want_ids=["w2"])
+    log("job_run_success", job_run_id="r2")
+    assert part.status == UP_FOR_RETRY
+    assert "b" in log.state.pending_refs
+    assert log.state.wants["w2"].status == SUCCESSFUL
+    log.queue("r3", "b", want_ids=["w1"])
+    log("job_run_success", job_run_id="r3")
+    assert want.status == SUCCESSFUL
+
+
+def test_dep_miss_on_live_deps_retries_at_once(log):
+    log.want("w0", "a")
+    log.queue("r0", "a")
+    log("job_run_success", job_run_id="r0")
+    log.want("w1", "b")
+    log.queue("r1", "b", want_ids=["w1"])
+    log("job_run_missing_deps", job_run_id="r1", missing_deps=["a"])
+    assert log.state.partitions["b"].status == UP_FOR_RETRY
+
+
+def test_waits_on_several_deps(log):
+    log.want("w1", "c")
+    log.queue("r1", "c", want_ids=["w1"])
+    log("job_run_missing_deps", job_run_id="r1", missing_deps=["a", "b"])
+    log.queue("ra", "a")
+    log("job_run_success", job_run_id="ra")
+    assert log.state.partitions["c"].status == UPSTREAM_BUILDING
+    log.queue("rb", "b")
+    log("job_run_success", job_run_id="rb")
+    assert log.state.partitions["c"].status == UP_FOR_RETRY
+
+
+def test_upstream_failure_propagates_up_a_chain(log):
+    want = log.want("w1", "c")
+    log.queue("r1", "c", want_ids=["w1"])
+    log("job_run_missing_deps", job_run_id="r1", missing_deps=["b"])
+    log.want("w2", "b", parent_want_id="w1", root_want_id="w1")
+    log.queue("r2", "b", want_ids=["w2"])
+    log("job_run_missing_deps", job_run_id="r2", missing_deps=["a"])
+    log.want("w3", "a", parent_want_id="w2", root_want_id="w1")
+    log.queue("r3", "a", want_ids=["w3"])
+    log("job_run_failure", job_run_id="r3", error="boom", retry=False)
+    parts = log.state.partitions
+    assert (parts["a"].status, parts["b"].status, parts["c"].status) == (
+        FAILED, UPSTREAM_FAILED, UPSTREAM_FAILED)
+    assert log.state.wants["w3"].status == FAILED
+    assert log.state.wants["w2"].status == UPSTREAM_FAILED
+    assert want.status == UPSTREAM_FAILED
+    assert not log.state.pending_refs and not log.state.waiters
+
+
+def test_new_want_rebuilds_a_failed_partition(log):
+    log.want("w1", "a")
+    log.queue("r1", "a", want_ids=["w1"])
+    log("job_run_failure", job_run_id="r1", error="boom", retry=False)
+    assert log.state.wants["w1"].status == FAILED
+    want = log.want("w2", "a")
+    assert want.status == IDLE
+    assert log.state.partitions["a"].status == UP_FOR_RETRY
+    assert log.state.partitions["a"].retries == 0
+    assert log.state.wants["w1"].status == FAILED  # terminal statuses stay
+
+
+def test_second_want_joins_the_running_build(log):
+    log.want("w1", "a")
+    run = log.queue("r1", "a", want_ids=["w1"])
+    want2 = log.want("w2", "a")
+    assert want2.status == BUILDING
+    assert run.want_ids == ["w1", "w2"] and want2.job_run_ids == ["r1"]
+    assert log.state.partitions["a"].want_ids == ["w1", "w2"]
+    log("job_run_success", job_run_id="r1")
+    assert want2.status == SUCCESSFUL
+
+
+def test_cancel_reaches_derivative_wants_and_drops_waits(log):
+    log.want("w1", "b")
+    log.queue("r1", "b", want_ids=["w1"])
+    log("job_run_missing_deps", job_run_id="r1", missing_deps=["a"])
+    log.want("w2", "a", parent_want_id="w1", root_want_id="w1",
+             source={"type": "job", "job_run_id": "r1"})
+    log("want_cancel", want_id="w1")
+    assert log.state.wants["w1"].status == CANCELED
+    assert log.state.wants["w2"].status == CANCELED
+    assert log.state.partitions["b"].status == UP_FOR_RETRY
+    assert not log.state.pending_refs and not log.state.waiters
+    assert not log.state.is_wanted("a")
+
+
+def test_canceling_only_the_derivative_want_keeps_the_upstream_wanted(log):
+    log.want("w1", "b")
+    log.queue("r1", "b", want_ids=["w1"])
+    log("job_run_missing_deps", job_run_id="r1", missing_deps=["a"])
+    log.want("w2", "a", parent_want_id="w1", root_want_id="w1")
+    log("want_cancel", want_id="w2")
+    assert log.state.wants["w1"].status == UPSTREAM_BUILDING
+    assert "a" in log.state.pending_refs  # b still waits on it: nothing is stuck
+
+
+def test_expire_and_sla(log):
+    want = log.want("w1", "a", ttl_seconds=10, sla_seconds=5)
+    log("want_sla_breach", want_id="w1")
+    assert want.sla_breached
+    log("want_expire", want_id="w1")
+    assert want.status == EXPIRED
+    assert not log.state.pending_refs
+
+
+def test_job_run_cancel_puts_partitions_up_for_retry(log):
+    want = log.want("w1", "a")
+    log.queue("r1", "a", want_ids=["w1"])
+    log("job_run_start", job_run_id="r1")
+    log("job_run_cancel", job_run_id="r1", reason="canceled by user")
+    assert log.state.job_runs["r1"].status == CANCELED
+    assert log.state.job_runs["r1"].error == "canceled by user"
+    assert log.state.partitions["a"].status == UP_FOR_RETRY
+    assert want.status == IDLE and "a" in log.state.pending_refs
+
+
+def test_taint_makes_a_wanted_partition_pending(log):
+    log.want("w1", "a")
+    log.queue("r1", "a", want_ids=["w1"])
+    log("job_run_success", job_run_id="r1")
+    log("partition_taint", ref="a", reason="bad data")
+    assert log.state.partitions["a"].status == TAINTED
+    assert not log.state.pending_refs  # w1 is terminal: nothing wants it now
+    want = log.want("w2", "a")
+    assert want.status == IDLE and "a" in log.state.pending_refs
+
+
+def test_dep_miss_on_a_failed_dep_asks_again(log):
+    log.want("w0", "a")
+    log.queue("r0", "a", want_ids=["w0"])
+    log("job_run_failure", job_run_id="r0", retry=False)
+    log.want("w1", "b")
+    log.queue("r1", "b", want_ids=["w1"])
+    log("job_run_missing_deps", job_run_id="r1", missing_deps=["a"])
+    assert log.state.partitions["a"].status == UP_FOR_RETRY
+    assert log.state.partitions["b"].status == UPSTREAM_BUILDING
+    assert log.state.wants["w1"].status == UPSTREAM_BUILDING
+
+
+def test_indexes_by_status(log):
+    log.want("w1", "a")
+    log.want("w2", "b")
+    log.queue("r1", "a", want_ids=["w1"])
+    log("job_run_success", job_run_id="r1")
+    assert set(log.state.wants_by_status[SUCCESSFUL]) == {"w1"}
+    assert set(log.state.wants_by_status[IDLE]) == {"w2"}
+    assert set(log.state.partitions_by_status[LIVE]) == {"a"}
+    assert set(log.state.job_runs_by_status[SUCCEEDED]) == {"r1"}
+
+
+def test_replay_is_deterministic(log):
+    log.want("w1", "b")
+    log.queue("r1", "b", want_ids=["w1"])
+    log("job_run_missing_deps", job_run_id="r1", missing_deps=["a"])
+    log.want("w2", "a", parent_want_id="w1", root_want_id="w1")
+    log.queue("r2", "a", want_ids=["w2"])
+    log("job_run_success", job_run_id="r2")
+    again = BuildState.from_events(log.events)
+    assert again.latest_event_id == log.state.latest_event_id == len(log.events)
+    for want_id, want in log.state.wants.items():
+        assert again.wants[want_id].to_dict(again) == want.to_dict(log.state)
+    for ref, part in log.state.partitions.items():
+        assert again.partitions[ref].to_dict() == part.to_dict()
+    assert again.pending_refs == log.state.pending_refs
+
+
+def test_unknown_event_types_are_skipped(log):
+    log("something_new", x=1)
+    assert log.state.latest_event_id == 1
+    assert not log.state.wants
