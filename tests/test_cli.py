@@ -1,0 +1,158 @@
+"""End to end: `serve` as a subprocess on port 0, driven by the CLI and the client."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import databuild
+from conftest import MODULE, REVIEWS, set_plan, wait_for, write_workspace
+
+
+def cli(*args, cwd=None, env=None, timeout=120):
+    return subprocess.run([sys.executable, MODULE, *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+@pytest.fixture
+def reviews(tmp_path):
+    path = str(tmp_path / "reviews")
+    shutil.copytree(REVIEWS, path, ignore=shutil.ignore_patterns(".databuild", "data"))
+    return path
+
+
+def test_reviews_example_builds_a_real_chain(reviews, serve):
+    server = serve(reviews)
+    r = server.cli("build", "report/weekly/week=2025-01-06", "--wait", check=0)
+    assert "Successful" in r.stdout
+    assert "ended Successful" in r.stderr  # progress went to stderr
+    report = os.path.join(reviews, "data", "report", "weekly", "week=2025-01-06", "report.md")
+    with open(report) as f:
+        text = f.read()
+    assert "Weekly review digest, week of 2025-01-06" in text  # the job's environment
+    assert text.count("| 2025-01-") == 7
+    for day in range(6, 13):
+        assert os.path.exists(os.path.join(reviews, "data", "raw", "reviews",
+                                           "date=2025-01-%02d" % day, "reviews.csv"))
+    wants = json.loads(server.cli("--json", "want", "list", check=0).stdout)
+    assert wants["total"] == 9  # the report, one derivative for the dailies, seven raw
+    roots = [w for w in wants["data"] if w["source"]["type"] == "manual"]
+    assert len(roots) == 1 and roots[0]["status"] == "Successful"
+    derived = [w for w in wants["data"] if w["source"]["type"] == "job"]
+    assert all(w["root_want_id"] == roots[0]["want_id"] for w in derived)
+    assert all(w["parent_want_id"] for w in derived)
+    table = server.cli("partitions", "list", "--prefix", "agg/", check=0).stdout.splitlines()
+    assert table[0].split() == ["REF", "STATUS", "JOB", "UPDATED"]
+    assert len(table) == 8 and all(" Live " in line for line in table[1:])
+    runs = json.loads(server.cli("job-runs", "list", "--job", "weekly_report", "--json",
+                                 check=0).stdout)
+    assert [r["status"] for r in runs["data"]] == ["Succeeded", "DepMiss"]
+    logs = server.cli("logs", runs["data"][0]["job_run_id"], check=0).stdout
+    assert "with 274 reviews" in logs or "reviews" in logs
+
+
+def test_a_bad_week_fails_with_a_clear_reason(reviews, serve):
+    server = serve(reviews)
+    r = server.cli("build", "report/weekly/week=2025-01-07", "--wait")
+    assert r.returncode == 1
+    assert "a week starts on a Monday" in r.stderr
+
+
+def test_want_commands_tables_and_json(workspace, serve):
+    set_plan(workspace, {"slow": {"sleep": 30}})
+    server = serve(workspace)
+    created = json.loads(server.cli("want", "create", "slow", "--comment", "note", "--json",
+                                    check=0).stdout)
+    want_id = created["want_id"]
+    assert created["comment"] == "note" and created["source"]["type"] == "manual"
+    table = server.cli("want", "list", check=0).stdout.splitlines()
+    assert table[0].split() == ["WANT_ID", "STATUS", "PARTITIONS", "SOURCE", "CREATED"]
+    assert want_id in table[1]
+    # Columns are aligned: every row has STATUS at the same offset.
+    assert table[1].index(created["status"]) == table[0].index("STATUS")
+    text = server.cli("want", "get", want_id, check=0).stdout
+    assert "want_id:" in text and want_id in text and "partition_statuses:" in text
+    canceled = server.cli("want", "cancel", want_id, check=0).stdout
+    assert "Canceled" in canceled
+    again = server.cli("want", "cancel", want_id)
+    assert again.returncode == 1 and again.stderr.count("\n") == 1
+    assert "already Canceled" in again.stderr
+    run_id = json.loads(server.cli("job-runs", "list", "--json", check=0).stdout)["data"][0]["job_run_id"]
+    wait_for(lambda: server.client.get_job_run(run_id)["status"] == "Canceled")
+    run_text = server.cli("job-runs", "get", run_id, check=0).stdout
+    assert "Canceled" in run_text and "want canceled" in run_text
+
+
+def test_errors_are_one_line_with_the_right_exit_status(workspace, serve, tmp_path):
+    server = serve(workspace)
+    missing = server.cli("want", "get", "nope")
+    assert missing.returncode == 1 and missing.stderr == "databuild: error: Want not found\n"
+    bad_ref = server.cli("build", "has space")
+    assert bad_ref.returncode == 1 and "Invalid partition ref" in bad_ref.stderr
+    usage = server.cli("want", "list", "--status", "Done")
+    assert usage.returncode == 2
+    nothing = server.cli("frobnicate")
+    assert nothing.returncode == 2
+    unreachable = cli("--server", "http://127.0.0.1:9", "want", "list")
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.startswith("databuild: error: Cannot reach the databuild server")
+    assert unreachable.stderr.count("\n") == 1
+    nowhere = cli("want", "list", cwd=str(tmp_path))
+    assert nowhere.returncode == 2 and "databuild.toml" in nowhere.stderr
+    for r in (missing, bad_ref, usage, nothing, unreachable, nowhere):
+        assert "Traceback" not in r.stderr
+
+
+def test_global_options_before_or_after_and_env_url(workspace, serve):
+    server = serve(workspace)
+    after = cli("want", "list", "--json", "--server", server.url)
+    before = cli("--json", "--server", server.url, "want", "list")
+    by_env = cli("want", "list", "--json", env={"DATABUILD_URL": server.url})
+    assert after.returncode == before.returncode == by_env.returncode == 0
+    assert json.loads(after.stdout)["total"] == 0 == json.loads(by_env.stdout)["total"]
+
+
+def test_discovery_through_server_json(workspace, serve):
+    server = serve(workspace)
+    info = databuild.read_server_info(os.path.join(workspace, ".databuild"))
+    assert info["url"] == server.url and info["pid"] == server.proc.pid
+    assert set(info) == {"pid", "url", "port", "host", "started_at", "workspace_root", "version"}
+    sub = os.path.join(workspace, "some", "folder")
+    os.makedirs(sub)
+    r = cli("want", "create", "a", "--json", cwd=sub)  # nearest workspace upward
+    assert r.returncode == 0, r.stderr
+    assert server.client.get_want(json.loads(r.stdout)["want_id"])
+
+
+def test_taint_events_and_status(workspace, serve):
+    server = serve(workspace)
+    r = server.cli("build", "a", "--wait", check=0)
+    assert "Successful" in r.stdout
+    tainted = server.cli("taint", "a", "--reason", "bad", check=0)
+    assert "a: Tainted" in tainted.stdout
+    events = json.loads(server.cli("events", "--since", "0", "--json", check=0).stdout)
+    assert [e["type"] for e in events["data"]][-1] == "partition_taint"
+    assert events["data"][0]["event_id"] == 1
+    status = server.cli("status", check=0).stdout
+    assert server.url in status and "Successful" in status
+
+
+def test_client_mirrors_the_routes(workspace, serve):
+    server = serve(workspace)
+    client = server.client
+    assert client.health()["status"] == "ok"
+    want = client.create_want(["x/1"], comment="c")
+    with pytest.raises(databuild.Conflict):
+        client.create_want(["x/2"], want_id=want["want_id"])
+    with pytest.raises(databuild.NotFound):
+        client.get_partition("never")
+    with pytest.raises(databuild.InvalidRequest):
+        client.list_wants(status="nope")
+    wait_for(lambda: client.get_want(want["want_id"])["status"] == "Successful")
+    assert client.get_partition("x/1")["status"] == "Live"
+    assert client.list_partitions(prefix="x/")["total"] == 1
+    (run,) = client.list_job_runs(want_id=want["want_id"])["data"]
+    assert client.logs(run["job_run_id"]) == "built x/1\n"
+    assert client.events(since=0, limit=1)["data"][0]["type"] == "want_create"

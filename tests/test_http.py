@@ -1,0 +1,264 @@
+"""The HTTP API in-process (the WSGI app with a running orchestrator)."""
+import json
+import os
+import time
+
+import pytest
+
+from conftest import set_plan, wait_for
+
+
+def create(server, *refs, **fields):
+    body = {"partitions": list(refs)}
+    body.update(fields)
+    return server.http.call("POST", "/api/wants", body)
+
+
+def settle(server, want_id, timeout=15):
+    def done():
+        want = server.http.call("GET", "/api/wants/" + want_id).json["data"]
+        return want if want["status"] in ("Successful", "Failed", "UpstreamFailed",
+                                          "Canceled", "Expired") else None
+    return wait_for(done, timeout)
+
+
+def test_health(app_server):
+    r = app_server.http.call("GET", "/health")
+    assert r.status == 200 and r.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert r.json["status"] == "ok" and r.json["version"]
+    assert r.json["latest_event_id"] == 0 and r.json["uptime_seconds"] >= 0
+
+
+def test_create_get_list_want(app_server):
+    stamp = int(time.time()) - 10
+    r = create(app_server, "out/a", comment="hi", user="alice", ttl_seconds=3600,
+               sla_seconds=60, data_timestamp=stamp)
+    assert r.status == 201
+    want = r.json["data"]
+    assert set(want) == {"want_id", "partitions", "status", "partition_statuses",
+                         "data_timestamp", "ttl_seconds", "sla_seconds", "sla_breached",
+                         "source", "parent_want_id", "root_want_id", "derivative_want_ids",
+                         "job_run_ids", "comment", "created_at", "updated_at"}
+    assert want["source"] == {"type": "manual", "user": "alice"}
+    assert want["comment"] == "hi" and want["data_timestamp"] == stamp
+    assert want["root_want_id"] == want["want_id"] and want["parent_want_id"] is None
+    # Read your writes: the want is there as soon as the reply came.
+    got = app_server.http.call("GET", "/api/wants/" + want["want_id"])
+    assert got.status == 200 and got.json["data"]["want_id"] == want["want_id"]
+    listing = app_server.http.call("GET", "/api/wants").json
+    assert set(listing) == {"data", "total", "limit", "offset", "latest_event_id"}
+    assert listing["total"] == 1 and listing["limit"] == 100 and listing["offset"] == 0
+    assert listing["latest_event_id"] >= 1
+    final = settle(app_server, want["want_id"])
+    assert final["status"] == "Successful"
+    assert final["partition_statuses"] == {"out/a": "Live"}
+
+
+def test_a_want_past_its_ttl_expires(app_server):
+    want = create(app_server, "a", data_timestamp=1735689600, ttl_seconds=60).json["data"]
+    assert settle(app_server, want["want_id"])["status"] == "Expired"
+
+
+def test_list_wants_paging_and_status(app_server):
+    ids = [create(app_server, "p%d" % i).json["data"]["want_id"] for i in range(5)]
+    for want_id in ids:
+        settle(app_server, want_id)
+    page = app_server.http.call("GET", "/api/wants?limit=2&offset=1").json
+    assert [w["want_id"] for w in page["data"]] == [ids[3], ids[2]]  # newest first
+    assert page["total"] == 5 and page["limit"] == 2 and page["offset"] == 1
+    ok = app_server.http.call("GET", "/api/wants?status=Successful&limit=3").json
+    assert ok["total"] == 5 and [w["want_id"] for w in ok["data"]] == ids[::-1][:3]
+    none = app_server.http.call("GET", "/api/wants?status=Failed").json
+    assert none["total"] == 0 and none["data"] == []
+
+
+def test_want_id_idempotency_over_http(app_server):
+    first = create(app_server, "a", want_id="mine-1")
+    again = create(app_server, "a", want_id="mine-1")
+    other = create(app_server, "b", want_id="mine-1")
+    assert (first.status, again.status, other.status) == (201, 200, 409)
+    assert again.json["data"]["want_id"] == "mine-1"
+    assert other.json["want_id"] == "mine-1" and "error" in other.json
+
+
+def test_cancel_want(app_server):
+    set_plan(app_server.config.root, {"slow": {"sleep": 30}})
+    want = create(app_server, "slow").json["data"]
+    r = app_server.http.call("DELETE", "/api/wants/" + want["want_id"])
+    assert r.status == 200 and r.json["data"]["status"] == "Canceled"
+    again = app_server.http.call("DELETE", "/api/wants/" + want["want_id"])
+    assert again.status == 409 and again.json["want_id"] == want["want_id"]
+    missing = app_server.http.call("DELETE", "/api/wants/nope")
+    assert missing.status == 404 and missing.json == {"error": "Want not found", "want_id": "nope"}
+
+
+def test_partitions_and_job_runs(app_server):
+    set_plan(app_server.config.root, {"report/w=1": {"deps": ["raw/d=1", "raw/d=2"]}})
+    want = create(app_server, "report/w=1").json["data"]
+    assert settle(app_server, want["want_id"])["status"] == "Successful"
+    http = app_server.http
+    part = http.call("GET", "/api/partitions/report/w=1")
+    assert part.status == 200
+    assert set(part.json["data"]) == {"ref", "status", "job_label", "last_job_run_id",
+                                      "built_by_job_run_id", "want_ids", "missing_deps",
+                                      "updated_at"}
+    assert part.json["data"]["status"] == "Live" and want["want_id"] in part.json["data"]["want_ids"]
+    assert http.call("GET", "/api/partitions/raw/d=9").status == 404
+    raw = http.call("GET", "/api/partitions?prefix=raw/").json
+    assert raw["total"] == 2 and {p["ref"] for p in raw["data"]} == {"raw/d=1", "raw/d=2"}
+    live = http.call("GET", "/api/partitions?status=Live&prefix=report").json
+    assert [p["ref"] for p in live["data"]] == ["report/w=1"]
+    runs = http.call("GET", "/api/job_runs").json
+    assert runs["total"] == 4  # dep miss, two upstream builds, the rerun
+    run = runs["data"][0]
+    assert set(run) == {"job_run_id", "job_label", "partitions", "want_ids", "status", "attempt",
+                        "exit_code", "missing_deps", "error", "queued_at", "started_at",
+                        "finished_at", "duration_ms"}
+    dep_miss = http.call("GET", "/api/job_runs?status=DepMiss").json["data"]
+    assert len(dep_miss) == 1 and dep_miss[0]["missing_deps"] == ["raw/d=1", "raw/d=2"]
+    mine = http.call("GET", "/api/job_runs?want_id=" + want["want_id"]).json
+    assert mine["total"] == 2
+    by_label = http.call("GET", "/api/job_runs?job_label=test&status=Succeeded").json
+    assert by_label["total"] == 3
+    assert http.call("GET", "/api/job_runs?job_label=other").json["total"] == 0
+    one = http.call("GET", "/api/job_runs/" + run["job_run_id"])
+    assert one.status == 200 and one.json["data"] == run
+    assert http.call("GET", "/api/job_runs/nope").status == 404
+
+
+def test_job_run_logs(app_server):
+    set_plan(app_server.config.root, {"a": {"stdout": "hello from the job"}})
+    want = create(app_server, "a").json["data"]
+    settle(app_server, want["want_id"])
+    (run_id,) = app_server.http.call("GET", "/api/wants/" + want["want_id"]).json["data"]["job_run_ids"]
+    out = app_server.http.call("GET", "/api/job_runs/%s/logs/stdout" % run_id)
+    assert out.status == 200 and out.headers["Content-Type"].startswith("text/plain")
+    assert out.body.decode().startswith("hello from the job\n")
+    err = app_server.http.call("GET", "/api/job_runs/%s/logs/stderr" % run_id)
+    assert err.status == 200 and err.body == b""
+    assert app_server.http.call("GET", "/api/job_runs/%s/logs/other" % run_id).status == 404
+    assert app_server.http.call("GET", "/api/job_runs/nope/logs/stdout").status == 404
+    # Never a path from user input.
+    assert app_server.http.call("GET", "/api/job_runs/..%2F..%2Fdatabuild.toml/logs/stdout").status == 404
+
+
+def test_events_feed(app_server):
+    want = create(app_server, "a").json["data"]
+    settle(app_server, want["want_id"])
+    feed = app_server.http.call("GET", "/api/events?since=0&limit=2").json
+    assert [e["event_id"] for e in feed["data"]] == [1, 2]
+    assert feed["data"][0]["type"] == "want_create"
+    rest = app_server.http.call("GET", "/api/events?since=2").json["data"]
+    assert rest[0]["event_id"] == 3 and rest[-1]["type"] == "job_run_success"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "partitions"),
+    ({"partitions": []}, "partitions"),
+    ({"partitions": "a"}, "partitions"),
+    ({"partitions": [1]}, None),
+    ({"partitions": ["has space"]}, None),
+    ({"partitions": ["a"], "colour": "red"}, None),
+    ({"partitions": ["a"], "ttl_seconds": -1}, "ttl_seconds"),
+    ({"partitions": ["a"], "ttl_seconds": "1"}, "ttl_seconds"),
+    ({"partitions": ["a"], "sla_seconds": True}, "sla_seconds"),
+    ({"partitions": ["a"], "data_timestamp": "yesterday"}, "data_timestamp"),
+    ({"partitions": ["a"], "want_id": "has space"}, "want_id"),
+    ({"partitions": ["a"], "comment": 5}, "comment"),
+    ([1, 2], None),
+])
+def test_bad_want_bodies_are_400_and_leave_no_trace(app_server, body, field):
+    r = app_server.http.call("POST", "/api/wants", body)
+    assert r.status == 400, r
+    assert isinstance(r.json["error"], str)
+    if field:
+        assert r.json.get("field") == field
+    assert app_server.http.call("GET", "/health").json["latest_event_id"] == 0
+
+
+def test_ref_no_job_produces_is_named(tmp_path):
+    from conftest import WSGIClient, write_workspace
+    import databuild
+    ws = write_workspace(tmp_path / "ws", jobs=[{"label": "a", "partition_patterns": ["a/.*"]},
+                                                {"label": "b", "partition_patterns": ["a/b.*"]}])
+    server = databuild.Server(databuild.load_config(ws))
+    try:
+        http = WSGIClient(server.app)
+        r = http.call("POST", "/api/wants", {"partitions": ["zzz"]})
+        assert r.status == 400 and r.json["ref"] == "zzz"
+        r = http.call("POST", "/api/wants", {"partitions": ["a/bee"]})
+        assert r.status == 400 and r.json["ref"] == "a/bee" and "more than one" in r.json["error"]
+    finally:
+        server.close()
+
+
+def test_protocol_errors(app_server):
+    http = app_server.http
+    bad_json = http.call("POST", "/api/wants", raw_body=b"{nope")
+    assert bad_json.status == 400 and "JSON" in bad_json.json["error"]
+    wrong_type = http.call("POST", "/api/wants", raw_body=b"partitions=a",
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert wrong_type.status == 415
+    no_type = http.call("POST", "/api/wants", raw_body=b"{}", headers={"Content-Type": None})
+    assert no_type.status == 415
+    big = http.call("POST", "/api/wants", raw_body=b" " * (1024 * 1024 + 1))
+    assert big.status == 413
+    assert http.call("GET", "/nowhere").status == 404
+    assert http.call("GET", "/nowhere").json["error"] == "Not found"
+    put = http.call("PUT", "/api/wants")
+    assert put.status == 405 and put.json["error"] == "Method not allowed"
+    assert http.call("POST", "/api/job_runs/x").status == 405
+    assert http.call("GET", "/api/wants?limit=5000").status == 400
+    assert http.call("GET", "/api/wants?limit=-1").status == 400
+    assert http.call("GET", "/api/wants?offset=x").status == 400
+    assert http.call("GET", "/api/wants?status=Done").status == 400
+    assert http.call("GET", "/api/partitions?status=Building&colour=1").status == 400
+    assert http.call("GET", "/api/events?since=-1").status == 400
+    assert http.call("GET", "/api/wants?as_of=99").status == 400
+    empty = http.call("POST", "/api/shutdown", raw_body=b"")  # an empty body reads as {}
+    assert empty.status == 202
+    for r in (bad_json, wrong_type, big, put):
+        assert r.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert app_server.stop_reason == "shutdown requested over HTTP"
+
+
+def test_taint_and_cancel_routes(app_server):
+    http = app_server.http
+    want = create(app_server, "a").json["data"]
+    settle(app_server, want["want_id"])
+    r = http.call("POST", "/api/partitions/a/taint", {"reason": "late data"})
+    assert r.status == 200 and r.json["data"]["status"] == "Tainted"
+    assert http.call("POST", "/api/partitions/none/taint", {}).status == 404
+    assert http.call("POST", "/api/partitions/a/taint", {"why": 1}).status == 400
+    (run_id,) = want["job_run_ids"]
+    r = http.call("POST", "/api/job_runs/%s/cancel" % run_id, {})
+    assert r.status == 409 and r.json["job_run_id"] == run_id
+    assert http.call("POST", "/api/job_runs/nope/cancel", {}).status == 404
+
+
+def test_as_of_reads_the_past(app_server):
+    want = create(app_server, "a").json["data"]
+    settle(app_server, want["want_id"])
+    then = app_server.http.call("GET", "/api/wants/%s?as_of=1" % want["want_id"]).json["data"]
+    assert then["status"] == "Idle"
+    listing = app_server.http.call("GET", "/api/partitions?as_of=1").json
+    assert listing["total"] == 0 and listing["latest_event_id"] == 1
+
+
+def test_unexpected_errors_are_500_with_an_id(app_server, monkeypatch, caplog):
+    def boom(*a, **k):
+        raise RuntimeError("secret detail")
+    monkeypatch.setattr(app_server.read_model.log, "list_events", boom)
+    r = app_server.http.call("GET", "/api/events")
+    assert r.status == 500 and r.json["error"] == "Internal server error"
+    assert "secret" not in r.body.decode() and "Traceback" not in r.body.decode()
+    assert r.json["error_id"] in caplog.text
+
+
+def test_orchestrator_timeout_is_503(app_server, monkeypatch):
+    import databuild
+    app_server.orchestrator.stop()
+    monkeypatch.setitem(databuild.DEFAULTS, "command_timeout_seconds", 0.05)
+    app_server.orchestrator._stop_requested = False  # stopped, but still accepting commands
+    r = create(app_server, "a")
+    assert r.status == 503
