@@ -2053,7 +2053,8 @@ def make_app(server):
         query(())
         return {"status": "ok", "version": __version__,
                 "latest_event_id": server.read_model.log.latest_event_id(),
-                "uptime_seconds": round(time.time() - server.started_at, 3)}
+                "uptime_seconds": round(time.time() - server.started_at, 3),
+                "pid": os.getpid()}
 
     @app.get("/api/wants")
     def list_wants():
@@ -2936,7 +2937,7 @@ def _cmd_status(args):
                                    ("job runs", client.list_job_runs, JOB_RUN_STATUSES)):
         counts[noun] = {s: method(status=s, limit=0)["total"] for s in statuses}
     info = {"url": client.url, **health, "counts": counts}
-    lines = [format_object(info, ["url", "status", "version", "uptime_seconds",
+    lines = [format_object(info, ["url", "pid", "status", "version", "uptime_seconds",
                                   "latest_event_id"])]
     for noun, by_status in counts.items():
         shown = ", ".join("%d %s" % (n, s) for s, n in by_status.items() if n) or "none"

@@ -233,6 +233,8 @@ class ServeProcess:
         return result
 
     def stop(self, timeout=30):
+        if self.proc.stderr.closed:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.terminate()
         try:

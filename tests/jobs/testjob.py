@@ -1,12 +1,14 @@
 """A scriptable job for the tests: what it does per ref comes from plan.json.
 
 ``python testjob.py REF...`` runs in the workspace.  ``plan.json`` maps a ref
-to ``{"deps": [...], "exit": N, "sleep": S, "fail_times": N, "stdout": "..."}``
-(every key optional; an unplanned ref just succeeds).  A ref is "built" when
+to ``{"deps": [...], "exit": N, "sleep": S, "sleep_times": N, "fail_times": N,
+"stdout": "...", "ignore_term": true}`` (every key optional; an unplanned ref
+just succeeds; ``sleep_times`` limits the sleep to the first N invocations).  A ref is "built" when
 ``built/<ref>`` exists.  Each invocation appends a line to ``runs/<ref>``.
 """
 import json
 import os
+import signal
 import sys
 import time
 import urllib.parse
@@ -42,7 +44,12 @@ def main(refs):
     if missing:
         print("DATABUILD_MISSING_DEPS_JSON: " + json.dumps({"missing_deps": missing}), flush=True)
         return 0
-    time.sleep(max(plan.get(ref, {}).get("sleep", 0) for ref in refs))
+    if any(plan.get(ref, {}).get("ignore_term") for ref in refs):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(os.path.join("runs", "pids"), "a") as f:
+        f.write("%d\n" % os.getpid())
+    time.sleep(max((plan.get(ref, {}).get("sleep", 0) for ref in refs
+                    if attempts[ref] <= plan.get(ref, {}).get("sleep_times", 1 << 30)), default=0))
     for ref in refs:
         step = plan.get(ref, {})
         if attempts[ref] <= step.get("fail_times", 0):

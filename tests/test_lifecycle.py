@@ -1,0 +1,263 @@
+"""Server lifecycle: idle stop, graceful stop, restart recovery, one server per
+workspace, CLI auto-start, status and stop (SPEC 7, 8)."""
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import databuild
+from conftest import MODULE, ServeProcess, built, run_count, set_plan, wait_for, write_workspace
+
+
+def events_of(workspace):
+    conn = sqlite3.connect(os.path.join(workspace, ".databuild", "events.db"))
+    try:
+        return conn.execute("SELECT event_id, timestamp, type, payload FROM events "
+                            "ORDER BY event_id").fetchall()
+    finally:
+        conn.close()
+
+
+def cli(*args, cwd=None, timeout=120):
+    return subprocess.run([sys.executable, MODULE, *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (our own exited child) counts as gone.
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# -- the idle timer, one tick at a time --------------------------------------
+
+def test_idle_timer_ticks_with_an_explicit_clock():
+    now = [100.0]
+    busy = [False]
+    fired = []
+    timer = databuild.IdleTimer(10, lambda: busy[0], fired.append, clock=lambda: now[0])
+    assert not timer.check(105)
+    timer.touch(105)  # a request
+    assert not timer.check(114)
+    busy[0] = True
+    assert not timer.check(200)  # a job run queued or running keeps it alive
+    busy[0] = False
+    assert not timer.check(209)
+    assert timer.check(210) and fired == [10]
+    assert not timer.check(500)  # fires once
+
+
+def test_idle_timer_zero_never_fires():
+    fired = []
+    timer = databuild.IdleTimer(0, lambda: False, fired.append, clock=lambda: 1e9)
+    assert not timer.check(1e12) and not fired
+
+
+# -- real servers --------------------------------------------------------------
+
+def test_idle_stop(workspace, serve):
+    server = serve(workspace, "--idle-timeout", "0.5")
+    assert server.proc.wait(20) == 0
+    err = server.proc.stderr.read()
+    assert "Server idle for 0 seconds, shutting down" in err or "Server idle for" in err
+    assert "Shutdown complete" in err
+    assert not os.path.exists(os.path.join(workspace, ".databuild", "server.json"))
+
+
+def test_no_idle_stop_while_a_job_runs(workspace, serve):
+    set_plan(workspace, {"slow": {"sleep": 2}})
+    server = serve(workspace, "--idle-timeout", "0.5")
+    want = server.client.create_want(["slow"])
+    # Nothing asks the server anything while the job runs for 2 seconds.
+    assert server.proc.wait(30) == 0
+    err = server.proc.stderr.read()
+    assert "Server idle for" in err
+    assert built(workspace, "slow")
+    again = ServeProcess(workspace)
+    try:
+        assert again.client.get_want(want["want_id"])["status"] == "Successful"
+    finally:
+        again.stop()
+
+
+def test_graceful_stop_lets_a_request_in_flight_finish(workspace, serve):
+    set_plan(workspace, {"stubborn": {"sleep": 60, "ignore_term": True}})
+    server = serve(workspace)
+    want = server.client.create_want(["stubborn"])
+    wait_for(lambda: os.path.exists(os.path.join(workspace, "runs", "pids")))
+    (run_id,) = server.client.get_want(want["want_id"])["job_run_ids"]
+    result = {}
+
+    def cancel():  # answered only once the job's process has exited (SIGKILL after 3 s)
+        try:
+            result["run"] = server.client.cancel_job_run(run_id)
+        except Exception as e:
+            result["error"] = e
+    t = threading.Thread(target=cancel)
+    t.start()
+    time.sleep(0.3)  # let the cancel reach the server before the stop
+    server.proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    assert server.proc.wait(30) == 0
+    assert result.get("run", {}).get("status") == "Canceled", result
+    assert "Shutdown complete" in server.proc.stderr.read()
+
+
+def test_sigterm_cancels_running_jobs_and_removes_server_json(workspace, serve):
+    set_plan(workspace, {"a": {"sleep": 60}, "b": {"sleep": 60}})
+    server = serve(workspace)
+    server.client.create_want(["a", "b"])
+    wait_for(lambda: len(server.client.list_job_runs(status="Running")["data"]) == 2)
+    wait_for(lambda: os.path.exists(os.path.join(workspace, "runs", "pids")) and
+             len(open(os.path.join(workspace, "runs", "pids")).read().split()) == 2)
+    job_pids = [int(p) for p in open(os.path.join(workspace, "runs", "pids")).read().split()]
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    assert time.monotonic() - started < 10
+    assert not any(pid_alive(p) for p in job_pids)
+    assert not os.path.exists(os.path.join(workspace, ".databuild", "server.json"))
+    rows = events_of(workspace)
+    cancels = [json.loads(r[3]) for r in rows if r[2] == "job_run_cancel"]
+    assert len(cancels) == 2 and all(c["reason"] == "server shutdown" for c in cancels)
+
+
+def test_restart_after_clean_stop_keeps_every_event(workspace, serve):
+    server = serve(workspace)
+    want = server.client.create_want(["a", "b"])
+    wait_for(lambda: server.client.get_want(want["want_id"])["status"] == "Successful")
+    assert server.stop() == 0
+    before = events_of(workspace)
+    again = serve(workspace)
+    assert again.client.get_want(want["want_id"])["status"] == "Successful"
+    assert again.client.health()["latest_event_id"] == len(before)
+    assert again.stop() == 0
+    assert events_of(workspace) == before  # nothing new, nothing changed
+
+
+def test_restart_after_sigkill_recovers_runs_and_stops_orphans(workspace, serve):
+    set_plan(workspace, {"a": {"sleep": 60, "sleep_times": 1}, "b": {"deps": ["a"]}})
+    server = serve(workspace)
+    want = server.client.create_want(["b"])
+    wait_for(lambda: os.path.exists(os.path.join(workspace, "runs", "pids")))
+    orphan = int(open(os.path.join(workspace, "runs", "pids")).read().split()[0])
+    acknowledged = server.client.health()["latest_event_id"]
+    server.proc.kill()  # no chance to record anything
+    server.proc.wait()
+    assert pid_alive(orphan)  # the job outlived the server (its own session)
+    rows = events_of(workspace)
+    assert len(rows) >= acknowledged
+    again = serve(workspace)
+    wait_for(lambda: not pid_alive(orphan), timeout=10)
+    final = wait_for(lambda: (lambda w: w if w["status"] == "Successful" else None)(
+        again.client.get_want(want["want_id"])), timeout=30)
+    assert final["status"] == "Successful"
+    after = events_of(workspace)
+    assert after[:len(rows)] == rows  # the same events, with the same ids
+    restarted = [r for r in again.client.list_job_runs(status="Failed")["data"]
+                 if r["error"] == "server restarted"]
+    assert len(restarted) == 1 and restarted[0]["partitions"] == ["a"]
+    assert run_count(workspace, "a") == 2
+
+
+def test_crash_loop_loses_no_acknowledged_want(workspace):
+    rng = random.Random(7)
+    acknowledged = []
+    for round_ in range(4):
+        server = ServeProcess(workspace)
+        stop = threading.Event()
+
+        def writer():
+            client = databuild.Client(server.url, timeout=5)
+            i = 0
+            while not stop.is_set():
+                want_id = "r%d-w%d" % (round_, i)
+                try:
+                    client.create_want(["p/%d" % (i % 3)], want_id=want_id)
+                except databuild.DatabuildError:
+                    return  # the server died under us: this one was not acknowledged
+                acknowledged.append(want_id)
+                i += 1
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(rng.uniform(0.1, 0.6))
+        server.proc.kill()
+        server.proc.wait()
+        stop.set()
+        t.join(10)
+        server.stop()
+    assert len(acknowledged) > 10
+    final = ServeProcess(workspace)
+    try:
+        client = final.client
+        for want_id in acknowledged:
+            assert client.get_want(want_id)["want_id"] == want_id
+        ids = [r[0] for r in events_of(workspace)]
+        assert ids == list(range(1, len(ids) + 1))  # still gapless
+        # Nothing is stuck: every want finishes.
+        wait_for(lambda: client.list_wants(status="Successful", limit=0)["total"]
+                 == client.list_wants(limit=0)["total"], timeout=60)
+    finally:
+        final.stop()
+
+
+def test_second_server_is_refused(workspace, serve):
+    first = serve(workspace)
+    r = subprocess.run([sys.executable, MODULE, "serve", "--workspace", workspace],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert first.url in r.stderr and str(first.proc.pid) in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_stale_server_json_is_replaced(workspace, serve):
+    state = os.path.join(workspace, ".databuild")
+    os.makedirs(state)
+    with open(os.path.join(state, "server.json"), "w") as f:
+        json.dump({"pid": 999999, "url": "http://127.0.0.1:9", "port": 9}, f)
+    r = cli("--workspace", workspace, "want", "list", "--no-start")
+    assert r.returncode == 1 and "No server is running" in r.stderr
+    server = serve(workspace)
+    assert databuild.read_server_info(state)["url"] == server.url
+
+
+def test_cli_auto_start_status_and_stop(workspace):
+    r = cli("want", "create", "a", "--json", cwd=workspace)
+    assert r.returncode == 0, r.stderr
+    assert "Starting databuild server" in r.stderr
+    info = databuild.read_server_info(os.path.join(workspace, ".databuild"))
+    try:
+        assert pid_alive(info["pid"])
+        with open(os.path.join(workspace, ".databuild", "server.log")) as f:
+            assert "Listening on " + info["url"] in f.read()
+        status = cli("status", cwd=workspace)
+        assert status.returncode == 0
+        assert info["url"] in status.stdout and str(info["pid"]) in status.stdout
+        assert "uptime_seconds:" in status.stdout and "wants:" in status.stdout
+        status_json = json.loads(cli("status", "--json", cwd=workspace).stdout)
+        assert status_json["pid"] == info["pid"] and status_json["version"] == databuild.__version__
+        stop = cli("stop", cwd=workspace)
+        assert stop.returncode == 0 and "stopped" in stop.stdout
+        assert not pid_alive(info["pid"])
+        assert not os.path.exists(os.path.join(workspace, ".databuild", "server.json"))
+        with open(os.path.join(workspace, ".databuild", "server.log")) as f:
+            assert "Shutdown complete" in f.read()
+        again = cli("stop", cwd=workspace)
+        assert again.returncode == 0 and "No server is running" in again.stdout
+    finally:
+        if pid_alive(info["pid"]):
+            os.kill(info["pid"], signal.SIGKILL)
