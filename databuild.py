@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 import argparse
+import bisect
 import collections
 import datetime
 import fcntl
@@ -110,13 +111,16 @@ DEFAULTS = {
     "orchestrator_tick_seconds": 1.0,  # longest sleep when nothing wakes it
     "command_timeout_seconds": 30.0,  # an HTTP write waits this long for a reply
     "kill_grace_seconds": 3.0,  # SIGTERM -> SIGKILL for a job's process group
-    "http_threads": 8,
+    "http_threads": 16,
     "list_limit": 100,
     "list_limit_max": 1000,
     "max_body_bytes": 1024 * 1024,
     "max_partitions_per_want": 10000,
     "cli_start_timeout_seconds": 15.0,
 }
+
+#: Upper bounds (seconds) of the job run duration histogram of /metrics.
+DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, float("inf"))
 
 STATE_DIR = ".databuild"
 CONFIG_FILE = "databuild.toml"
@@ -412,6 +416,11 @@ class BuildState:
         self.job_runs = {}
         self.latest_event_id = 0
         self.event_counts = collections.Counter()
+        self.sla_breaches = 0
+        # Job run durations (seconds) for /metrics: counts per bucket, sum, count.
+        self.duration_buckets = [0] * len(DURATION_BUCKETS)
+        self.duration_sum = 0.0
+        self.duration_count = 0
         self.wants_by_status = {s: {} for s in WANT_STATUSES}
         self.partitions_by_status = {s: {} for s in PARTITION_STATUSES}
         self.job_runs_by_status = {s: {} for s in JOB_RUN_STATUSES}
@@ -502,9 +511,10 @@ class BuildState:
 
     def _on_want_sla_breach(self, p, ts):
         want = self.wants.get(p["want_id"])
-        if want is not None:
+        if want is not None and not want.sla_breached:
             want.sla_breached = True
             want.updated_at = ts
+            self.sla_breaches += 1
 
     def _on_job_run_queue(self, p, ts):
         run = JobRun()
@@ -565,6 +575,11 @@ class BuildState:
         for ref in run.partitions:
             if self.active_run_by_ref.get(ref) == run.job_run_id:
                 del self.active_run_by_ref[ref]
+        if run.started_at is not None:
+            seconds = max(0.0, ts - run.started_at)
+            self.duration_sum += seconds
+            self.duration_count += 1
+            self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
         return run
 
     def _on_job_run_success(self, p, ts):
@@ -1458,7 +1473,9 @@ class Orchestrator:
             raise Conflict("Partition is being built", ref=ref,
                            job_run_id=self.state.active_run_by_ref[ref])
         self._emit(PARTITION_TAINT, {"ref": ref, "reason": reason}, now)
-        return lambda: self.state.partitions[ref].to_dict()
+        # Answer with the partition as the taint left it (SPEC 6: "now Tainted"),
+        # even if this same step already queues its rebuild.
+        return self.state.partitions[ref].to_dict()
 
     def _cmd_cancel_job_run(self, now, job_run_id, reason="canceled by user"):
         run = self.state.job_runs.get(job_run_id)
@@ -1919,11 +1936,104 @@ def parse_want_request(body, config):
             "comment": _string(body, "comment", 10000), "user": _string(body, "user", 200)}
 
 
+def _sse(event, data):
+    return ("event: %s\ndata: %s\n\n" % (event, data)).encode("utf-8")
+
+
+def _follow_log(path, job_run_id, read_model, server, poll=0.1, heartbeat=1.0):
+    """Server-Sent Events of a job run's log: ``log`` per line, then ``complete``.
+
+    Holds one waitress thread while the run lasts, but sleeps between polls
+    of the file (on the server's stop event, so a stop ends it at once); a
+    heartbeat comment every second finds clients that went away.  The
+    number of concurrent streams is capped (``server.streams``) so followers
+    can never take every worker thread.
+    """
+    try:
+        yield b": following job run %s\n\n" % job_run_id.encode()  # headers go out now
+        position, partial, last_sent = 0, b"", time.monotonic()
+        while True:
+            # The status first: once the run has ended, its file is complete.
+            with read_model.read() as state:
+                run = state.job_runs[job_run_id]
+                finished = run.status not in ACTIVE_JOB_RUN_STATUSES
+                summary = {"status": run.status, "exit_code": run.exit_code,
+                           "duration_ms": run.duration_ms}
+            try:
+                with open(path, "rb") as f:
+                    f.seek(position)
+                    data = f.read()
+            except FileNotFoundError:
+                data = b""
+            if data:
+                position += len(data)
+                *lines, partial = (partial + data).split(b"\n")
+                for line in lines:
+                    yield _sse("log", line.decode("utf-8", "replace").rstrip("\r"))
+                last_sent = time.monotonic()
+            if finished:
+                if partial:
+                    yield _sse("log", partial.decode("utf-8", "replace").rstrip("\r"))
+                yield _sse("complete", dumps(summary))
+                return
+            if server.stopping:
+                return
+            if time.monotonic() - last_sent >= heartbeat:
+                yield b": keepalive\n\n"
+                last_sent = time.monotonic()
+            server.stop_event.wait(poll)
+    finally:
+        server.streams.release()
+
+
+def metrics_text(state, http_requests, uptime):
+    """Prometheus text exposition (format 0.0.4) of a state and request counts."""
+    out = []
+
+    def family(name, kind, help_text, samples):
+        out.append("# HELP %s %s" % (name, help_text))
+        out.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            label_text = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\")
+                                                 .replace('"', '\\"').replace("\n", "\\n"))
+                                  for k, v in labels)
+            out.append("%s%s %s" % (name, "{%s}" % label_text if label_text else "",
+                                    repr(float(value)) if isinstance(value, float) else value))
+
+    family("databuild_wants", "gauge", "Wants by status.",
+           [((("status", s),), len(state.wants_by_status[s])) for s in WANT_STATUSES])
+    family("databuild_partitions", "gauge", "Partitions by status.",
+           [((("status", s),), len(state.partitions_by_status[s])) for s in PARTITION_STATUSES])
+    family("databuild_job_runs", "gauge", "Job runs by status.",
+           [((("status", s),), len(state.job_runs_by_status[s])) for s in JOB_RUN_STATUSES])
+    family("databuild_events_total", "counter", "Events in the build event log.",
+           [((), state.latest_event_id)])
+    family("databuild_sla_breaches_total", "counter", "Wants that breached their SLA.",
+           [((), state.sla_breaches)])
+    family("databuild_http_requests_total", "counter", "HTTP requests by method and status code.",
+           [((("method", m), ("code", c)), n) for (m, c), n in sorted(http_requests.items())])
+    cumulative, samples = 0, []
+    for bound, count in zip(DURATION_BUCKETS, state.duration_buckets):
+        cumulative += count
+        samples.append(((("le", "+Inf" if bound == float("inf") else repr(bound)),), cumulative))
+    out.append("# HELP databuild_job_run_duration_seconds Durations of finished job runs.")
+    out.append("# TYPE databuild_job_run_duration_seconds histogram")
+    for labels, value in samples:
+        out.append('databuild_job_run_duration_seconds_bucket{le="%s"} %d' % (labels[0][1], value))
+    out.append("databuild_job_run_duration_seconds_sum %r" % float(state.duration_sum))
+    out.append("databuild_job_run_duration_seconds_count %d" % state.duration_count)
+    family("databuild_uptime_seconds", "gauge", "Seconds since the server started.",
+           [((), round(float(uptime), 3))])
+    return "\n".join(out) + "\n"
+
+
 def make_app(server):
     """Build the Bottle application for ``server`` (a Server, or anything with
-    ``config``, ``read_model``, ``orchestrator``, ``started_at``, ``stopping``,
-    ``request_stop(reason)`` and ``touch()``).  Routes validate input, make one
-    call into the domain and return a dict.
+    its attributes: ``config``, ``read_model``, ``orchestrator``, ``started_at``,
+    ``stopping``, ``stop_event``, ``streams``, ``http_requests`` and
+    ``request_stop(reason)``).  Routes validate input, make one call into the
+    domain and return a dict.  ``Server`` puts ``_Gate`` (Host check, CORS,
+    request counts) in front of it.
     """
     bottle = _import_bottle()
     app = bottle.Bottle(catchall=True)
@@ -1941,7 +2051,6 @@ def make_app(server):
         # The one boundary where every exception becomes an HTTP answer.
         @functools.wraps(callback)
         def wrapper(*args, **kwargs):
-            server.touch()
             try:
                 if server.stopping and request.method != "GET":
                     raise Unavailable("Server is shutting down")
@@ -2159,6 +2268,16 @@ def make_app(server):
                 raise NotFound("Job run not found", job_run_id=job_run_id)
         # The path is built from a known job run id, never from user input.
         path = job_run_log_path(config.state_dir, job_run_id, stream)
+        follow = request.query.get("follow", "false").lower()
+        if follow not in ("true", "false", "1", "0"):
+            raise InvalidRequest("follow must be true or false", parameter="follow", value=follow)
+        if follow in ("true", "1"):
+            stream_slot = server.streams.acquire(blocking=False)
+            if not stream_slot:
+                raise Unavailable("Too many log streams open; try again later")
+            response.content_type = "text/event-stream; charset=utf-8"
+            response.set_header("Cache-Control", "no-cache")
+            return _follow_log(path, job_run_id, read_model, server)
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -2166,6 +2285,25 @@ def make_app(server):
             data = b""
         response.content_type = "text/plain; charset=utf-8"
         return data
+
+    @app.get("/metrics")
+    def metrics():
+        query(())
+        with read_model.read() as state:
+            text = metrics_text(state, server.http_requests, time.time() - server.started_at)
+        response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return text
+
+    @app.get("/api/openapi.json")
+    def openapi():
+        query(())
+        return openapi_document()
+
+    @app.get("/")
+    def dashboard():
+        query(())
+        response.content_type = "text/html; charset=utf-8"
+        return _DASHBOARD_HTML
 
     @app.get("/api/events")
     def list_events():
@@ -2186,6 +2324,320 @@ def make_app(server):
         return {"status": "shutting down"}
 
     return app
+
+
+def openapi_document():
+    """The OpenAPI 3 document of the HTTP API (served at /api/openapi.json)."""
+    def schema(name):
+        return {"$ref": "#/components/schemas/" + name}
+
+    def json_body(s):
+        return {"application/json": {"schema": s}}
+
+    def answer(description, s=None, media="application/json"):
+        r = {"description": description}
+        if s is not None:
+            r["content"] = {media: {"schema": s}}
+        return r
+
+    def errors(*codes):
+        text = {400: "Bad input", 404: "Not found", 409: "Conflict", 413: "Body too large",
+                415: "Body is not application/json", 503: "Shutting down or busy"}
+        return {str(c): answer(text[c], schema("Error")) for c in codes}
+
+    def param(name, where, s, description, required=False):
+        return {"name": name, "in": where, "required": required or where == "path",
+                "schema": s, "description": description}
+
+    def status_param(statuses):
+        return param("status", "query", {"type": "string", "enum": list(statuses)},
+                     "only this status")
+
+    integer = {"type": "integer", "minimum": 0}
+    paging = [param("limit", "query", {"type": "integer", "minimum": 0, "maximum": 1000,
+                                       "default": 100}, "page size"),
+              param("offset", "query", integer, "items to skip"),
+              param("as_of", "query", integer, "answer as of this event id")]
+    as_of = [paging[2]]
+    nullable_str = {"type": "string", "nullable": True}
+    nullable_num = {"type": "number", "nullable": True}
+    str_list = {"type": "array", "items": {"type": "string"}}
+
+    def envelope(item):
+        return {"type": "object", "required": ["data", "total", "limit", "offset",
+                                               "latest_event_id"],
+                "properties": {"data": {"type": "array", "items": schema(item)},
+                               "total": integer, "limit": integer, "offset": integer,
+                               "latest_event_id": integer}}
+
+    def single(item):
+        return {"type": "object", "required": ["data"], "properties": {"data": schema(item)}}
+
+    post_body = {"required": False, "content": json_body({"type": "object"})}
+    want_id = param("want_id", "path", {"type": "string"}, "want id")
+    ref = param("ref", "path", {"type": "string"}, "partition ref (may contain /)")
+    run_id = param("job_run_id", "path", {"type": "string"}, "job run id")
+    paths = {
+        "/health": {"get": {"summary": "Server health", "operationId": "health",
+                            "responses": {"200": answer("Healthy", schema("Health"))}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (text format 0.0.4)",
+                             "operationId": "metrics",
+                             "responses": {"200": answer("Metrics", {"type": "string"},
+                                                         "text/plain")}}},
+        "/api/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
+                                      "responses": {"200": answer("OpenAPI document",
+                                                                  {"type": "object"})}}},
+        "/": {"get": {"summary": "Dashboard (HTML)", "operationId": "dashboard",
+                      "responses": {"200": answer("The dashboard page", {"type": "string"},
+                                                  "text/html")}}},
+        "/api/wants": {
+            "get": {"summary": "List wants, newest first", "operationId": "listWants",
+                    "parameters": [status_param(WANT_STATUSES)] + paging,
+                    "responses": {"200": answer("Wants", envelope("Want")), **errors(400)}},
+            "post": {"summary": "Create a want", "operationId": "createWant",
+                     "requestBody": {"required": True, "content": json_body(schema("WantRequest"))},
+                     "responses": {"201": answer("Created", single("Want")),
+                                   "200": answer("The existing want (same want_id and partitions)",
+                                                 single("Want")),
+                                   **errors(400, 409, 413, 415, 503)}}},
+        "/api/wants/{want_id}": {
+            "get": {"summary": "One want", "operationId": "getWant",
+                    "parameters": [want_id] + as_of,
+                    "responses": {"200": answer("The want", single("Want")), **errors(400, 404)}},
+            "delete": {"summary": "Cancel a want", "operationId": "cancelWant",
+                       "parameters": [want_id],
+                       "responses": {"200": answer("The canceled want", single("Want")),
+                                     **errors(404, 409, 503)}}},
+        "/api/partitions": {
+            "get": {"summary": "List partitions, newest first", "operationId": "listPartitions",
+                    "parameters": [status_param(PARTITION_STATUSES),
+                                   param("prefix", "query", {"type": "string"},
+                                         "only refs starting with this")] + paging,
+                    "responses": {"200": answer("Partitions", envelope("Partition")),
+                                  **errors(400)}}},
+        "/api/partitions/{ref}": {
+            "get": {"summary": "One partition", "operationId": "getPartition",
+                    "parameters": [ref] + as_of,
+                    "responses": {"200": answer("The partition", single("Partition")),
+                                  **errors(400, 404)}}},
+        "/api/partitions/{ref}/taint": {
+            "post": {"summary": "Taint a partition", "operationId": "taintPartition",
+                     "parameters": [ref],
+                     "requestBody": {"required": False,
+                                     "content": json_body(schema("TaintRequest"))},
+                     "responses": {"200": answer("The tainted partition", single("Partition")),
+                                   **errors(400, 404, 409, 413, 415, 503)}}},
+        "/api/job_runs": {
+            "get": {"summary": "List job runs, newest first", "operationId": "listJobRuns",
+                    "parameters": [status_param(JOB_RUN_STATUSES),
+                                   param("job_label", "query", {"type": "string"}, "only this job"),
+                                   param("want_id", "query", {"type": "string"},
+                                         "only runs for this want")] + paging,
+                    "responses": {"200": answer("Job runs", envelope("JobRun")), **errors(400)}}},
+        "/api/job_runs/{job_run_id}": {
+            "get": {"summary": "One job run", "operationId": "getJobRun",
+                    "parameters": [run_id] + as_of,
+                    "responses": {"200": answer("The job run", single("JobRun")),
+                                  **errors(400, 404)}}},
+        "/api/job_runs/{job_run_id}/cancel": {
+            "post": {"summary": "Cancel a job run", "operationId": "cancelJobRun",
+                     "parameters": [run_id], "requestBody": post_body,
+                     "responses": {"200": answer("The canceled job run", single("JobRun")),
+                                   **errors(404, 409, 413, 415, 503)}}},
+        "/api/job_runs/{job_run_id}/logs/{stream}": {
+            "get": {"summary": "A job run's stdout or stderr; follow=true streams "
+                               "Server-Sent Events (event: log per line, then event: complete)",
+                    "operationId": "jobRunLog",
+                    "parameters": [run_id,
+                                   param("stream", "path", {"type": "string",
+                                                            "enum": ["stdout", "stderr"]},
+                                         "which stream"),
+                                   param("follow", "query", {"type": "boolean"},
+                                         "stream until the run ends")],
+                    "responses": {"200": {"description": "The log",
+                                          "content": {"text/plain": {"schema": {"type": "string"}},
+                                                      "text/event-stream": {"schema": {
+                                                          "type": "string"}}}},
+                                  **errors(400, 404, 503)}}},
+        "/api/events": {
+            "get": {"summary": "Events after an id, oldest first", "operationId": "listEvents",
+                    "parameters": [param("since", "query", integer, "events with a larger id"),
+                                   paging[0]],
+                    "responses": {"200": answer("Events", schema("EventList")), **errors(400)}}},
+        "/api/shutdown": {
+            "post": {"summary": "Begin a graceful stop", "operationId": "shutdown",
+                     "requestBody": post_body,
+                     "responses": {"202": answer("Stopping", {"type": "object"}),
+                                   **errors(413, 415)}}},
+    }
+    schemas = {
+        "Error": {"type": "object", "required": ["error"],
+                  "properties": {"error": {"type": "string"}}, "additionalProperties": True},
+        "Health": {"type": "object", "required": ["status", "version", "latest_event_id",
+                                                  "uptime_seconds"],
+                   "properties": {"status": {"type": "string"}, "version": {"type": "string"},
+                                  "latest_event_id": integer, "uptime_seconds": {"type": "number"},
+                                  "pid": integer}},
+        "WantRequest": {"type": "object", "required": ["partitions"], "additionalProperties": False,
+                        "properties": {"partitions": {"type": "array", "minItems": 1,
+                                                      "items": {"type": "string"}},
+                                       "want_id": {"type": "string"},
+                                       "data_timestamp": {"type": "number", "minimum": 0},
+                                       "ttl_seconds": nullable_num, "sla_seconds": nullable_num,
+                                       "comment": nullable_str, "user": nullable_str}},
+        "TaintRequest": {"type": "object", "additionalProperties": False,
+                         "properties": {"reason": nullable_str}},
+        "Want": {"type": "object", "properties": {
+            "want_id": {"type": "string"}, "partitions": str_list,
+            "status": {"type": "string", "enum": list(WANT_STATUSES)},
+            "partition_statuses": {"type": "object", "additionalProperties": {"type": "string"}},
+            "data_timestamp": {"type": "number"}, "ttl_seconds": nullable_num,
+            "sla_seconds": nullable_num, "sla_breached": {"type": "boolean"},
+            "source": {"type": "object"}, "parent_want_id": nullable_str,
+            "root_want_id": {"type": "string"}, "derivative_want_ids": str_list,
+            "job_run_ids": str_list, "comment": nullable_str,
+            "created_at": {"type": "string", "format": "date-time"},
+            "updated_at": {"type": "string", "format": "date-time"}}},
+        "Partition": {"type": "object", "properties": {
+            "ref": {"type": "string"},
+            "status": {"type": "string", "enum": list(PARTITION_STATUSES)},
+            "job_label": nullable_str, "last_job_run_id": nullable_str,
+            "built_by_job_run_id": nullable_str, "want_ids": str_list, "missing_deps": str_list,
+            "updated_at": {"type": "string", "format": "date-time"}}},
+        "JobRun": {"type": "object", "properties": {
+            "job_run_id": {"type": "string"}, "job_label": nullable_str, "partitions": str_list,
+            "want_ids": str_list, "status": {"type": "string", "enum": list(JOB_RUN_STATUSES)},
+            "attempt": integer, "exit_code": {"type": "integer", "nullable": True},
+            "missing_deps": str_list, "error": nullable_str,
+            "queued_at": {"type": "string", "format": "date-time"},
+            "started_at": nullable_str, "finished_at": nullable_str,
+            "duration_ms": {"type": "integer", "nullable": True}}},
+        "Event": {"type": "object", "properties": {
+            "event_id": integer, "timestamp": {"type": "string", "format": "date-time"},
+            "type": {"type": "string"}, "payload": {"type": "object"}}},
+        "EventList": {"type": "object", "properties": {
+            "data": {"type": "array", "items": schema("Event")}, "total": integer,
+            "limit": integer, "since": integer, "latest_event_id": integer}},
+    }
+    return {"openapi": "3.0.3",
+            "info": {"title": "databuild.py API", "version": __version__,
+                     "description": "A want-driven data build system. Errors are JSON "
+                                    "{\"error\": message, ...fields}."},
+            "paths": paths, "components": {"schemas": schemas}}
+
+
+_DASHBOARD_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>databuild</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.5em}
+table{border-collapse:collapse;width:100%}td,th{padding:.2em .6em;text-align:left;
+border-bottom:1px solid #ddd;font-family:ui-monospace,monospace;font-size:12px}
+.Successful,.Live,.Succeeded{color:#080}.Failed,.UpstreamFailed{color:#b00}
+.Building,.Running,.Queued,.UpstreamBuilding{color:#a60}#meta{color:#666}
+</style></head><body>
+<h1>databuild</h1><div id="meta">loading...</div>
+<h2>Wants</h2><table id="wants"></table>
+<h2>Job runs</h2><table id="runs"></table>
+<h2>Partitions</h2><table id="parts"></table>
+<script>
+function esc(s){return String(s==null?"-":s).replace(/[&<>"]/g,function(c){
+  return {"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;"}[c];});}
+function table(id,rows,cols){var h="<tr>"+cols.map(function(c){return "<th>"+c[0]+"</th>";}).join("")+"</tr>";
+  rows.forEach(function(r){h+="<tr>"+cols.map(function(c){var v=c[1](r);
+    return '<td class="'+esc(v)+'">'+esc(v)+"</td>";}).join("")+"</tr>";});
+  document.getElementById(id).innerHTML=h;}
+function get(p){return fetch(p).then(function(r){return r.json();});}
+function refresh(){Promise.all([get("/health"),get("/api/wants?limit=20"),
+  get("/api/job_runs?limit=20"),get("/api/partitions?limit=20")]).then(function(a){
+  document.getElementById("meta").textContent="version "+a[0].version+", event "+
+    a[0].latest_event_id+", up "+Math.round(a[0].uptime_seconds)+"s";
+  table("wants",a[1].data,[["want",function(w){return w.want_id;}],["status",function(w){return w.status;}],
+    ["partitions",function(w){return w.partitions.join(" ");}],["created",function(w){return w.created_at;}]]);
+  table("runs",a[2].data,[["job run",function(r){return r.job_run_id;}],["job",function(r){return r.job_label;}],
+    ["status",function(r){return r.status;}],["partitions",function(r){return r.partitions.join(" ");}],
+    ["error",function(r){return r.error;}]]);
+  table("parts",a[3].data,[["ref",function(p){return p.ref;}],["status",function(p){return p.status;}],
+    ["job",function(p){return p.job_label;}],["updated",function(p){return p.updated_at;}]]);
+}).catch(function(e){document.getElementById("meta").textContent="server unreachable: "+e;});}
+refresh();setInterval(refresh,2000);
+</script></body></html>
+"""
+
+
+class _Gate:
+    """WSGI middleware in front of the Bottle app, for what every request shares.
+
+    * Host check: only the server's own loopback names and port (a DNS
+      rebinding page cannot talk to it); anything else is a 400.
+    * CORS: ``Access-Control-Allow-Origin`` for the configured origins only;
+      OPTIONS (preflight) answered here.
+    * Counts requests by method and status for /metrics, and marks activity
+      for the idle timer.
+    """
+
+    _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"))
+    _LOOPBACK = frozenset(("127.0.0.1", "localhost", "::1"))
+
+    def __init__(self, app, server):
+        self.app = app
+        self.server = server
+        self._lock = threading.Lock()  # guards server.http_requests
+
+    def _host_allowed(self, host):
+        if not host:
+            return False
+        if host.startswith("["):
+            name, _, port = host[1:].partition("]")
+            port = port[1:] if port.startswith(":") else ""
+        else:
+            name, _, port = host.partition(":")
+        names = set(self._LOOPBACK)
+        if self.server.host not in ("0.0.0.0", "::", ""):
+            names.add(self.server.host.lower())
+        if name.lower() not in names:
+            return False
+        bound = self.server.port
+        return not bound or port == str(bound) or (not port and bound == 80)
+
+    def __call__(self, environ, start_response):
+        self.server.touch()
+        method = environ.get("REQUEST_METHOD", "")
+        origin = environ.get("HTTP_ORIGIN")
+        cors = []
+        if origin and origin in self.server.config.cors_origins:
+            cors = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        status_seen = []
+
+        def respond(status, headers, exc_info=None):
+            status_seen.append(status.split(" ", 1)[0])
+            return start_response(status, list(headers) + cors, exc_info)
+
+        try:
+            if not self._host_allowed(environ.get("HTTP_HOST", "")):
+                return self._json(respond, "400 Bad Request", {
+                    "error": "Host header not allowed (only this server's loopback address)",
+                    "host": environ.get("HTTP_HOST")})
+            if method == "OPTIONS":
+                headers = [("Allow", "GET, POST, DELETE, OPTIONS"), ("Content-Length", "0")]
+                if cors:
+                    headers += [("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
+                                ("Access-Control-Allow-Headers", "Content-Type"),
+                                ("Access-Control-Max-Age", "600")]
+                respond("204 No Content", headers)
+                return [b""]
+            return self.app(environ, respond)
+        finally:
+            key = (method if method in self._METHODS else "OTHER",
+                   status_seen[0] if status_seen else "000")
+            with self._lock:
+                self.server.http_requests[key] += 1
+
+    @staticmethod
+    def _json(respond, status, body):
+        data = dumps(body).encode()
+        respond(status, [("Content-Type", JSON_TYPE), ("Content-Length", str(len(data)))])
+        return [data]
 
 
 ###############################################################################
@@ -2284,9 +2736,13 @@ class Server:
             self._lock_file.close()
             raise
         self.idle_timer = IdleTimer(self.idle_timeout, self._busy, self._on_idle)
-        self.app = make_app(self)
+        self.stop_event = threading.Event()  # set once: the graceful stop has begun
+        self.http_requests = collections.Counter()  # (method, code) -> n; the gate writes
+        # Log followers hold a waitress thread each: at most half of them.
+        self.streams = threading.BoundedSemaphore(max(1, DEFAULTS["http_threads"] // 2))
+        self.bottle_app = make_app(self)
+        self.app = _Gate(self.bottle_app, self)
         self._wsgi_server = None
-        self._stop_event = threading.Event()
 
     def _take_lock(self):
         path = os.path.join(self.config.state_dir, "server.lock")
@@ -2317,7 +2773,7 @@ class Server:
         """Begin the graceful stop (safe from signal handlers and any thread)."""
         if self.stop_reason is None:
             self.stop_reason = reason
-        self._stop_event.set()
+        self.stop_event.set()
         server = self._wsgi_server
         if server is not None:
             try:
@@ -2330,7 +2786,8 @@ class Server:
         import waitress
         self._wsgi_server = waitress.create_server(
             self.app, host=self.host, port=self.port, threads=DEFAULTS["http_threads"],
-            ident="databuild", channel_timeout=30, connection_limit=200)
+            ident="databuild", channel_timeout=30, connection_limit=200,
+            expose_tracebacks=False)
         self.port = int(self._wsgi_server.effective_port)
         host = self.host if ":" not in self.host else "[%s]" % self.host
         self.url = "http://%s:%d" % (host, self.port)
@@ -2357,7 +2814,7 @@ class Server:
         from waitress import wasyncore
         socket_map = self._wsgi_server._map
         try:
-            while not self._stop_event.is_set():
+            while not self.stop_event.is_set():
                 wasyncore.loop(timeout=1.0, map=socket_map, count=1)
         finally:
             self._graceful_stop(wasyncore, socket_map)
@@ -2512,6 +2969,35 @@ class Client:
         return self.request("GET", "/api/job_runs/%s/logs/%s" % (job_run_id, stream),
                             raw=True).decode("utf-8", "replace")
 
+    def follow_logs(self, job_run_id, stream="stdout"):
+        """Follow a job run's log live: yields ``("log", line)`` per line as the
+        job writes it, then ``("complete", {"status", "exit_code", "duration_ms"})``."""
+        url = self.url + "/api/job_runs/%s/logs/%s?follow=true" % (
+            urllib.parse.quote(job_run_id, safe=""), urllib.parse.quote(stream, safe=""))
+        req = urllib.request.Request(url, headers={"Accept": "text/event-stream"})
+        try:
+            resp = urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            raise self._error(e) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ServerUnreachable("Cannot reach the databuild server at %s: %s"
+                                    % (self.url, getattr(e, "reason", e)), url=self.url) from None
+        with resp:
+            event, data = None, []
+            for raw in resp:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:][1:] if line[5:6] == " " else line[5:])
+                elif not line and event is not None:
+                    text = "\n".join(data)
+                    if event == "complete":
+                        yield event, json.loads(text)
+                        return
+                    yield event, text
+                    event, data = None, []
+
     def events(self, since=0, limit=None):
         """GET /api/events: events after ``since``, oldest first."""
         return self.request("GET", "/api/events", params={"since": since, "limit": limit})
@@ -2626,9 +3112,12 @@ def _build_parser():
     p = command(runs, "get", "show one job run", _cmd_job_runs_get)
     p.add_argument("job_run_id", metavar="ID")
 
-    p = command(commands, "logs", "print a job run's stdout (or stderr)", _cmd_logs)
+    p = command(commands, "logs", "print a job run's stdout (or stderr), or follow it live",
+                _cmd_logs)
     p.add_argument("job_run_id", metavar="JOB_RUN_ID")
     p.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="print lines as the job writes them, until the run ends")
 
     p = command(commands, "taint", "mark partitions Tainted (rebuilt when wanted)", _cmd_taint)
     p.add_argument("refs", nargs="+", metavar="REF")
@@ -2904,7 +3393,20 @@ def _cmd_job_runs_get(args):
 
 
 def _cmd_logs(args):
-    text = _connect(args).logs(args.job_run_id, "stderr" if args.stderr else "stdout")
+    stream = "stderr" if args.stderr else "stdout"
+    if args.follow:
+        for event, data in _connect(args).follow_logs(args.job_run_id, stream):
+            if event == "log":
+                print(json.dumps({"line": data}) if _opt(args, "json") else data, flush=True)
+            elif event == "complete":
+                if _opt(args, "json"):
+                    print(json.dumps({"complete": data}), flush=True)
+                else:
+                    print("[job run %s: %s, exit code %s]" % (args.job_run_id, data["status"],
+                                                              data["exit_code"]),
+                          file=sys.stderr)
+        return 0
+    text = _connect(args).logs(args.job_run_id, stream)
     if _opt(args, "json"):
         _out(args, {"job_run_id": args.job_run_id, "text": text}, "")
     else:

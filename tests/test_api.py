@@ -1,0 +1,327 @@
+"""The complete API against a real server over HTTP: event feed, as_of, taints,
+job-run cancel, live logs (SSE), metrics, OpenAPI, CORS and the Host check."""
+import http.client
+import json
+import os
+import re
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+import databuild
+from conftest import run_count, set_plan, wait_for
+
+
+def raw_request(url, method="GET", path="/", headers=None, body=None):
+    """A request with full control of the headers (urllib sets Host itself)."""
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for key, value in (headers or {}).items():
+            conn.putheader(key, value)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def settled(client, want_id, timeout=20):
+    return wait_for(lambda: (lambda w: w if w["status"] in databuild.TERMINAL_WANT_STATUSES
+                             else None)(client.get_want(want_id)), timeout)
+
+
+def test_event_feed_with_a_cursor(workspace, serve):
+    server = serve(workspace)
+    client = server.client
+    want = client.create_want(["a", "b"])
+    settled(client, want["want_id"])
+    seen, cursor = [], 0
+    while True:
+        page = client.events(since=cursor, limit=3)
+        if not page["data"]:
+            break
+        seen.extend(page["data"])
+        cursor = page["data"][-1]["event_id"]
+    assert [e["event_id"] for e in seen] == list(range(1, len(seen) + 1))
+    assert cursor == page["latest_event_id"]
+    assert seen[0]["type"] == "want_create" and seen[0]["payload"]["want_id"] == want["want_id"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", seen[0]["timestamp"])
+    assert {e["type"] for e in seen} >= {"want_create", "job_run_queue", "job_run_start",
+                                         "job_run_success"}
+    for bad in ({"since": -1}, {"since": "x"}, {"limit": 1001}, {"since": 1, "colour": "red"}):
+        with pytest.raises(databuild.InvalidRequest):
+            client.request("GET", "/api/events", params=bad)
+    out = server.cli("events", "--since", str(len(seen) - 1), check=0).stdout.splitlines()
+    assert out[0].split() == ["EVENT_ID", "TIMESTAMP", "TYPE", "PAYLOAD"]
+    assert len(out) == 2 and out[1].startswith(str(len(seen)))
+
+
+def test_time_travel_on_every_read_endpoint(workspace, serve):
+    server = serve(workspace)
+    client = server.client
+    want = client.create_want(["a"])
+    first = client.health()["latest_event_id"]
+    settled(client, want["want_id"])
+    (run_id,) = client.get_want(want["want_id"])["job_run_ids"]
+    then = client.get_want(want["want_id"], as_of=1)
+    assert then["status"] == "Idle" and then["job_run_ids"] == []
+    assert client.list_wants(as_of=1)["latest_event_id"] == 1
+    assert client.list_wants(as_of=1, status="Successful")["total"] == 0
+    with pytest.raises(databuild.NotFound):
+        client.get_partition("a", as_of=1)
+    queued = client.get_partition("a", as_of=2)
+    assert queued["status"] == "Building"
+    assert client.get_job_run(run_id, as_of=2)["status"] == "Queued"
+    assert client.list_job_runs(as_of=2)["data"][0]["status"] == "Queued"
+    assert client.list_partitions(as_of=2)["total"] == 1
+    assert client.list_wants(as_of=0)["total"] == 0
+    assert client.get_want(want["want_id"])["status"] == "Successful"
+    latest = client.health()["latest_event_id"]
+    for bad in (-1, "abc", latest + 1):
+        with pytest.raises(databuild.InvalidRequest):
+            client.request("GET", "/api/wants", params={"as_of": bad})
+    with pytest.raises(databuild.NotFound):
+        client.get_want("nope", as_of=first)
+
+
+def test_as_of_replays_once_for_a_burst(app_server, monkeypatch):
+    http = app_server.http
+    want = http.call("POST", "/api/wants", {"partitions": ["a"]}).json["data"]
+    wait_for(lambda: http.call("GET", "/api/wants/" + want["want_id"]).json["data"]["status"]
+             == "Successful")
+    calls = []
+    original = databuild.BuildState.from_events
+
+    def counting(events):
+        calls.append(1)
+        return original(events)
+    monkeypatch.setattr(databuild.BuildState, "from_events", staticmethod(counting))
+    for _ in range(5):
+        assert http.call("GET", "/api/wants?as_of=2").status == 200
+    assert len(calls) == 1
+
+
+def test_taint_rebuilds_at_once_while_a_live_want_needs_it(workspace, serve):
+    set_plan(workspace, {"slow": {"sleep": 3}})
+    server = serve(workspace)
+    client = server.client
+    want = client.create_want(["fast", "slow"])
+    wait_for(lambda: client.get_partition("fast")["status"] == "Live")
+    tainted = client.taint("fast", reason="bad rows")
+    assert tainted["status"] == "Tainted"
+    wait_for(lambda: run_count(workspace, "fast") == 2)  # rebuilt for the live want
+    assert settled(client, want["want_id"])["status"] == "Successful"
+    assert client.get_partition("fast")["status"] == "Live"
+    event = client.events(since=0, limit=1000)["data"]
+    taints = [e for e in event if e["type"] == "partition_taint"]
+    assert taints[0]["payload"] == {"ref": "fast", "reason": "bad rows"}
+    # Tainted and not wanted: rebuilt only when a new want asks for it.
+    client.taint("fast")
+    time.sleep(0.3)
+    assert run_count(workspace, "fast") == 2
+    again = client.create_want(["fast"])
+    assert settled(client, again["want_id"])["status"] == "Successful"
+    assert run_count(workspace, "fast") == 3
+    with pytest.raises(databuild.NotFound):
+        client.taint("never-built")
+    r = server.cli("taint", "never-built")
+    assert r.returncode == 1 and "Partition not found" in r.stderr
+
+
+def test_cancel_a_running_job_run_over_http(workspace, serve):
+    set_plan(workspace, {"slow": {"sleep": 60, "sleep_times": 1}})
+    server = serve(workspace)
+    client = server.client
+    want = client.create_want(["slow"])
+    wait_for(lambda: os.path.exists(os.path.join(workspace, "runs", "pids")))  # it sleeps
+    (run,) = client.list_job_runs(status="Running")["data"]
+    canceled = client.cancel_job_run(run["job_run_id"])
+    assert canceled["status"] == "Canceled" and canceled["error"] == "canceled by user"
+    # The want goes on: the controller schedules the partition again.
+    assert settled(client, want["want_id"])["status"] == "Successful"
+    with pytest.raises(databuild.Conflict):
+        client.cancel_job_run(run["job_run_id"])
+    with pytest.raises(databuild.NotFound):
+        client.cancel_job_run("nope")
+
+
+def test_live_logs_stream_lines_then_complete(workspace, serve):
+    set_plan(workspace, {"talky": {"stdout": "first line", "sleep": 1}})
+    server = serve(workspace)
+    client = server.client
+    want = client.create_want(["talky"])
+    wait_for(lambda: client.get_want(want["want_id"])["job_run_ids"])
+    (run_id,) = client.get_want(want["want_id"])["job_run_ids"]
+    got = []
+    first_at = None
+    for event, data in client.follow_logs(run_id):
+        got.append((event, data))
+        if first_at is None:
+            first_at = client.get_job_run(run_id)["status"]
+    assert got[0] == ("log", "first line")
+    assert first_at == "Running"  # the line arrived while the job was still running
+    assert got[-1][0] == "complete"
+    assert got[-1][1]["status"] == "Succeeded" and got[-1][1]["exit_code"] == 0
+    assert got[-1][1]["duration_ms"] >= 900
+    assert ("log", "built talky") in got
+    # A finished run streams its whole log and completes at once.
+    again = list(client.follow_logs(run_id))
+    assert again == got
+    out = server.cli("logs", run_id, "--follow", check=0)
+    assert out.stdout == "first line\nbuilt talky\n"
+    assert "Succeeded" in out.stderr
+    status, headers, _ = raw_request(server.url, path="/api/job_runs/%s/logs/stdout?follow=true"
+                                     % run_id, headers={"Host": server.url.split("//")[1]})
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    with pytest.raises(databuild.NotFound):
+        list(client.follow_logs("nope"))
+    with pytest.raises(databuild.NotFound):
+        list(client.follow_logs(run_id, "other"))
+
+
+def test_sse_client_disconnect_frees_the_stream(workspace, serve):
+    set_plan(workspace, {"slow": {"sleep": 60}})
+    server = serve(workspace)
+    client = server.client
+    want = client.create_want(["slow"])
+    wait_for(lambda: client.get_want(want["want_id"])["job_run_ids"])
+    (run_id,) = client.get_want(want["want_id"])["job_run_ids"]
+    host = server.url.split("//")[1]
+    # Open and drop more streams than there are slots: each must be released.
+    for _ in range(12):
+        sock = socket.create_connection(tuple(host.split(":")[:1]) + (int(host.split(":")[1]),))
+        sock.sendall(("GET /api/job_runs/%s/logs/stdout?follow=true HTTP/1.1\r\nHost: %s\r\n\r\n"
+                      % (run_id, host)).encode())
+        answer = sock.recv(4096)
+        assert b"200 OK" in answer or b"503 Service Unavailable" in answer
+        sock.close()
+    # Other requests are not blocked, and a new stream gets a slot once the
+    # dropped ones noticed (a heartbeat every second).
+    assert client.health()["status"] == "ok"
+
+    def stream_opens():
+        try:
+            conn = http.client.HTTPConnection(*host.split(":"), timeout=5)
+            conn.request("GET", "/api/job_runs/%s/logs/stdout?follow=true" % run_id)
+            ok = conn.getresponse().status == 200
+            conn.close()
+            return ok
+        except OSError:
+            return False
+    wait_for(stream_opens, timeout=20, interval=0.5)
+    client.cancel_want(want["want_id"])
+
+
+def test_metrics_parse_with_the_reference_parser(workspace, serve):
+    from prometheus_client.parser import text_string_to_metric_families
+    set_plan(workspace, {"bad": {"exit": 2}})
+    server = serve(workspace)
+    client = server.client
+    ok = client.create_want(["good"], sla_seconds=0.001)
+    bad = client.create_want(["bad"])
+    settled(client, ok["want_id"])
+    settled(client, bad["want_id"])
+    with pytest.raises(databuild.NotFound):
+        client.get_want("nope")
+    status, headers, body = raw_request(server.url, path="/metrics",
+                                        headers={"Host": server.url.split("//")[1]})
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in families.values() for s in f.samples}
+    assert samples[("databuild_wants", (("status", "Successful"),))] == 1
+    assert samples[("databuild_wants", (("status", "Failed"),))] == 1
+    assert samples[("databuild_partitions", (("status", "Live"),))] == 1
+    assert samples[("databuild_job_runs", (("status", "Failed"),))] == 1
+    assert samples[("databuild_events_total", ())] == client.health()["latest_event_id"] - 0
+    assert samples[("databuild_sla_breaches_total", ())] == 1
+    assert samples[("databuild_http_requests_total", (("code", "404"), ("method", "GET")))] >= 1
+    assert samples[("databuild_http_requests_total", (("code", "201"), ("method", "POST")))] == 2
+    assert families["databuild_job_run_duration_seconds"].type == "histogram"
+    assert samples[("databuild_job_run_duration_seconds_count", ())] == 2
+    assert samples[("databuild_job_run_duration_seconds_bucket", (("le", "+Inf"),))] == 2
+
+
+def test_openapi_document_is_valid_and_matches_the_routes(app_server):
+    from openapi_spec_validator import validate
+    r = app_server.http.call("GET", "/api/openapi.json")
+    assert r.status == 200
+    document = r.json
+    validate(document)
+    documented = {(method.upper(), path) for path, item in document["paths"].items()
+                  for method in item}
+    actual = set()
+    for route in app_server.bottle_app.routes:
+        path = re.sub(r"<([a-z_]+)(:[a-z]+)?>", r"{\1}", route.rule)
+        actual.add((route.method, path))
+    assert documented == actual
+    for path, item in document["paths"].items():
+        for method, op in item.items():
+            declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert declared == set(re.findall(r"{(\w+)}", path)), (method, path)
+
+
+def test_cors_for_configured_origins_only(workspace, serve):
+    server = serve(workspace)
+    host = server.url.split("//")[1]
+    status, headers, _ = raw_request(server.url, path="/api/wants", headers={
+        "Host": host, "Origin": "http://localhost:3000"})
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    status, headers, _ = raw_request(server.url, method="OPTIONS", path="/api/wants", headers={
+        "Host": host, "Origin": "http://localhost:3000",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert status == 204
+    assert headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert "DELETE" in headers["Access-Control-Allow-Methods"]
+    assert "Content-Type" in headers["Access-Control-Allow-Headers"]
+    for method in ("GET", "OPTIONS"):
+        status, headers, _ = raw_request(server.url, method=method, path="/api/wants", headers={
+            "Host": host, "Origin": "http://evil.example",
+            "Access-Control-Request-Method": "POST"})
+        assert not any(k.lower().startswith("access-control") for k in headers), headers
+
+
+def test_foreign_host_is_refused(workspace, serve):
+    server = serve(workspace)
+    port = server.url.rsplit(":", 1)[1]
+    for host in ("evil.example", "evil.example:%s" % port, "127.0.0.1:1",
+                 "localhost.evil.example:%s" % port, ""):
+        status, headers, body = raw_request(server.url, path="/api/wants", headers={"Host": host}
+                                            if host else {})
+        assert status == 400 and "Host" in json.loads(body)["error"], host
+    body = json.dumps({"partitions": ["a"]}).encode()
+    status, _, _ = raw_request(server.url, "POST", "/api/wants", body=body, headers={
+        "Host": "evil.example:%s" % port, "Content-Type": "application/json"})
+    assert status == 400
+    assert server.client.list_wants()["total"] == 0  # refused: no trace
+    for host in ("127.0.0.1:%s" % port, "localhost:%s" % port):
+        assert raw_request(server.url, path="/health", headers={"Host": host})[0] == 200
+
+
+def test_simple_cross_site_posts_are_refused(workspace, serve):
+    server = serve(workspace)
+    host = server.url.split("//")[1]
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        status, _, body = raw_request(server.url, "POST", "/api/wants",
+                                      body=b'{"partitions": ["a"]}',
+                                      headers={"Host": host, "Content-Type": ctype,
+                                               "Origin": "http://evil.example"})
+        assert status == 415, ctype
+    assert server.client.list_wants()["total"] == 0
+
+
+def test_dashboard_is_self_contained_html(app_server):
+    r = app_server.http.call("GET", "/")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+    page = r.body.decode()
+    assert "<table" in page and "/api/wants" in page
+    assert not re.search(r"""(src|href)=["']https?://""", page)  # no external assets
