@@ -77,7 +77,9 @@ import json
 import logging
 import os
 import re
+import select
 import shlex
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -370,7 +372,7 @@ class JobRun:
 
     __slots__ = ("job_run_id", "job_label", "partitions", "want_ids", "status", "attempt",
                  "exit_code", "missing_deps", "error", "queued_at", "started_at",
-                 "finished_at", "pid", "seq")
+                 "finished_at", "pid", "pid_start_time", "seq")
 
     @property
     def duration_ms(self):
@@ -529,7 +531,7 @@ class BuildState:
         run.error = None
         run.queued_at = ts
         run.started_at = run.finished_at = None
-        run.pid = None
+        run.pid = run.pid_start_time = None
         run.seq = len(self.job_runs)
         self.job_runs[run.job_run_id] = run
         self.job_runs_by_status[QUEUED][run.job_run_id] = None
@@ -564,6 +566,7 @@ class BuildState:
         run.status = RUNNING
         run.started_at = ts
         run.pid = p.get("pid")
+        run.pid_start_time = p.get("pid_start_time")
 
     def _finish_run(self, p, status, ts):
         run = self.job_runs[p["job_run_id"]]
@@ -796,10 +799,18 @@ class EventLog:
 
     Each thread gets its own connection (sqlite3 connections must not be
     shared across threads).  Only the orchestrator thread calls ``append``;
-    any thread may read.  Durability: ``synchronous=FULL`` fsyncs the WAL at
-    every commit, so an event acknowledged to a client survives a power loss
-    (SPEC 8); group commit keeps that affordable, one fsync per orchestrator
-    step rather than per event.  sqlite3 errors become ``StorageError``.
+    any thread may read.  sqlite3 errors become ``StorageError``.
+
+    Durability (SPEC 8).  An event is *durable* once the WAL holding it has
+    been fsynced; readers (``list_events``, ``latest_event_id``) see durable
+    events only, and nobody is told of an event before it is durable, so an
+    acknowledged event survives a power loss.  ``append(entries)`` commits and
+    fsyncs, exactly like ``synchronous=FULL``.  ``append(entries, sync=False)``
+    then ``sync()`` splits the two: the connections run with
+    ``synchronous=NORMAL`` and ``sync()`` fsyncs the WAL file itself, so the
+    orchestrator can go on with its next step while another thread waits for
+    the disk, and one fsync covers every commit made meanwhile (pipelined
+    group commit).
     """
 
     def __init__(self, path):
@@ -807,8 +818,17 @@ class EventLog:
         self._local = threading.local()
         self._connections = []  # every thread's connection, for close()
         self._lock = threading.Lock()  # guards _connections only
+        self._sync_lock = threading.Lock()  # one fsync at a time; guards _wal_fd
+        self._wal_fd = None
+        self._appended_id = 0  # newest committed event (the writer sets it)
         with self._errors():
             self._conn().executescript(_SCHEMA)
+            (latest,) = self._conn().execute(
+                "SELECT COALESCE(MAX(event_id), 0) FROM events").fetchone()
+        self._appended_id = latest
+        # What a previous process committed is on disk once this sync returns.
+        self.durable_event_id = 0
+        self.sync()
 
     @staticmethod
     def _errors():
@@ -821,17 +841,18 @@ class EventLog:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # sync() fsyncs: see the class doc
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
         return conn
 
-    def append(self, entries):
+    def append(self, entries, sync=True):
         """Append ``(type, payload, timestamp)`` entries in one transaction.
 
         Returns the new ``Event`` objects with their ids.  Nothing is appended
-        if anything fails.
+        if anything fails.  With ``sync=False`` the events stay invisible to
+        readers until the next ``sync()``.
         """
         if not entries:
             return []
@@ -850,19 +871,44 @@ class EventLog:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+        self._appended_id = events[-1].event_id
+        if sync:
+            self.sync()
         return events
+
+    def sync(self):
+        """fsync the WAL: every event committed so far becomes durable (and visible)."""
+        with self._sync_lock:
+            target = self._appended_id
+            if target <= self.durable_event_id:
+                return target
+            wal = self.path + "-wal"
+            try:
+                if self._wal_fd is None:
+                    self._wal_fd = os.open(wal, os.O_RDWR | os.O_CLOEXEC)
+                    dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+                    try:
+                        os.fsync(dir_fd)  # the WAL's directory entry, once
+                    finally:
+                        os.close(dir_fd)
+                os.fsync(self._wal_fd)
+            except FileNotFoundError:
+                pass  # no WAL: everything is in the database file already
+            except OSError as e:
+                raise StorageError("Event log fsync failed: %s" % e) from e
+            self.durable_event_id = target
+            return target
 
     @staticmethod
     def _event(row):
         return Event(row[0], row[1], row[2], json.loads(row[3]))
 
     def list_events(self, since=0, limit=None, upto=None):
-        """Events with ``since < event_id <= upto``, oldest first, at most ``limit``."""
-        sql = "SELECT event_id, timestamp, type, payload FROM events WHERE event_id > ?"
-        args = [since]
-        if upto is not None:
-            sql += " AND event_id <= ?"
-            args.append(upto)
+        """Durable events with ``since < event_id <= upto``, oldest first, at most ``limit``."""
+        upto = self.durable_event_id if upto is None else min(upto, self.durable_event_id)
+        sql = "SELECT event_id, timestamp, type, payload FROM events " \
+              "WHERE event_id > ? AND event_id <= ?"
+        args = [since, upto]
         sql += " ORDER BY event_id"
         if limit is not None:
             sql += " LIMIT ?"
@@ -880,7 +926,9 @@ class EventLog:
             since = events[-1].event_id
 
     def get_event(self, event_id):
-        """The event with this id; NotFound if there is none."""
+        """The durable event with this id; NotFound if there is none."""
+        if not 0 < event_id <= self.durable_event_id:
+            raise NotFound("Event not found", event_id=event_id)
         with self._errors():
             row = self._conn().execute(
                 "SELECT event_id, timestamp, type, payload FROM events WHERE event_id = ?",
@@ -890,14 +938,15 @@ class EventLog:
         return self._event(row)
 
     def latest_event_id(self):
-        """The id of the newest event, 0 for an empty log."""
-        with self._errors():
-            (latest,) = self._conn().execute(
-                "SELECT COALESCE(MAX(event_id), 0) FROM events").fetchone()
-        return latest
+        """The id of the newest durable event, 0 for an empty log."""
+        return self.durable_event_id
 
     def close(self):
         """Close every thread's connection."""
+        with self._sync_lock:
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:
@@ -1134,45 +1183,147 @@ def _signal_group(pgid, sig):
         pass
 
 
+class _Launcher:
+    """Spawns job processes (SPEC 4) and waits for them to exit.
+
+    Per job it prepares once what every run shares: the resolved executable
+    and the environment, already encoded.  One reaper thread waits on a pidfd
+    per process (``select.poll``) and hands each exited process to
+    ``on_exit``; where pidfds are missing it falls back to a waiter thread per
+    process.  ``spawn`` is called by the orchestrator thread only.
+    """
+
+    def __init__(self, config, url, on_exit):
+        self.config = config
+        self.url = url
+        self.on_exit = on_exit
+        self._templates = {}  # job label -> (executable, argv, env bytes dict)
+        self._logs_dir = os.path.join(config.state_dir, "logs")
+        os.makedirs(self._logs_dir, exist_ok=True)
+        self._use_pidfd = hasattr(os, "pidfd_open")
+        self._new = collections.deque()  # (pidfd, proc): orchestrator appends, reaper pops
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._closing = False
+        self._thread = None
+
+    def _template(self, job):
+        template = self._templates.get(job.label)
+        if template is None:
+            env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
+            env.update({os.fsencode(k): os.fsencode(v) for k, v in job.environment.items()})
+            env[b"DATABUILD_JOB_LABEL"] = os.fsencode(job.label)
+            env[b"DATABUILD_WORKSPACE"] = os.fsencode(self.config.root)
+            program = job.entrypoint[0]
+            if os.sep not in program:  # look PATH up once, not at every spawn
+                program = shutil.which(program, path=os.environ.get("PATH")) or program
+            else:
+                program = os.path.join(self.config.root, program)
+            template = (program, env)
+            self._templates[job.label] = template
+        return template
+
+    def spawn(self, run, job, now):
+        """Start the job for ``run``; returns its _JobProcess."""
+        program, base_env = self._template(job)
+        env = dict(base_env)
+        env[b"DATABUILD_JOB_RUN_ID"] = run.job_run_id.encode()
+        env[b"DATABUILD_URL"] = os.fsencode(self.url or "")
+        env[b"DATABUILD_PARTITIONS"] = os.fsencode(" ".join(run.partitions))
+        log_dir = os.path.join(self._logs_dir, run.job_run_id)
+        os.mkdir(log_dir)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        out = os.open(os.path.join(log_dir, "stdout.log"), flags, 0o644)
+        try:
+            err = os.open(os.path.join(log_dir, "stderr.log"), flags, 0o644)
+            try:
+                popen = subprocess.Popen(
+                    job.entrypoint + list(run.partitions), executable=program,
+                    cwd=self.config.root, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=err, start_new_session=True)
+            finally:
+                os.close(err)
+        finally:
+            os.close(out)
+        proc = _JobProcess(run.job_run_id, popen, log_dir, job, now)
+        if self._use_pidfd:
+            try:
+                fd = os.pidfd_open(popen.pid)
+            except OSError:
+                self._use_pidfd = False
+            else:
+                self._new.append((fd, proc))
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._reap_loop,
+                                                    name="databuild-reaper", daemon=True)
+                    self._thread.start()
+                os.write(self._wake_w, b"x")
+                return proc
+        threading.Thread(target=self._wait_one, args=(proc,), name="databuild-job-%d" % proc.pid,
+                         daemon=True).start()
+        return proc
+
+    def _exited(self, proc):
+        proc.returncode = proc.popen.wait()
+        self.on_exit(proc)
+
+    def _wait_one(self, proc):
+        self._exited(proc)
+
+    def _reap_loop(self):
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        waiting = {}  # pidfd -> proc; this thread only
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    while self._new:
+                        new_fd, proc = self._new.popleft()
+                        waiting[new_fd] = proc
+                        poller.register(new_fd, select.POLLIN)
+                    if self._closing and not waiting:
+                        return
+                    continue
+                proc = waiting.pop(fd)
+                poller.unregister(fd)
+                os.close(fd)
+                try:
+                    self._exited(proc)
+                except Exception:
+                    logger.exception("Reaping job run %s failed", proc.job_run_id)
+
+    def close(self):
+        """Let the reaper thread end once no process is left (it holds no lock)."""
+        self._closing = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+
 class _JobProcess:
     """A job run's subprocess, in its own process group (SPEC 4).
 
-    Owned by the orchestrator thread, except ``returncode``, which the waiter
-    thread sets just before it appends the process to the orchestrator's
-    ``exited`` deque and wakes it.
+    Owned by the orchestrator thread, except ``returncode``, which the reaper
+    sets just before it hands the process to the orchestrator's ``exited``
+    deque and wakes it.
     """
 
-    def __init__(self, run, job, config, url, on_exit, now):
-        self.job_run_id = run.job_run_id
-        self.stdout_path = job_run_log_path(config.state_dir, run.job_run_id, "stdout")
-        self.stderr_path = job_run_log_path(config.state_dir, run.job_run_id, "stderr")
-        os.makedirs(os.path.dirname(self.stdout_path), exist_ok=True)
-        env = dict(os.environ)
-        env.update(job.environment)
-        env.update({
-            "DATABUILD_JOB_RUN_ID": run.job_run_id,
-            "DATABUILD_JOB_LABEL": job.label,
-            "DATABUILD_WORKSPACE": config.root,
-            "DATABUILD_URL": url or "",
-            "DATABUILD_PARTITIONS": " ".join(run.partitions),
-        })
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.popen = subprocess.Popen(
-                job.entrypoint + list(run.partitions), cwd=config.root, env=env,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
-        self.pid = self.popen.pid
+    def __init__(self, job_run_id, popen, log_dir, job, now):
+        self.job_run_id = job_run_id
+        self.popen = popen
+        self.pid = popen.pid
+        self.stdout_path = os.path.join(log_dir, "stdout.log")
+        self.stderr_path = os.path.join(log_dir, "stderr.log")
         self.start_time = _process_start_time(self.pid)
         self.deadline = now + job.timeout_seconds if job.timeout_seconds else None
         self.stop_reason = None
         self.kill_at = None
         self.returncode = None
-        self._on_exit = on_exit
-        threading.Thread(target=self._wait, name="databuild-job-%s" % self.pid,
-                         daemon=True).start()
-
-    def _wait(self):
-        self.returncode = self.popen.wait()
-        self._on_exit(self)
 
     def stop(self, reason, now, grace):
         """SIGTERM the process group now, SIGKILL it at ``now + grace``."""
@@ -1266,6 +1417,8 @@ class Orchestrator:
         self._stopped = threading.Event()
         self._thread = None
         self._current_command = None  # the command a _cmd_ handler is answering
+        self._spawner = None  # the _Launcher, made when the first job starts
+        self._syncer = None  # the _Syncer while the loop runs in its thread
         self.last_step_error = None
         now = clock()
         for want_id in self.state.wants_by_status[IDLE].keys() | self.state.wants_by_status[
@@ -1310,7 +1463,12 @@ class Orchestrator:
     # -- the loop -------------------------------------------------------------
 
     def start(self):
-        """Run ``step`` in a thread named databuild-orchestrator until ``stop``."""
+        """Run ``step`` in a thread named databuild-orchestrator until ``stop``.
+
+        In this mode commits are fsynced by a second thread (``_Syncer``)
+        while the orchestrator goes on; answers still wait for the fsync.
+        """
+        self._syncer = _Syncer(self.log)
         self._thread = threading.Thread(target=self._loop, name="databuild-orchestrator",
                                         daemon=True)
         self._thread.start()
@@ -1381,17 +1539,27 @@ class Orchestrator:
         self._enforce_deadlines(now)
         self._expire(now)
         self._schedule(now)
-        self._commit()
         if not self._stop_requested:
-            self._start_queued(now)
+            started = self._start_queued(now)
+        else:
+            started = ()
+        # One commit (one fsync) per step: commands, outcomes, new runs and
+        # their starts together (group commit).
+        try:
             self._commit()
+        except StorageError:
+            for proc in started:  # never let a process run that the log does not know
+                proc.stop(REASON_SERVER_SHUTDOWN, now, 0)
+                proc.kill()
+                self._processes.pop(proc.job_run_id, None)
+            raise
 
     def _commit(self):
         entries, self._entries = self._entries, []
         replies, self._replies = self._replies, []
         try:
             if entries:
-                events = self.log.append(entries)
+                events = self.log.append(entries, sync=self._syncer is None)
                 if events[-1].event_id != self.state.latest_event_id:
                     raise StorageError("Event log was written by someone else "
                                        "(expected event %d, got %d)"
@@ -1403,13 +1571,19 @@ class Orchestrator:
                 cmd.error = Unavailable("Event log write failed: %s" % e.message)
                 cmd.done.set()
             raise
-        for cmd, result in replies:
+        answered = []
+        for cmd, result in replies:  # computed here: the state is this thread's
             try:
                 cmd.result = result() if callable(result) else result
             except Exception as e:
                 logger.exception("Reply to %s failed", cmd.kind)
                 cmd.error = e
-            cmd.done.set()
+            answered.append(cmd)
+        if self._syncer is not None and entries:
+            self._syncer.submit(answered)  # answered once the fsync is done
+        else:
+            for cmd in answered:
+                cmd.done.set()
 
     def _emit(self, type_, payload, now):
         self._entries.append((type_, payload, now))
@@ -1506,9 +1680,15 @@ class Orchestrator:
                 proc.stop(reason, now, DEFAULTS["kill_grace_seconds"])
 
     def _on_process_exit(self, proc):
-        # Runs in the job's waiter thread: hand over and wake the orchestrator.
+        # Runs in the reaper thread: hand over and wake the orchestrator.
         self._exited.append(proc)
         self._wake.set()
+
+    def _launcher(self):
+        if self._spawner is None:
+            self._spawner = _Launcher(self.config, self.url, self._on_process_exit)
+        self._spawner.url = self.url
+        return self._spawner
 
     def _reap(self, now):
         while self._exited:
@@ -1654,9 +1834,10 @@ class Orchestrator:
                     "attempt": retries + 1}, now)
 
     def _start_queued(self, now):
+        started = []
         free = self.config.max_concurrent_job_runs - len(self._processes)
         if free <= 0:
-            return
+            return started
         for run_id in list(itertools.islice(self.state.job_runs_by_status[QUEUED], free)):
             run = self.state.job_runs[run_id]
             job = self.config.jobs_by_label.get(run.job_label)
@@ -1664,13 +1845,16 @@ class Orchestrator:
                 self._fail(run, now, "no job labelled %r in the config" % run.job_label, False)
                 continue
             try:
-                proc = _JobProcess(run, job, self.config, self.url, self._on_process_exit, now)
+                proc = self._launcher().spawn(run, job, now)
             except OSError as e:
                 self._fail(run, now, "cannot start job: %s" % e, self._may_retry(run))
                 continue
             self._processes[run_id] = proc
+            started.append(proc)
+            # Stamped when the process was spawned, not when the step began.
             self._emit(JOB_RUN_START, {"job_run_id": run_id, "pid": proc.pid,
-                                       "pid_start_time": proc.start_time}, now)
+                                       "pid_start_time": proc.start_time}, self.clock())
+        return started
 
     # -- recovery and shutdown ------------------------------------------------
 
@@ -1683,27 +1867,22 @@ class Orchestrator:
             self.state.job_runs_by_status[RUNNING])
         if not stale:
             return
+        orphans = {}
         for run_id in stale:
             run = self.state.job_runs[run_id]
-            if run.pid and _pid_alive(run.pid):
-                start_time = self._start_times().get(run_id)
-                if start_time is not None and start_time == _process_start_time(run.pid):
-                    logger.warning("Stopping job run %s (pid %d) left by a previous server",
-                                   run_id, run.pid)
-                    _stop_orphan(run.pid)
-            self._fail(run, now, REASON_SERVER_RESTARTED, True, counted=False)
+            if (run.pid and run.pid_start_time is not None
+                    and run.pid_start_time == _process_start_time(run.pid)):
+                orphans[run.pid] = run_id
+        # A process spawned just before a crash may have no committed start
+        # event: it still carries its run id in its environment.
+        orphans.update(_processes_of_runs(set(stale)))
+        for pid, run_id in orphans.items():
+            logger.warning("Stopping job run %s (pid %d) left by a previous server", run_id, pid)
+            _stop_orphan(pid)
+        for run_id in stale:
+            self._fail(self.state.job_runs[run_id], now, REASON_SERVER_RESTARTED, True,
+                       counted=False)
         self._commit()
-
-    def _start_times(self):
-        # pid start times live in job_run_start payloads, not in the state.
-        if not hasattr(self, "_start_time_cache"):
-            running = set(self.state.job_runs_by_status[RUNNING])
-            found = {}
-            for event in self.log.iter_events():
-                if event.type == JOB_RUN_START and event.payload["job_run_id"] in running:
-                    found[event.payload["job_run_id"]] = event.payload.get("pid_start_time")
-            self._start_time_cache = found
-        return self._start_time_cache
 
     def shutdown(self, now=None):
         """Stop every job process and record its run Canceled ("server shutdown").
@@ -1726,9 +1905,14 @@ class Orchestrator:
         for run_id in list(self.state.job_runs_by_status[QUEUED]):
             self._emit(JOB_RUN_CANCEL, {"job_run_id": run_id,
                                         "reason": REASON_SERVER_SHUTDOWN}, self.clock())
+        if self._spawner is not None:
+            self._spawner.close()
         try:
             self._commit()
         finally:
+            if self._syncer is not None:
+                self._syncer.close()  # the last fsync, then its thread ends
+                self._syncer = None
             while self._inbox:
                 cmd = self._inbox.popleft()
                 cmd.error = Unavailable("Server is shutting down")
@@ -1741,6 +1925,78 @@ class Orchestrator:
 
 
 _LATER = object()  # a command answered later (when its job process has exited)
+
+
+class _Syncer:
+    """Makes the orchestrator's commits durable: fsyncs the event log in its own
+    thread and only then answers the commands of those commits.
+
+    One fsync covers every commit made while the previous one ran, so the
+    orchestrator never waits for the disk and the fsync rate adapts to the
+    load (pipelined group commit).  ``_pending`` is guarded by ``_cv``.
+    """
+
+    def __init__(self, log):
+        self.log = log
+        self._cv = threading.Condition()
+        self._pending = []  # lists of answered commands, waiting for an fsync
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="databuild-syncer", daemon=True)
+        self._thread.start()
+
+    def submit(self, commands):
+        """After a commit: answer ``commands`` once it is durable."""
+        with self._cv:
+            self._pending.append(commands)
+            self._cv.notify()
+
+    def _run(self):
+        while True:
+            with self._cv:
+                while not self._pending and not self._closing:
+                    self._cv.wait()
+                batch, self._pending = self._pending, []
+                if not batch and self._closing:
+                    return
+            try:
+                self.log.sync()
+            except StorageError as e:
+                logger.error("%s", e.message)
+                for commands in batch:
+                    for cmd in commands:
+                        cmd.error = Unavailable("Event log write failed: %s" % e.message)
+            for commands in batch:
+                for cmd in commands:
+                    cmd.done.set()
+
+    def close(self):
+        """Flush what is pending and end the thread."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join()
+
+
+def _processes_of_runs(run_ids):
+    """pid -> job run id of live processes whose environment names one of ``run_ids``."""
+    found = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(b"DATABUILD_JOB_RUN_ID="):
+                run_id = item[len(b"DATABUILD_JOB_RUN_ID="):].decode("ascii", "replace")
+                if run_id in run_ids:
+                    found[pid] = run_id
+                break
+    return found
 
 
 def _stop_orphan(pid):

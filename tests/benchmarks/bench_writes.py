@@ -1,0 +1,51 @@
+"""Row 3 of the performance issue: group commit.
+
+POST /api/wants for already-Live partitions with 16 concurrent clients; each
+write is acknowledged only after its event is committed (fsynced).  Compared
+with GET /health throughput in the same run.
+
+    python tests/benchmarks/bench_writes.py [--tiny]
+"""
+import argparse
+import json
+import tempfile
+import time
+
+import _workload as w
+import databuild
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    seconds = 0.5 if args.tiny else args.seconds
+    repeat = 1 if args.tiny else args.repeat
+    ws = w.make_workspace(tempfile.mkdtemp(prefix="bench-writes-") + "/ws")
+    server = w.Serve(ws)
+    try:
+        client = databuild.Client(server.url)
+        refs = ["raw/date=2025-01-%02d/n=1" % d for d in range(1, 9)]
+        want = client.create_want(refs)
+        while client.get_want(want["want_id"])["status"] != "Successful":
+            time.sleep(0.05)
+        writes = [("POST", "/api/wants", json.dumps({"partitions": [r]})) for r in refs]
+        health = [("GET", "/health", None)]
+        w.load(server.host, server.port, health, seconds=0.2)
+        w.load(server.host, server.port, writes, seconds=0.2)
+        h, _ = w.median_of(lambda: w.load(server.host, server.port, health, seconds)[0], repeat)
+        wr, _ = w.median_of(lambda: w.load(server.host, server.port, writes, seconds)[0], repeat)
+        events = client.health()["latest_event_id"]
+        acknowledged = client.list_wants(limit=0)["total"]
+    finally:
+        server.stop()
+    rows = [{"health_rps": h, "writes_per_s": wr, "writes/health": wr / h}]
+    w.report("writes", rows, {"health_rps": h, "writes_per_s": wr, "ratio": wr / h,
+                              "target": ">= 0.5", "wants": acknowledged, "events": events,
+                              "machine": w.machine()})
+
+
+if __name__ == "__main__":
+    main()
