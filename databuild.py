@@ -151,6 +151,8 @@ PARTITION_STATUSES = (BUILDING, UPSTREAM_BUILDING, UP_FOR_RETRY, LIVE, FAILED,
 #: A partition in one of these statuses (or with no partition yet) needs a job
 #: run whenever something wants it.
 NEEDS_BUILD = frozenset((None, UP_FOR_RETRY, TAINTED))
+LIVE_WANT_STATUSES = (IDLE, BUILDING, UPSTREAM_BUILDING)
+_NOTHING = frozenset()  # the shared "waits on nothing" of partitions
 
 # Job run statuses.
 QUEUED = "Queued"
@@ -327,14 +329,27 @@ class Want:
     __slots__ = ("want_id", "partitions", "status", "data_timestamp", "ttl_seconds",
                  "sla_seconds", "sla_breached", "source", "parent_want_id",
                  "root_want_id", "derivative_want_ids", "job_run_ids", "comment",
-                 "created_at", "updated_at", "seq", "counts")
+                 "created_at", "updated_at", "seq", "chain", "counts")
+    #: What a projection row holds (everything but the live-only ``counts``).
+    ROW = __slots__[:-1]
+
+    def to_row(self):
+        """The want as one JSON projection row (see ``from_row``)."""
+        return dumps([getattr(self, f) for f in self.ROW])
+
+    @classmethod
+    def from_row(cls, text):
+        """A Want from a projection row (``counts`` is left to the caller)."""
+        want = cls()
+        for name, value in zip(cls.ROW, json.loads(text)):
+            setattr(want, name, value)
+        want.chain = tuple(tuple(refs) for refs in want.chain)
+        want.counts = None
+        return want
 
     def to_dict(self, state):
         """The want as the API shows it; partition statuses come from ``state``."""
-        statuses = {}
-        for ref in self.partitions:
-            part = state.partitions.get(ref)
-            statuses[ref] = part.status if part is not None else IDLE
+        statuses = {ref: state.partition_status(ref) for ref in self.partitions}
         return {
             "want_id": self.want_id, "partitions": list(self.partitions),
             "status": self.status, "partition_statuses": statuses,
@@ -357,6 +372,21 @@ class Partition:
 
     __slots__ = ("ref", "status", "job_label", "last_job_run_id", "built_by_job_run_id",
                  "want_ids", "missing_deps", "updated_at", "waiting_on", "retries", "seq")
+    ROW = __slots__
+
+    def to_row(self):
+        """The partition as one JSON projection row."""
+        return dumps([sorted(v) if isinstance(v, (set, frozenset)) else v
+                      for v in (getattr(self, f) for f in self.ROW)])
+
+    @classmethod
+    def from_row(cls, text):
+        """A Partition from a projection row."""
+        part = cls()
+        for name, value in zip(cls.ROW, json.loads(text)):
+            setattr(part, name, value)
+        part.waiting_on = set(part.waiting_on) if part.waiting_on else _NOTHING
+        return part
 
     def to_dict(self):
         """The partition as the API shows it."""
@@ -373,6 +403,19 @@ class JobRun:
     __slots__ = ("job_run_id", "job_label", "partitions", "want_ids", "status", "attempt",
                  "exit_code", "missing_deps", "error", "queued_at", "started_at",
                  "finished_at", "pid", "pid_start_time", "seq")
+    ROW = __slots__
+
+    def to_row(self):
+        """The job run as one JSON projection row."""
+        return dumps([getattr(self, f) for f in self.ROW])
+
+    @classmethod
+    def from_row(cls, text):
+        """A JobRun from a projection row."""
+        run = cls()
+        for name, value in zip(cls.ROW, json.loads(text)):
+            setattr(run, name, value)
+        return run
 
     @property
     def duration_ms(self):
@@ -393,6 +436,31 @@ class JobRun:
                 "duration_ms": self.duration_ms}
 
 
+class _Tally:
+    """A status bucket that only counts (terminal buckets of a working-set state)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self):
+        self.n = 0
+
+    def __setitem__(self, key, value):
+        self.n += 1
+
+    def pop(self, key, default=None):
+        self.n -= 1
+
+    def __len__(self):
+        return self.n
+
+    def __bool__(self):
+        return self.n > 0
+
+
+#: Bumped when the projection's rows change shape: an older projection is rebuilt.
+PROJECTION_VERSION = 1
+
+
 class BuildState:
     """The state of wants, partitions and job runs: a pure reduction of events.
 
@@ -410,9 +478,17 @@ class BuildState:
     A partition is *wanted* while a non-terminal want names it or a wanted
     partition waits on it.  It is *pending* while it is wanted, has no active
     run, and has no partition yet or is UpForRetry or Tainted.
+
+    The orchestrator's state is made with ``working_set=True``: it records
+    every entity an event changes (``take_changes``, for the projection rows
+    written with the events) and lets the caller drop finished wants and job
+    runs from memory (``forget``): no later event needs them, so memory and
+    start-up stay proportional to the work in progress, not to the history.
+    Terminal status buckets are then plain counts.
     """
 
-    def __init__(self):
+    def __init__(self, working_set=False):
+        self.working_set = working_set
         self.wants = {}
         self.partitions = {}
         self.job_runs = {}
@@ -423,14 +499,88 @@ class BuildState:
         self.duration_buckets = [0] * len(DURATION_BUCKETS)
         self.duration_sum = 0.0
         self.duration_count = 0
-        self.wants_by_status = {s: {} for s in WANT_STATUSES}
+        self.seqs = {"wants": 0, "partitions": 0, "job_runs": 0}  # creation counters
+
+        def bucket(status, live):
+            return {} if live or not working_set else _Tally()
+        self.wants_by_status = {s: bucket(s, s in LIVE_WANT_STATUSES) for s in WANT_STATUSES}
         self.partitions_by_status = {s: {} for s in PARTITION_STATUSES}
-        self.job_runs_by_status = {s: {} for s in JOB_RUN_STATUSES}
+        self.job_runs_by_status = {s: bucket(s, s in ACTIVE_JOB_RUN_STATUSES)
+                                   for s in JOB_RUN_STATUSES}
         self.live_wants_by_ref = {}
         self.waiters = {}
         self.pending_refs = {}
         self.active_run_by_ref = {}
         self._todo = collections.deque()
+        self._changed = {} if working_set else None  # (kind, key) -> entity
+
+    def _touch(self, kind, key, entity):
+        if self._changed is not None:
+            self._changed[(kind, key)] = entity
+
+    def take_changes(self):
+        """The entities changed since the last call: ``[(kind, entity)]``."""
+        if not self._changed:
+            return []
+        changed, self._changed = self._changed, {}
+        return [(kind, entity) for (kind, _), entity in changed.items()]
+
+    def forget(self, changes):
+        """Drop the terminal wants and finished job runs among ``changes`` from memory."""
+        for kind, entity in changes:
+            if kind == "wants" and entity.status in TERMINAL_WANT_STATUSES:
+                self.wants.pop(entity.want_id, None)
+            elif kind == "job_runs" and entity.status not in ACTIVE_JOB_RUN_STATUSES:
+                self.job_runs.pop(entity.job_run_id, None)
+
+    def summary(self):
+        """Counters and ids a projection stores beside the rows (``restore`` reads it)."""
+        return {"version": PROJECTION_VERSION, "event_id": self.latest_event_id,
+                "seqs": self.seqs, "event_counts": dict(self.event_counts),
+                "sla_breaches": self.sla_breaches,
+                "durations": [self.duration_buckets, self.duration_sum, self.duration_count],
+                "counts": {"wants": {k: len(v) for k, v in self.wants_by_status.items()},
+                           "partitions": {k: len(v) for k, v in self.partitions_by_status.items()},
+                           "job_runs": {k: len(v) for k, v in self.job_runs_by_status.items()}}}
+
+    @classmethod
+    def restore(cls, summary, partitions, live_wants, active_runs):
+        """The working-set state from a projection: its summary, every partition,
+        the non-terminal wants and the Queued/Running job runs (creation order).
+        Rebuilds the indexes exactly as the reducer keeps them."""
+        state = cls(working_set=True)
+        state.latest_event_id = summary["event_id"]
+        state.seqs = dict(summary["seqs"])
+        state.event_counts.update(summary["event_counts"])
+        state.sla_breaches = summary["sla_breaches"]
+        state.duration_buckets, state.duration_sum, state.duration_count = summary["durations"]
+        for kind, index in (("wants", state.wants_by_status),
+                            ("job_runs", state.job_runs_by_status)):
+            for status, bucket in index.items():
+                if isinstance(bucket, _Tally):
+                    bucket.n = summary["counts"][kind].get(status, 0)
+        for part in partitions:
+            state.partitions[part.ref] = part
+            state.partitions_by_status[part.status][part.ref] = None
+        for run in active_runs:
+            state.job_runs[run.job_run_id] = run
+            state.job_runs_by_status[run.status][run.job_run_id] = None
+            for ref in run.partitions:
+                state.active_run_by_ref[ref] = run.job_run_id
+        for want in live_wants:
+            state.wants[want.want_id] = want
+            state.wants_by_status[want.status][want.want_id] = None
+            want.counts = collections.Counter()
+            for ref in want.partitions:
+                state.live_wants_by_ref.setdefault(ref, set()).add(want.want_id)
+                want.counts[state._status_of(ref)] += 1
+        for part in partitions:
+            if part.status == UPSTREAM_BUILDING:
+                for dep in part.waiting_on:
+                    state.waiters.setdefault(dep, set()).add(part.ref)
+        for ref in itertools.chain(state.live_wants_by_ref, list(state.waiters)):
+            state._refresh_pending(ref)
+        return state
 
     @classmethod
     def from_events(cls, events):
@@ -469,9 +619,17 @@ class BuildState:
         want.job_run_ids = []
         want.comment = p.get("comment")
         want.created_at = want.updated_at = ts
-        want.seq = len(self.wants)
+        want.seq = self.seqs["wants"]
+        self.seqs["wants"] += 1
         want.counts = collections.Counter()
+        parent = self.wants.get(want.parent_want_id)
+        # The partitions of the runs whose dep misses led here, nearest first:
+        # what cycle detection needs, kept with the want (those runs are over).
+        source_run = self.job_runs.get(want.source.get("job_run_id") or "")
+        want.chain = ((tuple(source_run.partitions),) if source_run is not None else ()) + (
+            parent.chain if parent is not None else ())
         self.wants[want.want_id] = want
+        self._touch("wants", want.want_id, want)
         for ref in want.partitions:
             part = self.partitions.get(ref)
             if part is not None and part.status in (FAILED, UPSTREAM_FAILED):
@@ -482,16 +640,18 @@ class BuildState:
             want.counts[part.status if part is not None else None] += 1
             if part is not None:
                 part.want_ids.append(want.want_id)
+                self._touch("partitions", ref, part)
             run_id = self.active_run_by_ref.get(ref)
             if run_id is not None:  # join the build already under way
                 run = self.job_runs[run_id]
                 if want.want_id not in run.want_ids:
                     run.want_ids.append(want.want_id)
                     want.job_run_ids.append(run_id)
+                    self._touch("job_runs", run_id, run)
             self._refresh_pending(ref)
-        parent = self.wants.get(want.parent_want_id)
         if parent is not None:
             parent.derivative_want_ids.append(want.want_id)
+            self._touch("wants", parent.want_id, parent)
         self._update_want_status(want, ts)
 
     def _end_want_tree(self, want_id, status, ts):
@@ -517,6 +677,7 @@ class BuildState:
             want.sla_breached = True
             want.updated_at = ts
             self.sla_breaches += 1
+            self._touch("wants", want.want_id, want)
 
     def _on_job_run_queue(self, p, ts):
         run = JobRun()
@@ -532,9 +693,11 @@ class BuildState:
         run.queued_at = ts
         run.started_at = run.finished_at = None
         run.pid = run.pid_start_time = None
-        run.seq = len(self.job_runs)
+        run.seq = self.seqs["job_runs"]
+        self.seqs["job_runs"] += 1
         self.job_runs[run.job_run_id] = run
         self.job_runs_by_status[QUEUED][run.job_run_id] = None
+        self._touch("job_runs", run.job_run_id, run)
         for ref in run.partitions:
             part = self.partitions.get(ref)
             if part is None:
@@ -545,9 +708,10 @@ class BuildState:
                 part.built_by_job_run_id = None
                 part.want_ids = sorted(self.live_wants_by_ref.get(ref, ()),
                                        key=lambda wid: self.wants[wid].seq)
-                part.waiting_on = set()
+                part.waiting_on = _NOTHING
                 part.retries = 0
-                part.seq = len(self.partitions)
+                part.seq = self.seqs["partitions"]
+                self.seqs["partitions"] += 1
                 self.partitions[ref] = part
             elif part.status == UPSTREAM_BUILDING:
                 self._drop_waits(part, ts)
@@ -559,6 +723,7 @@ class BuildState:
             want = self.wants.get(want_id)
             if want is not None and run.job_run_id not in want.job_run_ids:
                 want.job_run_ids.append(run.job_run_id)
+                self._touch("wants", want_id, want)
 
     def _on_job_run_start(self, p, ts):
         run = self.job_runs[p["job_run_id"]]
@@ -567,6 +732,7 @@ class BuildState:
         run.started_at = ts
         run.pid = p.get("pid")
         run.pid_start_time = p.get("pid_start_time")
+        self._touch("job_runs", run.job_run_id, run)
 
     def _finish_run(self, p, status, ts):
         run = self.job_runs[p["job_run_id"]]
@@ -575,6 +741,7 @@ class BuildState:
         run.finished_at = ts
         run.exit_code = p.get("exit_code")
         run.error = p.get("error", p.get("reason"))
+        self._touch("job_runs", run.job_run_id, run)
         for ref in run.partitions:
             if self.active_run_by_ref.get(ref) == run.job_run_id:
                 del self.active_run_by_ref[ref]
@@ -656,6 +823,11 @@ class BuildState:
         part = self.partitions.get(ref)
         return part.status if part is not None else None
 
+    def partition_status(self, ref):
+        """A ref's partition status, or Idle if it has no partition yet."""
+        part = self.partitions.get(ref)
+        return part.status if part is not None else IDLE
+
     def is_wanted(self, ref):
         """True while a non-terminal want names ``ref`` or a wanted partition waits on it."""
         return ref in self.live_wants_by_ref or ref in self.waiters
@@ -670,6 +842,7 @@ class BuildState:
     def _set_partition_status(self, part, status, ts):
         old = part.status
         part.updated_at = ts
+        self._touch("partitions", part.ref, part)
         if old == status:
             return
         self._move(self.partitions_by_status, part.ref, old, status)
@@ -693,6 +866,7 @@ class BuildState:
         if part.status != UPSTREAM_BUILDING:
             return
         part.waiting_on.discard(dep)
+        self._touch("partitions", ref, part)
         if not part.waiting_on:
             self._set_partition_status(part, UP_FOR_RETRY, ts)
 
@@ -715,7 +889,8 @@ class BuildState:
                 del self.waiters[dep]
                 self._refresh_pending(dep)
                 self._todo.append((BuildState._maybe_unwanted, dep, ts))
-        part.waiting_on = set()
+        part.waiting_on = _NOTHING
+        self._touch("partitions", part.ref, part)
 
     def _maybe_unwanted(self, ref, ts):
         # A partition that waits on upstream work nobody wants any more drops
@@ -749,7 +924,9 @@ class BuildState:
         self._move(self.wants_by_status, want.want_id, want.status, status)
         want.status = status
         want.updated_at = ts
+        self._touch("wants", want.want_id, want)
         if status in TERMINAL_WANT_STATUSES:
+            want.counts = None  # only live wants need them
             for ref in want.partitions:
                 live = self.live_wants_by_ref.get(ref)
                 if live is not None:
@@ -761,19 +938,6 @@ class BuildState:
 
     # -- queries ------------------------------------------------------------
 
-    def want_chain_runs(self, want_id):
-        """Job runs whose dep misses led to this want, nearest first."""
-        runs = []
-        seen = set()
-        want = self.wants.get(want_id)
-        while want is not None and want.want_id not in seen:
-            seen.add(want.want_id)
-            run = self.job_runs.get(want.source.get("job_run_id") or "")
-            if run is None:
-                break
-            runs.append(run)
-            want = self.wants.get(want.parent_want_id)
-        return runs
 
     def is_needed(self, run):
         """True if a run's partitions are still wanted by something live."""
@@ -791,7 +955,31 @@ CREATE TABLE IF NOT EXISTS events (
     type      TEXT NOT NULL,
     payload   TEXT NOT NULL          -- JSON
 );
+-- The projection: the reduced state, one row per entity, written in the same
+-- transaction as the events that changed it.  Derived, never authoritative:
+-- dropped and rebuilt from the events whenever it does not match them.
+CREATE TABLE IF NOT EXISTS wants (
+    want_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, status TEXT NOT NULL, row TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS wants_by_seq ON wants (seq);
+CREATE INDEX IF NOT EXISTS wants_by_status ON wants (status, seq);
+CREATE TABLE IF NOT EXISTS partitions (
+    ref TEXT PRIMARY KEY, seq INTEGER NOT NULL, status TEXT NOT NULL, row TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS partitions_by_seq ON partitions (seq);
+CREATE INDEX IF NOT EXISTS partitions_by_status ON partitions (status, seq);
+CREATE TABLE IF NOT EXISTS job_runs (
+    job_run_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, status TEXT NOT NULL,
+    job_label TEXT, row TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS job_runs_by_seq ON job_runs (seq);
+CREATE INDEX IF NOT EXISTS job_runs_by_status ON job_runs (status, seq);
+CREATE INDEX IF NOT EXISTS job_runs_by_label ON job_runs (job_label, seq);
+CREATE TABLE IF NOT EXISTS projection (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_ROW_SQL = {
+    "wants": "INSERT OR REPLACE INTO wants (want_id, seq, status, row) VALUES (?, ?, ?, ?)",
+    "partitions": "INSERT OR REPLACE INTO partitions (ref, seq, status, row) VALUES (?, ?, ?, ?)",
+    "job_runs": "INSERT OR REPLACE INTO job_runs (job_run_id, seq, status, job_label, row) "
+                "VALUES (?, ?, ?, ?, ?)",
+}
 
 
 class EventLog:
@@ -819,6 +1007,7 @@ class EventLog:
         self._connections = []  # every thread's connection, for close()
         self._lock = threading.Lock()  # guards _connections only
         self._sync_lock = threading.Lock()  # one fsync at a time; guards _wal_fd
+        self._durable = threading.Condition()  # notified when durable_event_id grows
         self._wal_fd = None
         self._appended_id = 0  # newest committed event (the writer sets it)
         with self._errors():
@@ -847,12 +1036,13 @@ class EventLog:
                 self._connections.append(conn)
         return conn
 
-    def append(self, entries, sync=True):
+    def append(self, entries, sync=True, changes=None, summary=None):
         """Append ``(type, payload, timestamp)`` entries in one transaction.
 
-        Returns the new ``Event`` objects with their ids.  Nothing is appended
-        if anything fails.  With ``sync=False`` the events stay invisible to
-        readers until the next ``sync()``.
+        Returns the new ``Event`` objects with their ids.  ``changes`` (from
+        ``BuildState.take_changes``) and ``summary`` update the projection in
+        the same transaction.  Nothing is written if anything fails.  With
+        ``sync=False`` the events stay invisible to readers until ``sync()``.
         """
         if not entries:
             return []
@@ -867,6 +1057,8 @@ class EventLog:
                 conn.executemany(
                     "INSERT INTO events (event_id, timestamp, type, payload) VALUES (?, ?, ?, ?)",
                     [(e.event_id, e.timestamp, e.type, dumps(e.payload)) for e in events])
+                if summary is not None:
+                    self._write_projection(conn, changes or (), summary)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -896,8 +1088,91 @@ class EventLog:
                 pass  # no WAL: everything is in the database file already
             except OSError as e:
                 raise StorageError("Event log fsync failed: %s" % e) from e
-            self.durable_event_id = target
+            with self._durable:
+                self.durable_event_id = target
+                self._durable.notify_all()
             return target
+
+    def wait_durable(self, event_id, timeout=10.0):
+        """Block until event ``event_id`` is durable (an fsync is under way)."""
+        with self._durable:
+            if not self._durable.wait_for(lambda: self.durable_event_id >= event_id, timeout):
+                raise Unavailable("The event log did not reach the disk in time")
+
+    @staticmethod
+    def _write_projection(conn, changes, summary):
+        rows = {"wants": [], "partitions": [], "job_runs": []}
+        for kind, entity in changes:
+            if kind == "job_runs":
+                rows[kind].append((entity.job_run_id, entity.seq, entity.status,
+                                   entity.job_label, entity.to_row()))
+            else:
+                key = entity.want_id if kind == "wants" else entity.ref
+                rows[kind].append((key, entity.seq, entity.status, entity.to_row()))
+        for kind, values in rows.items():
+            if values:
+                conn.executemany(_ROW_SQL[kind], values)
+        conn.execute("INSERT OR REPLACE INTO projection (key, value) VALUES ('summary', ?)",
+                     (dumps(summary),))
+
+    def write_projection(self, changes, summary):
+        """Write projection rows alone (rebuilding the projection from the events)."""
+        with self._errors():
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._write_projection(conn, changes, summary)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def clear_projection(self):
+        """Drop every projection row (before a rebuild)."""
+        with self._errors():
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            for table in ("wants", "partitions", "job_runs", "projection"):
+                conn.execute("DELETE FROM %s" % table)
+            conn.execute("COMMIT")
+
+    def load_projection(self):
+        """``(summary, partitions, live wants, active job runs)`` as objects,
+        or ``(None, ...)`` when there is no projection or it does not match the log."""
+        with self._errors():
+            conn = self._conn()
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute("SELECT value FROM projection WHERE key = 'summary'").fetchone()
+                summary = json.loads(row[0]) if row else None
+                if (summary is None or summary.get("version") != PROJECTION_VERSION
+                        or summary.get("event_id") != self._appended_id):
+                    return None, [], [], []
+                partitions = [Partition.from_row(r) for (r,) in conn.execute(
+                    "SELECT row FROM partitions ORDER BY seq")]
+                wants = [Want.from_row(r) for (r,) in conn.execute(
+                    "SELECT row FROM wants WHERE status IN (?, ?, ?) ORDER BY seq",
+                    LIVE_WANT_STATUSES)]
+                runs = [JobRun.from_row(r) for (r,) in conn.execute(
+                    "SELECT row FROM job_runs WHERE status IN (?, ?) ORDER BY seq",
+                    (QUEUED, RUNNING))]
+                return summary, partitions, wants, runs
+            finally:
+                conn.execute("COMMIT")
+
+    def projected(self, kind, key):
+        """One projection row (a Want, Partition or JobRun), or None."""
+        column = {"wants": "want_id", "partitions": "ref", "job_runs": "job_run_id"}[kind]
+        cls = {"wants": Want, "partitions": Partition, "job_runs": JobRun}[kind]
+        with self._errors():
+            row = self._conn().execute("SELECT row FROM %s WHERE %s = ?" % (kind, column),
+                                       (key,)).fetchone()
+        return cls.from_row(row[0]) if row else None
+
+    def view(self):
+        """A consistent, durable snapshot of the projection for readers (a context
+        manager yielding a ``StoreView``)."""
+        return _StoreSnapshot(self)
 
     @staticmethod
     def _event(row):
@@ -955,6 +1230,164 @@ class EventLog:
             except sqlite3.Error:
                 pass
         self._local = threading.local()
+
+
+class _StoreSnapshot:
+    """``with log.view() as view``: one read transaction over the projection.
+
+    If the projection holds events not yet fsynced (the orchestrator commits
+    before its syncer fsyncs), the reader waits for that fsync: nobody sees
+    what a power loss could still take back.
+    """
+
+    def __init__(self, log):
+        self.log = log
+
+    def __enter__(self):
+        self.conn = self.log._conn()
+        with self.log._errors():
+            self.conn.execute("BEGIN")
+            try:
+                row = self.conn.execute(
+                    "SELECT value FROM projection WHERE key = 'summary'").fetchone()
+                summary = json.loads(row[0]) if row else None
+                if summary is not None and summary["event_id"] > self.log.durable_event_id:
+                    self.log.wait_durable(summary["event_id"])
+            except BaseException:
+                self.conn.execute("COMMIT")
+                raise
+        return StoreView(self.conn, summary)
+
+    def __exit__(self, *exc):
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error:
+            pass
+        return False
+
+
+class _Statuses:
+    """``partition_status(ref)`` from a dict fetched for one answer."""
+
+    def __init__(self, statuses):
+        self.statuses = statuses
+
+    def partition_status(self, ref):
+        return self.statuses.get(ref, IDLE)
+
+
+class StoreView:
+    """Read queries on the projection, answered as API dicts.
+
+    Every query uses an index: a read costs the size of its answer.  The
+    same methods exist on ``MemoryView`` (a state in memory, for ``as_of``).
+    """
+
+    def __init__(self, conn, summary):
+        self.conn = conn
+        self.summary = summary or BuildState().summary()
+        self.latest_event_id = self.summary["event_id"]
+
+    def _statuses(self, wants):
+        refs = sorted({ref for want in wants for ref in want.partitions})
+        statuses = {}
+        for i in range(0, len(refs), 500):
+            chunk = refs[i:i + 500]
+            statuses.update(self.conn.execute(
+                "SELECT ref, status FROM partitions WHERE ref IN (%s)"
+                % ",".join("?" * len(chunk)), chunk))
+        return _Statuses(statuses)
+
+    def _wants(self, rows):
+        wants = [Want.from_row(r) for (r,) in rows]
+        statuses = self._statuses(wants)
+        return [w.to_dict(statuses) for w in wants]
+
+    def want(self, want_id):
+        """One want as a dict, or None."""
+        page = self._wants(self.conn.execute("SELECT row FROM wants WHERE want_id = ?",
+                                             (want_id,)))
+        return page[0] if page else None
+
+    def wants(self, status, offset, limit):
+        """``(page, total)`` of wants, newest first."""
+        if status is None:
+            rows = self.conn.execute("SELECT row FROM wants ORDER BY seq DESC LIMIT ? OFFSET ?",
+                                     (limit, offset))
+            total = self.summary["seqs"]["wants"]
+        else:
+            rows = self.conn.execute("SELECT row FROM wants WHERE status = ? "
+                                     "ORDER BY seq DESC LIMIT ? OFFSET ?", (status, limit, offset))
+            total = self.summary["counts"]["wants"].get(status, 0)
+        return self._wants(rows), total
+
+    def partition(self, ref):
+        """One partition as a dict, or None."""
+        row = self.conn.execute("SELECT row FROM partitions WHERE ref = ?", (ref,)).fetchone()
+        return Partition.from_row(row[0]).to_dict() if row else None
+
+    def partitions(self, status, prefix, offset, limit):
+        """``(page, total)`` of partitions, newest first, optionally by status and ref prefix."""
+        where, args = [], []
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if prefix:
+            # A range on the primary key: prefix <= ref < prefix + U+10FFFF.
+            where.append("ref >= ? AND ref < ?")
+            args += [prefix, prefix + "\U0010ffff"]
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        if prefix:
+            (total,) = self.conn.execute("SELECT COUNT(*) FROM partitions" + clause,
+                                         args).fetchone()
+        elif status is not None:
+            total = self.summary["counts"]["partitions"].get(status, 0)
+        else:
+            total = self.summary["seqs"]["partitions"]
+        rows = self.conn.execute("SELECT row FROM partitions%s ORDER BY seq DESC LIMIT ? OFFSET ?"
+                                 % clause, args + [limit, offset])
+        return [Partition.from_row(r).to_dict() for (r,) in rows], total
+
+    def job_run(self, job_run_id):
+        """One job run as a dict, or None."""
+        row = self.conn.execute("SELECT row FROM job_runs WHERE job_run_id = ?",
+                                (job_run_id,)).fetchone()
+        return JobRun.from_row(row[0]).to_dict() if row else None
+
+    def job_runs(self, status, job_label, want_id, offset, limit):
+        """``(page, total)`` of job runs, newest first, by status, job label or want."""
+        if want_id is not None:
+            row = self.conn.execute("SELECT row FROM wants WHERE want_id = ?",
+                                    (want_id,)).fetchone()
+            ids = Want.from_row(row[0]).job_run_ids if row else []
+            runs = []
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                runs += [JobRun.from_row(r) for (r,) in self.conn.execute(
+                    "SELECT row FROM job_runs WHERE job_run_id IN (%s)"
+                    % ",".join("?" * len(chunk)), chunk)]
+            runs = [r for r in runs if (status is None or r.status == status)
+                    and (job_label is None or r.job_label == job_label)]
+            runs.sort(key=lambda r: r.seq, reverse=True)
+            return [r.to_dict() for r in runs[offset:offset + limit]], len(runs)
+        where, args = [], []
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if job_label is not None:
+            where.append("job_label = ?")
+            args.append(job_label)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        if job_label is not None:
+            (total,) = self.conn.execute("SELECT COUNT(*) FROM job_runs" + clause,
+                                         args).fetchone()
+        elif status is not None:
+            total = self.summary["counts"]["job_runs"].get(status, 0)
+        else:
+            total = self.summary["seqs"]["job_runs"]
+        rows = self.conn.execute("SELECT row FROM job_runs%s ORDER BY seq DESC LIMIT ? OFFSET ?"
+                                 % clause, args + [limit, offset])
+        return [JobRun.from_row(r).to_dict() for (r,) in rows], total
 
 
 class _translate_sqlite_errors:
@@ -1404,7 +1837,7 @@ class Orchestrator:
         self.log = log
         self.url = url
         self.clock = clock
-        self.state = BuildState.from_events(log.iter_events())
+        self.state = self._open_state()
         self._inbox = collections.deque()  # any thread appends, the orchestrator pops
         self._exited = collections.deque()  # waiter threads append, the orchestrator pops
         self._wake = threading.Event()
@@ -1421,14 +1854,47 @@ class Orchestrator:
         self._syncer = None  # the _Syncer while the loop runs in its thread
         self.last_step_error = None
         now = clock()
-        for want_id in self.state.wants_by_status[IDLE].keys() | self.state.wants_by_status[
-                BUILDING].keys() | self.state.wants_by_status[UPSTREAM_BUILDING].keys():
-            self._push_deadlines(self.state.wants[want_id])
-        for want in self.state.wants.values():
-            if want.status not in (SUCCESSFUL, CANCELED, EXPIRED) and want.sla_seconds \
-                    and not want.sla_breached:
-                self._push_deadlines(want, ttl=False)
+        for want in self.state.wants.values():  # the live wants: a working set
+            self._push_deadlines(want)
         self._recover(now)
+
+    def _open_state(self):
+        # The working set from the projection; if the projection does not
+        # match the log (a new log, an older version, a log written by other
+        # means), rebuild it from the events first.
+        summary, partitions, wants, runs = self.log.load_projection()
+        if summary is not None:
+            return BuildState.restore(summary, partitions, wants, runs)
+        logger.info("Building the projection of the event log (%d events)",
+                    self.log.latest_event_id())
+        self.log.clear_projection()
+        state = BuildState(working_set=True)
+        batch = []
+        for event in itertools.chain(self.log.iter_events(), [None]):
+            if event is not None:
+                state.apply(event)
+                batch.append(event)
+            if len(batch) >= 20000 or (event is None and (batch or not state.latest_event_id)):
+                changes = state.take_changes()
+                self.log.write_projection(changes, state.summary())
+                state.forget(changes)
+                batch = []
+        return state
+
+    def _reload_state(self):
+        summary, partitions, wants, runs = self.log.load_projection()
+        return (BuildState.restore(summary, partitions, wants, runs) if summary is not None
+                else self._open_state())
+
+    def find_want(self, want_id):
+        """A want in memory (live) or from the projection (finished), or None."""
+        want = self.state.wants.get(want_id)
+        return want if want is not None else self.log.projected("wants", want_id)
+
+    def find_job_run(self, job_run_id):
+        """A job run in memory (active) or from the projection (finished), or None."""
+        run = self.state.job_runs.get(job_run_id)
+        return run if run is not None else self.log.projected("job_runs", job_run_id)
 
     # -- commands from other threads ------------------------------------------
 
@@ -1557,16 +2023,18 @@ class Orchestrator:
     def _commit(self):
         entries, self._entries = self._entries, []
         replies, self._replies = self._replies, []
+        changes = self.state.take_changes()
         try:
             if entries:
-                events = self.log.append(entries, sync=self._syncer is None)
+                events = self.log.append(entries, sync=self._syncer is None,
+                                         changes=changes, summary=self.state.summary())
                 if events[-1].event_id != self.state.latest_event_id:
                     raise StorageError("Event log was written by someone else "
                                        "(expected event %d, got %d)"
                                        % (self.state.latest_event_id, events[-1].event_id))
         except StorageError as e:
-            logger.error("Commit failed, reloading state from the log: %s", e)
-            self.state = BuildState.from_events(self.log.iter_events())
+            logger.error("Commit failed, reloading the state: %s", e)
+            self.state = self._reload_state()
             for cmd, _ in replies:
                 cmd.error = Unavailable("Event log write failed: %s" % e.message)
                 cmd.done.set()
@@ -1579,6 +2047,7 @@ class Orchestrator:
                 logger.exception("Reply to %s failed", cmd.kind)
                 cmd.error = e
             answered.append(cmd)
+        self.state.forget(changes)  # finished work lives on in the projection only
         if self._syncer is not None and entries:
             self._syncer.submit(answered)  # answered once the fsync is done
         else:
@@ -1607,7 +2076,7 @@ class Orchestrator:
     def _cmd_create_want(self, now, request):
         want_id = request.get("want_id") or new_id()
         refs = list(dict.fromkeys(request["partitions"]))
-        existing = self.state.wants.get(want_id)
+        existing = self.find_want(want_id) if request.get("want_id") else None
         if existing is not None:
             if existing.partitions != refs:
                 raise Conflict("want_id already used with other partitions", want_id=want_id,
@@ -1629,7 +2098,7 @@ class Orchestrator:
         return lambda: (True, reply())
 
     def _cmd_cancel_want(self, now, want_id):
-        want = self.state.wants.get(want_id)
+        want = self.find_want(want_id)
         if want is None:
             raise NotFound("Want not found", want_id=want_id)
         if want.status in TERMINAL_WANT_STATUSES:
@@ -1652,7 +2121,7 @@ class Orchestrator:
         return self.state.partitions[ref].to_dict()
 
     def _cmd_cancel_job_run(self, now, job_run_id, reason="canceled by user"):
-        run = self.state.job_runs.get(job_run_id)
+        run = self.find_job_run(job_run_id)
         if run is None:
             raise NotFound("Job run not found", job_run_id=job_run_id)
         if run.status not in ACTIVE_JOB_RUN_STATUSES:
@@ -1757,8 +2226,8 @@ class Orchestrator:
         self._emit(JOB_RUN_MISSING_DEPS, {"job_run_id": run.job_run_id,
                                           "missing_deps": missing, "exit_code": code}, now)
         unmet = [d for d in missing if self.state._status_of(d) != LIVE]
-        live_parents = [self.state.wants[w] for w in run.want_ids
-                        if self.state.wants[w].status not in TERMINAL_WANT_STATUSES]
+        live_parents = [w for w in map(self.state.wants.get, run.want_ids)
+                        if w is not None and w.status not in TERMINAL_WANT_STATUSES]
         if not unmet or not live_parents:
             return
         parent = live_parents[0]
@@ -1778,11 +2247,12 @@ class Orchestrator:
             if dep in run.partitions:
                 return [dep, dep]
             for want_id in run.want_ids:
+                want = self.state.wants.get(want_id)
                 path = [run.partitions[0]]
-                for upstream_run in self.state.want_chain_runs(want_id):
-                    if dep in upstream_run.partitions:
+                for upstream in (want.chain if want is not None else ()):
+                    if dep in upstream:
                         return [dep] + path[::-1] + [dep]
-                    path.append(upstream_run.partitions[0])
+                    path.append(upstream[0])
         return None
 
     def _enforce_deadlines(self, now):
@@ -1796,7 +2266,9 @@ class Orchestrator:
     def _expire(self, now):
         while self._deadlines and self._deadlines[0][0] <= now:
             _, kind, want_id = heapq.heappop(self._deadlines)
-            want = self.state.wants[want_id]
+            want = self.state.wants.get(want_id)
+            if want is None:  # finished (and out of memory) meanwhile
+                continue
             if kind == "ttl":
                 if want.status not in TERMINAL_WANT_STATUSES:
                     self._emit(WANT_EXPIRE, {"want_id": want_id}, now)
@@ -2011,39 +2483,71 @@ def _stop_orphan(pid):
 # Read model ##################################################################
 ###############################################################################
 
-class ReadModel:
-    """The readers' BuildState, cached and advanced incrementally (SPEC 2).
+class MemoryView:
+    """The read queries of ``StoreView``, answered from a state in memory
+    (a full replay, as for ``as_of``)."""
 
-    ``read()`` first applies the events appended since the last read -- one
-    indexed SQLite query, usually returning nothing -- so a read costs the
-    size of its answer, not of the log.  The state is guarded by ``_lock``:
-    hold it (through ``read()``) while looking at the state, never across I/O
-    other than that catch-up query.  ``read(as_of=N)`` answers from a replay
-    of the log up to event N, cached (a few of them) so that a burst of reads
-    at one ``as_of`` replays once; those snapshots are never mutated.
+    def __init__(self, state):
+        self.state = state
+        self.latest_event_id = state.latest_event_id
+        self.summary = state.summary()
+
+    def want(self, want_id):
+        want = self.state.wants.get(want_id)
+        return want.to_dict(self.state) if want is not None else None
+
+    def wants(self, status, offset, limit):
+        index = None if status is None else self.state.wants_by_status[status]
+        page, total = _newest_first(self.state.wants, index, offset, limit)
+        return [w.to_dict(self.state) for w in page], total
+
+    def partition(self, ref):
+        part = self.state.partitions.get(ref)
+        return part.to_dict() if part is not None else None
+
+    def partitions(self, status, prefix, offset, limit):
+        index = None if status is None else self.state.partitions_by_status[status]
+        keep = None if not prefix else (lambda p: p.ref.startswith(prefix))
+        page, total = _newest_first(self.state.partitions, index, offset, limit, keep)
+        return [p.to_dict() for p in page], total
+
+    def job_run(self, job_run_id):
+        run = self.state.job_runs.get(job_run_id)
+        return run.to_dict() if run is not None else None
+
+    def job_runs(self, status, job_label, want_id, offset, limit):
+        index = None if status is None else self.state.job_runs_by_status[status]
+        if want_id is not None:
+            want = self.state.wants.get(want_id)
+            ids = want.job_run_ids if want is not None else ()
+            index = [i for i in ids if index is None or i in index]
+        keep = None if job_label is None else (lambda r: r.job_label == job_label)
+        page, total = _newest_first(self.state.job_runs, index, offset, limit, keep)
+        return [r.to_dict() for r in page], total
+
+
+class ReadModel:
+    """What readers read (SPEC 2): the projection, or the past.
+
+    ``read()`` is a consistent snapshot of the projection -- the reduced
+    state the orchestrator writes in the same transaction as the events --
+    queried through indexes, so a read costs the size of its answer, never a
+    replay.  ``read(as_of=N)`` replays the log up to event N into a state in
+    memory; a few such states are cached, so a burst of reads at one
+    ``as_of`` replays once.
     """
 
     def __init__(self, log, snapshots=4):
         self.log = log
-        self._lock = threading.Lock()  # guards _state
-        self._state = BuildState()
         self._past_lock = threading.Lock()  # guards _past (and serialises replays)
         self._past = collections.OrderedDict()
         self._snapshots = snapshots
 
-    def _catch_up(self):
-        while True:
-            events = self.log.list_events(self._state.latest_event_id, 10000)
-            for event in events:
-                self._state.apply(event)
-            if len(events) < 10000:
-                return
-
     def read(self, as_of=None):
-        """Context manager yielding the current state, or the state right after ``as_of``."""
+        """Context manager yielding a view (StoreView, or MemoryView for ``as_of``)."""
         if as_of is None:
-            return _LockedState(self)
-        return _Snapshot(self._state_at(as_of))
+            return self.log.view()
+        return _Snapshot(MemoryView(self._state_at(as_of)))
 
     def _state_at(self, as_of):
         with self._past_lock:
@@ -2062,30 +2566,12 @@ class ReadModel:
             return state
 
 
-class _LockedState:
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.model._lock.acquire()
-        try:
-            self.model._catch_up()
-        except BaseException:
-            self.model._lock.release()
-            raise
-        return self.model._state
-
-    def __exit__(self, *exc):
-        self.model._lock.release()
-        return False
-
-
 class _Snapshot:
-    def __init__(self, state):
-        self.state = state
+    def __init__(self, view):
+        self.view = view
 
     def __enter__(self):
-        return self.state
+        return self.view
 
     def __exit__(self, *exc):
         return False
@@ -2210,11 +2696,11 @@ def _follow_log(path, job_run_id, read_model, server, poll=0.1, heartbeat=1.0):
         position, partial, last_sent = 0, b"", time.monotonic()
         while True:
             # The status first: once the run has ended, its file is complete.
-            with read_model.read() as state:
-                run = state.job_runs[job_run_id]
-                finished = run.status not in ACTIVE_JOB_RUN_STATUSES
-                summary = {"status": run.status, "exit_code": run.exit_code,
-                           "duration_ms": run.duration_ms}
+            with read_model.read() as view:
+                run = view.job_run(job_run_id)
+            finished = run["status"] not in ACTIVE_JOB_RUN_STATUSES
+            summary = {"status": run["status"], "exit_code": run["exit_code"],
+                       "duration_ms": run["duration_ms"]}
             try:
                 with open(path, "rb") as f:
                     f.seek(position)
@@ -2242,9 +2728,12 @@ def _follow_log(path, job_run_id, read_model, server, poll=0.1, heartbeat=1.0):
         server.streams.release()
 
 
-def metrics_text(state, http_requests, uptime):
-    """Prometheus text exposition (format 0.0.4) of a state and request counts."""
+def metrics_text(summary, http_requests, uptime):
+    """Prometheus text exposition (format 0.0.4) of a state summary
+    (``BuildState.summary()``) and request counts."""
     out = []
+    counts = summary["counts"]
+    buckets, duration_sum, duration_count = summary["durations"]
 
     def family(name, kind, help_text, samples):
         out.append("# HELP %s %s" % (name, help_text))
@@ -2257,27 +2746,27 @@ def metrics_text(state, http_requests, uptime):
                                     repr(float(value)) if isinstance(value, float) else value))
 
     family("databuild_wants", "gauge", "Wants by status.",
-           [((("status", s),), len(state.wants_by_status[s])) for s in WANT_STATUSES])
+           [((("status", s),), counts["wants"].get(s, 0)) for s in WANT_STATUSES])
     family("databuild_partitions", "gauge", "Partitions by status.",
-           [((("status", s),), len(state.partitions_by_status[s])) for s in PARTITION_STATUSES])
+           [((("status", s),), counts["partitions"].get(s, 0)) for s in PARTITION_STATUSES])
     family("databuild_job_runs", "gauge", "Job runs by status.",
-           [((("status", s),), len(state.job_runs_by_status[s])) for s in JOB_RUN_STATUSES])
+           [((("status", s),), counts["job_runs"].get(s, 0)) for s in JOB_RUN_STATUSES])
     family("databuild_events_total", "counter", "Events in the build event log.",
-           [((), state.latest_event_id)])
+           [((), summary["event_id"])])
     family("databuild_sla_breaches_total", "counter", "Wants that breached their SLA.",
-           [((), state.sla_breaches)])
+           [((), summary["sla_breaches"])])
     family("databuild_http_requests_total", "counter", "HTTP requests by method and status code.",
            [((("method", m), ("code", c)), n) for (m, c), n in sorted(http_requests.items())])
     cumulative, samples = 0, []
-    for bound, count in zip(DURATION_BUCKETS, state.duration_buckets):
+    for bound, count in zip(DURATION_BUCKETS, buckets):
         cumulative += count
         samples.append(((("le", "+Inf" if bound == float("inf") else repr(bound)),), cumulative))
     out.append("# HELP databuild_job_run_duration_seconds Durations of finished job runs.")
     out.append("# TYPE databuild_job_run_duration_seconds histogram")
     for labels, value in samples:
         out.append('databuild_job_run_duration_seconds_bucket{le="%s"} %d' % (labels[0][1], value))
-    out.append("databuild_job_run_duration_seconds_sum %r" % float(state.duration_sum))
-    out.append("databuild_job_run_duration_seconds_count %d" % state.duration_count)
+    out.append("databuild_job_run_duration_seconds_sum %r" % float(duration_sum))
+    out.append("databuild_job_run_duration_seconds_count %d" % duration_count)
     family("databuild_uptime_seconds", "gauge", "Seconds since the server started.",
            [((), round(float(uptime), 3))])
     return "\n".join(out) + "\n"
@@ -2402,9 +2891,9 @@ def make_app(server):
             raise InvalidRequest("Request body must be a JSON object")
         return body
 
-    def listing(page, total, limit, offset, state, to_dict):
-        return {"data": [to_dict(x) for x in page], "total": total, "limit": limit,
-                "offset": offset, "latest_event_id": state.latest_event_id}
+    def listing(page, total, limit, offset, view):
+        return {"data": page, "total": total, "limit": limit, "offset": offset,
+                "latest_event_id": view.latest_event_id}
 
     def orchestrator():
         if server.orchestrator is None:
@@ -2426,10 +2915,9 @@ def make_app(server):
         query(("status", "limit", "offset", "as_of"))
         status = status_param(WANT_STATUSES)
         limit, offset = paging()
-        with read_model.read(as_of()) as state:
-            index = None if status is None else state.wants_by_status[status]
-            page, total = _newest_first(state.wants, index, offset, limit)
-            return listing(page, total, limit, offset, state, lambda w: w.to_dict(state))
+        with read_model.read(as_of()) as view:
+            page, total = view.wants(status, offset, limit)
+            return listing(page, total, limit, offset, view)
 
     @app.post("/api/wants")
     def create_want():
@@ -2442,11 +2930,11 @@ def make_app(server):
     @app.get("/api/wants/<want_id>")
     def get_want(want_id):
         query(("as_of",))
-        with read_model.read(as_of()) as state:
-            want = state.wants.get(want_id)
-            if want is None:
-                raise NotFound("Want not found", want_id=want_id)
-            return {"data": want.to_dict(state)}
+        with read_model.read(as_of()) as view:
+            want = view.want(want_id)
+        if want is None:
+            raise NotFound("Want not found", want_id=want_id)
+        return {"data": want}
 
     @app.delete("/api/wants/<want_id>")
     def cancel_want(want_id):
@@ -2459,20 +2947,18 @@ def make_app(server):
         status = status_param(PARTITION_STATUSES)
         prefix = request.query.get("prefix") or None
         limit, offset = paging()
-        with read_model.read(as_of()) as state:
-            index = None if status is None else state.partitions_by_status[status]
-            keep = None if prefix is None else (lambda p: p.ref.startswith(prefix))
-            page, total = _newest_first(state.partitions, index, offset, limit, keep)
-            return listing(page, total, limit, offset, state, Partition.to_dict)
+        with read_model.read(as_of()) as view:
+            page, total = view.partitions(status, prefix, offset, limit)
+            return listing(page, total, limit, offset, view)
 
     @app.get("/api/partitions/<ref:path>")
     def get_partition(ref):
         query(("as_of",))
-        with read_model.read(as_of()) as state:
-            part = state.partitions.get(ref)
-            if part is None:
-                raise NotFound("Partition not found", ref=ref)
-            return {"data": part.to_dict()}
+        with read_model.read(as_of()) as view:
+            part = view.partition(ref)
+        if part is None:
+            raise NotFound("Partition not found", ref=ref)
+        return {"data": part}
 
     @app.post("/api/partitions/<ref:path>/taint")
     def taint_partition(ref):
@@ -2491,24 +2977,18 @@ def make_app(server):
         label = request.query.get("job_label") or None
         want_id = request.query.get("want_id") or None
         limit, offset = paging()
-        with read_model.read(as_of()) as state:
-            index = None if status is None else state.job_runs_by_status[status]
-            if want_id is not None:
-                want = state.wants.get(want_id)
-                ids = want.job_run_ids if want is not None else ()
-                index = [i for i in ids if index is None or i in index]
-            keep = None if label is None else (lambda r: r.job_label == label)
-            page, total = _newest_first(state.job_runs, index, offset, limit, keep)
-            return listing(page, total, limit, offset, state, JobRun.to_dict)
+        with read_model.read(as_of()) as view:
+            page, total = view.job_runs(status, label, want_id, offset, limit)
+            return listing(page, total, limit, offset, view)
 
     @app.get("/api/job_runs/<job_run_id>")
     def get_job_run(job_run_id):
         query(("as_of",))
-        with read_model.read(as_of()) as state:
-            run = state.job_runs.get(job_run_id)
-            if run is None:
-                raise NotFound("Job run not found", job_run_id=job_run_id)
-            return {"data": run.to_dict()}
+        with read_model.read(as_of()) as view:
+            run = view.job_run(job_run_id)
+        if run is None:
+            raise NotFound("Job run not found", job_run_id=job_run_id)
+        return {"data": run}
 
     @app.post("/api/job_runs/<job_run_id>/cancel")
     def cancel_job_run(job_run_id):
@@ -2519,8 +2999,8 @@ def make_app(server):
     @app.get("/api/job_runs/<job_run_id>/logs/<stream>")
     def job_run_log(job_run_id, stream):
         query(("follow",))
-        with read_model.read() as state:
-            if job_run_id not in state.job_runs:
+        with read_model.read() as view:
+            if view.job_run(job_run_id) is None:
                 raise NotFound("Job run not found", job_run_id=job_run_id)
         # The path is built from a known job run id, never from user input.
         path = job_run_log_path(config.state_dir, job_run_id, stream)
@@ -2545,8 +3025,8 @@ def make_app(server):
     @app.get("/metrics")
     def metrics():
         query(())
-        with read_model.read() as state:
-            text = metrics_text(state, server.http_requests, time.time() - server.started_at)
+        with read_model.read() as view:
+            text = metrics_text(view.summary, server.http_requests, time.time() - server.started_at)
         response.content_type = "text/plain; version=0.0.4; charset=utf-8"
         return text
 

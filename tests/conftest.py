@@ -116,13 +116,17 @@ class Driver:
             assert time.monotonic() < deadline, "condition not reached in %.0fs" % timeout
             self.orch._wake.wait(self.orch._sleep_seconds(time.time()) or 0.01)
 
+    def full(self):
+        """The whole state (a replay of the log), finished work included."""
+        return databuild.BuildState.from_events(self.log.iter_events())
+
     def want_status(self, want_id):
-        return self.state.wants[want_id].status
+        return self.orch.find_want(want_id).status
 
     def settle(self, want_id, timeout=15.0):
-        self.until(lambda s: s.wants[want_id].status in databuild.TERMINAL_WANT_STATUSES,
+        self.until(lambda s: self.want_status(want_id) in databuild.TERMINAL_WANT_STATUSES,
                    timeout)
-        return self.state.wants[want_id].status
+        return self.want_status(want_id)
 
     def close(self):
         self.orch.shutdown()

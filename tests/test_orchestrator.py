@@ -22,7 +22,7 @@ def test_success_with_the_job_protocol(tmp_path, driver_for):
     want = d.want("out/a")
     assert want["status"] == "Building"  # queued in the step that created it
     assert d.settle(want["want_id"]) == SUCCESSFUL
-    (run,) = d.state.job_runs.values()
+    (run,) = d.full().job_runs.values()
     assert run.status == SUCCEEDED and run.exit_code == 0 and run.duration_ms is not None
     with open(os.path.join(ws, "built", "out%2Fa")) as f:
         record = json.load(f)
@@ -48,15 +48,15 @@ def test_dep_miss_chain_builds_upstream_then_reruns(tmp_path, driver_for):
     assert d.settle(want["want_id"]) == SUCCESSFUL
     assert all(built(ws, r) for r in "abc")
     assert [run_count(ws, r) for r in "abc"] == [1, 2, 2]
-    root = d.state.wants[want["want_id"]]
+    root = d.full().wants[want["want_id"]]
     (child_id,) = root.derivative_want_ids
-    child = d.state.wants[child_id]
+    child = d.full().wants[child_id]
     assert child.partitions == ["b"] and child.parent_want_id == root.want_id
     assert child.root_want_id == root.want_id and child.source["type"] == "job"
-    assert d.state.job_runs[child.source["job_run_id"]].status == DEP_MISS
+    assert d.full().job_runs[child.source["job_run_id"]].status == DEP_MISS
     (grandchild_id,) = child.derivative_want_ids
-    assert d.state.wants[grandchild_id].root_want_id == root.want_id
-    assert d.state.partitions["c"].missing_deps == []  # cleared by the rebuild
+    assert d.full().wants[grandchild_id].root_want_id == root.want_id
+    assert d.full().partitions["c"].missing_deps == []  # cleared by the rebuild
 
 
 def test_failure_is_retried_up_to_max_retries(tmp_path, driver_for):
@@ -66,15 +66,15 @@ def test_failure_is_retried_up_to_max_retries(tmp_path, driver_for):
     d = driver_for(ws)
     ok = d.want("ok")
     assert d.settle(ok["want_id"]) == SUCCESSFUL
-    assert [r.attempt for r in runs_of(d.state, "ok")] == [1, 2, 3]
-    assert [r.status for r in runs_of(d.state, "ok")] == [FAILED, FAILED, SUCCEEDED]
+    assert [r.attempt for r in runs_of(d.full(), "ok")] == [1, 2, 3]
+    assert [r.status for r in runs_of(d.full(), "ok")] == [FAILED, FAILED, SUCCEEDED]
     bad = d.want("bad")
     assert d.settle(bad["want_id"]) == FAILED
-    runs = runs_of(d.state, "bad")
+    runs = runs_of(d.full(), "bad")
     assert len(runs) == 3 and all(r.status == FAILED for r in runs)
     assert runs[-1].exit_code == 7
     assert runs[-1].error == "exit code 7: planned exit 7 for bad"
-    assert d.state.partitions["bad"].status == FAILED
+    assert d.full().partitions["bad"].status == FAILED
 
 
 def test_timeout_kills_the_process_group(tmp_path, driver_for):
@@ -86,7 +86,7 @@ def test_timeout_kills_the_process_group(tmp_path, driver_for):
     want = d.want("slow")
     assert d.settle(want["want_id"]) == FAILED
     assert time.monotonic() - started < 10
-    (run,) = d.state.job_runs.values()
+    (run,) = d.full().job_runs.values()
     assert run.error == "timeout" and run.status == FAILED
     assert not built(ws, "slow")
 
@@ -97,11 +97,11 @@ def test_dependency_cycle_fails_the_run(tmp_path, driver_for):
     d = driver_for(ws)
     want = d.want("a")
     assert d.settle(want["want_id"]) == UPSTREAM_FAILED
-    failed = [r for r in d.state.job_runs.values() if r.status == FAILED]
+    failed = [r for r in d.full().job_runs.values() if r.status == FAILED]
     assert [r.error for r in failed] == ["dependency cycle: a -> b -> a"]
     me = d.want("self")
     assert d.settle(me["want_id"]) == FAILED
-    assert runs_of(d.state, "self")[-1].error == "dependency cycle: self -> self"
+    assert runs_of(d.full(), "self")[-1].error == "dependency cycle: self -> self"
 
 
 def test_missing_dep_no_job_produces_fails_the_run(tmp_path, driver_for):
@@ -110,7 +110,7 @@ def test_missing_dep_no_job_produces_fails_the_run(tmp_path, driver_for):
     d = driver_for(ws)
     want = d.want("x/a")
     assert d.settle(want["want_id"]) == FAILED
-    (run,) = d.state.job_runs.values()
+    (run,) = d.full().job_runs.values()
     assert "nobody/builds/this" in run.error
 
 
@@ -124,7 +124,7 @@ def test_cancel_want_stops_its_running_job(tmp_path, driver_for):
     assert canceled["status"] == CANCELED
     d.until(lambda s: not s.job_runs_by_status[RUNNING])
     assert time.monotonic() - started < 10
-    (run,) = d.state.job_runs.values()
+    (run,) = d.full().job_runs.values()
     assert run.status == CANCELED and run.error == "want canceled"
     with pytest.raises(Conflict):
         d.command("cancel_want", want_id=want["want_id"])
@@ -139,7 +139,7 @@ def test_cancel_keeps_runs_another_want_needs(tmp_path, driver_for):
     second = d.want("slow")
     d.command("cancel_want", want_id=first["want_id"])
     assert d.settle(second["want_id"]) == SUCCESSFUL
-    assert len(d.state.job_runs) == 1
+    assert len(d.full().job_runs) == 1
 
 
 def test_cancel_drops_queued_runs(tmp_path, driver_for):
@@ -150,8 +150,8 @@ def test_cancel_drops_queued_runs(tmp_path, driver_for):
     want = d.want("b")
     (queued,) = d.state.job_runs_by_status[QUEUED]
     d.command("cancel_want", want_id=want["want_id"])
-    assert d.state.job_runs[queued].status == CANCELED
-    assert d.state.job_runs[queued].error == "want canceled"
+    assert d.full().job_runs[queued].status == CANCELED
+    assert d.full().job_runs[queued].error == "want canceled"
     assert run_count(ws, "b") == 0
 
 
@@ -165,7 +165,7 @@ def test_concurrency_limit(tmp_path, driver_for):
     def check(state):
         nonlocal most
         most = max(most, len(state.job_runs_by_status[RUNNING]))
-        return state.wants[want["want_id"]].status == SUCCESSFUL
+        return d.want_status(want["want_id"]) == SUCCESSFUL
     d.until(check)
     assert most == 2
 
@@ -176,7 +176,7 @@ def test_batching_up_to_max_partitions_per_run(tmp_path, driver_for):
     d = driver_for(ws)
     want = d.want(*"abcdefg")
     assert d.settle(want["want_id"]) == SUCCESSFUL
-    sizes = sorted(len(r.partitions) for r in d.state.job_runs.values())
+    sizes = sorted(len(r.partitions) for r in d.full().job_runs.values())
     assert sizes == [1, 3, 3]
 
 
@@ -186,7 +186,7 @@ def test_shared_build_one_run_for_many_wants(tmp_path, driver_for):
     wants = [d.want("a") for _ in range(3)]
     for w in wants:
         assert d.settle(w["want_id"]) == SUCCESSFUL
-    (run,) = d.state.job_runs.values()
+    (run,) = d.full().job_runs.values()
     assert run.want_ids == [w["want_id"] for w in wants]
     assert run_count(ws, "a") == 1
 
@@ -208,7 +208,7 @@ def test_ttl_expires_a_want_and_drops_its_work(tmp_path, driver_for):
     want = d.want("a", ttl_seconds=0.3)
     assert d.settle(want["want_id"]) == EXPIRED
     d.until(lambda s: not s.job_runs_by_status[RUNNING])
-    (run,) = d.state.job_runs.values()
+    (run,) = d.full().job_runs.values()
     assert run.status == CANCELED and run.error == "want expired"
 
 
@@ -217,10 +217,10 @@ def test_sla_breach_is_recorded(tmp_path, driver_for):
     d = driver_for(ws)
     late = d.want("a", sla_seconds=0.2)
     fine = d.want("b", sla_seconds=5)
-    d.until(lambda s: s.wants[late["want_id"]].sla_breached)
+    d.until(lambda s: d.orch.find_want(late["want_id"]).sla_breached)
     assert d.settle(late["want_id"]) == SUCCESSFUL
     assert d.settle(fine["want_id"]) == SUCCESSFUL
-    assert not d.state.wants[fine["want_id"]].sla_breached
+    assert not d.full().wants[fine["want_id"]].sla_breached
 
 
 def test_want_id_idempotency(tmp_path, driver_for):
@@ -271,7 +271,8 @@ def test_restart_fails_leftover_runs_and_goes_on(tmp_path, driver_for):
         proc.kill()
     d.orch._processes.clear()
     again = databuild.Orchestrator(d.config, d.log)
-    stale = [r for r in again.state.job_runs.values() if r.status == FAILED]
+    stale = [r for r in databuild.BuildState.from_events(d.log.iter_events()).job_runs.values()
+             if r.status == FAILED]
     assert {r.error for r in stale} == {"server restarted"}
     d.orch = again
     assert d.settle(want["want_id"]) == SUCCESSFUL
@@ -283,3 +284,7 @@ def test_step_cost_does_not_walk_finished_work(tmp_path, driver_for):
     d.settle(want["want_id"])
     assert not d.state.pending_refs and not d.state.active_run_by_ref
     assert not d.state.job_runs_by_status[QUEUED] and not d.state.live_wants_by_ref
+    # Finished work is out of memory: it lives on in the projection only.
+    assert not d.state.wants and not d.state.job_runs
+    assert len(d.state.wants_by_status["Successful"]) == 1
+    assert d.orch.find_want(want["want_id"]).status == "Successful"

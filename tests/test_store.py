@@ -84,3 +84,77 @@ def test_sqlite_errors_become_storage_errors(tmp_path):
     with pytest.raises(StorageError) as info:
         EventLog(str(path))
     assert isinstance(info.value.__cause__, sqlite3.Error)
+
+
+# -- the projection ------------------------------------------------------------
+
+import databuild  # noqa: E402
+from conftest import write_workspace  # noqa: E402
+
+
+def rows_of(log, table, key):
+    conn = sqlite3.connect(log.path)
+    try:
+        return {k: row for k, row in conn.execute("SELECT %s, row FROM %s" % (key, table))}
+    finally:
+        conn.close()
+
+
+def assert_projection_matches_replay(log):
+    """Every projection row equals the entity of a full replay of the log, and
+    the working set restored from it has the replay's indexes."""
+    full = databuild.BuildState.from_events(log.iter_events())
+    for table, key, entities in (("wants", "want_id", full.wants),
+                                 ("partitions", "ref", full.partitions),
+                                 ("job_runs", "job_run_id", full.job_runs)):
+        rows = rows_of(log, table, key)
+        assert set(rows) == set(entities), table
+        for k, entity in entities.items():
+            assert rows[k] == entity.to_row(), (table, k)
+    summary, partitions, wants, runs = log.load_projection()
+    restored = databuild.BuildState.restore(summary, partitions, wants, runs)
+    assert restored.latest_event_id == full.latest_event_id
+    assert restored.pending_refs.keys() == full.pending_refs.keys()
+    assert restored.live_wants_by_ref == full.live_wants_by_ref
+    assert restored.waiters == full.waiters
+    assert restored.active_run_by_ref == full.active_run_by_ref
+    for want_id, want in restored.wants.items():
+        assert want.counts == full.wants[want_id].counts
+    for kind in ("wants_by_status", "partitions_by_status", "job_runs_by_status"):
+        for status, bucket in getattr(full, kind).items():
+            assert len(getattr(restored, kind)[status]) == len(bucket), (kind, status)
+    assert restored.summary() == full.summary()
+
+
+def test_projection_rows_are_the_replay(tmp_path, driver_for):
+    from conftest import set_plan
+    ws = write_workspace(tmp_path / "ws", jobs=[{"label": "t", "partition_patterns": [".*"],
+                                                 "max_retries": 1}],
+                         plan={"c": {"deps": ["b"]}, "b": {"deps": ["a"]},
+                               "flaky": {"fail_times": 1}, "bad": {"exit": 3},
+                               "needs-bad": {"deps": ["bad"]}, "slow": {"sleep": 30}})
+    d = driver_for(ws)
+    for refs in (["c"], ["flaky"], ["needs-bad", "x"]):
+        d.settle(d.want(*refs)["want_id"])
+    slow = d.want("slow", "y")
+    d.until(lambda s: s.job_runs_by_status["Running"])
+    d.command("taint", ref="c", reason="why not")
+    d.want("c", sla_seconds=100, ttl_seconds=1000)  # rebuilt while the slow one runs
+    assert_projection_matches_replay(d.log)  # with work in progress
+    d.command("cancel_want", want_id=slow["want_id"])
+    d.until(lambda s: not s.job_runs_by_status["Running"] and not s.job_runs_by_status["Queued"])
+    assert_projection_matches_replay(d.log)
+
+
+def test_projection_is_rebuilt_when_missing(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", plan={"b": {"deps": ["a"]}})
+    d = driver_for(ws)
+    want = d.want("b")
+    d.settle(want["want_id"])
+    d.log.clear_projection()  # as if the log came from elsewhere, or an older version
+    d.orch = databuild.Orchestrator(d.config, d.log)
+    assert d.orch.find_want(want["want_id"]).status == "Successful"
+    assert not d.orch.state.wants  # finished work is not loaded
+    assert_projection_matches_replay(d.log)
+    d.settle(d.want("c")["want_id"])  # and it goes on from there
+    assert_projection_matches_replay(d.log)
