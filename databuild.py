@@ -249,8 +249,11 @@ def isoformat(ts):
     """Format epoch seconds as ``2026-11-27T09:30:00.123Z`` (None stays None)."""
     if ts is None:
         return None
-    dt = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (dt.microsecond // 1000)
+    seconds = int(ts // 1)
+    millis = int(round((ts - seconds) * 1000))
+    if millis == 1000:
+        seconds, millis = seconds + 1, 0
+    return "%s.%03dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)), millis)
 
 
 def new_id():
@@ -1010,6 +1013,9 @@ class EventLog:
         self._durable = threading.Condition()  # notified when durable_event_id grows
         self._wal_fd = None
         self._appended_id = 0  # newest committed event (the writer sets it)
+        # Readers' answers for single objects: (kind, key) -> (event id, dict),
+        # good while no commit happened since that event (StoreView._cached).
+        self.read_cache = {}
         with self._errors():
             self._conn().executescript(_SCHEMA)
             (latest,) = self._conn().execute(
@@ -1112,8 +1118,8 @@ class EventLog:
         for kind, values in rows.items():
             if values:
                 conn.executemany(_ROW_SQL[kind], values)
-        conn.execute("INSERT OR REPLACE INTO projection (key, value) VALUES ('summary', ?)",
-                     (dumps(summary),))
+        conn.executemany("INSERT OR REPLACE INTO projection (key, value) VALUES (?, ?)",
+                         (("summary", dumps(summary)), ("event_id", summary["event_id"])))
 
     def write_projection(self, changes, summary):
         """Write projection rows alone (rebuilding the projection from the events)."""
@@ -1233,41 +1239,20 @@ class EventLog:
 
 
 class _StoreSnapshot:
-    """``with log.view() as view``: one read transaction over the projection.
-
-    If the projection holds events not yet fsynced (the orchestrator commits
-    before its syncer fsyncs), the reader waits for that fsync: nobody sees
-    what a power loss could still take back.
-    """
+    """``with log.view() as view``: readers' access to the projection."""
 
     def __init__(self, log):
         self.log = log
 
     def __enter__(self):
-        self.conn = self.log._conn()
-        with self.log._errors():
-            self.conn.execute("BEGIN")
-            try:
-                row = self.conn.execute(
-                    "SELECT value FROM projection WHERE key = 'summary'").fetchone()
-                summary = json.loads(row[0]) if row else None
-                if summary is not None and summary["event_id"] > self.log.durable_event_id:
-                    self.log.wait_durable(summary["event_id"])
-            except BaseException:
-                self.conn.execute("COMMIT")
-                raise
-        return StoreView(self.conn, summary)
+        return StoreView(self.log)
 
     def __exit__(self, *exc):
-        try:
-            self.conn.execute("COMMIT")
-        except sqlite3.Error:
-            pass
         return False
 
 
 class _Statuses:
-    """``partition_status(ref)`` from a dict fetched for one answer."""
+    """``partition_status(ref)`` from a dict fetched with one answer."""
 
     def __init__(self, statuses):
         self.statuses = statuses
@@ -1276,55 +1261,106 @@ class _Statuses:
         return self.statuses.get(ref, IDLE)
 
 
+_EVENT_ID_SQL = "(SELECT value FROM projection WHERE key = 'event_id')"
+#: The statuses of a want row's partitions, as one JSON object.
+_STATUSES_SQL = ("(SELECT json_group_object(p.ref, p.status) FROM json_each(w.row, '$[%d]') j "
+                 "JOIN partitions p ON p.ref = j.value)" % Want.ROW.index("partitions"))
+
+
 class StoreView:
     """Read queries on the projection, answered as API dicts.
 
-    Every query uses an index: a read costs the size of its answer.  The
-    same methods exist on ``MemoryView`` (a state in memory, for ``as_of``).
+    Every query uses an index, so a read costs the size of its answer.  A
+    single object is read by one SQL statement (one consistent snapshot, and
+    few round trips through the GIL); a page by a short read transaction.  If
+    what was read is not yet fsynced (the orchestrator commits before its
+    syncer fsyncs), the reader waits for that fsync: nobody sees what a power
+    loss could still take back.  ``MemoryView`` has the same methods.
     """
 
-    def __init__(self, conn, summary):
-        self.conn = conn
-        self.summary = summary or BuildState().summary()
-        self.latest_event_id = self.summary["event_id"]
+    def __init__(self, log):
+        self.log = log
+        self.conn = log._conn()
+        self._summary = None
+        self.latest_event_id = None
 
-    def _statuses(self, wants):
-        refs = sorted({ref for want in wants for ref in want.partitions})
-        statuses = {}
-        for i in range(0, len(refs), 500):
-            chunk = refs[i:i + 500]
-            statuses.update(self.conn.execute(
-                "SELECT ref, status FROM partitions WHERE ref IN (%s)"
-                % ",".join("?" * len(chunk)), chunk))
-        return _Statuses(statuses)
+    def _durable(self, event_id):
+        if event_id is not None and int(event_id) > self.log.durable_event_id:
+            self.log.wait_durable(int(event_id))
 
-    def _wants(self, rows):
-        wants = [Want.from_row(r) for (r,) in rows]
-        statuses = self._statuses(wants)
-        return [w.to_dict(statuses) for w in wants]
+    def _one(self, sql, args):
+        with self.log._errors():
+            row = self.conn.execute(sql, args).fetchone()
+        if row is not None:
+            self._durable(row[-1])
+        return row
+
+    def _cached(self, kind, key, sql, render):
+        # A single object read again while nothing was committed meanwhile is
+        # answered from memory.  A write's reply is sent only after its commit
+        # moved the appended event id on, so a client still reads its writes.
+        cache = self.log.read_cache
+        hit = cache.get((kind, key))
+        if hit is not None and hit[0] == self.log._appended_id:
+            return hit[1]
+        row = self._one(sql, (key,))
+        if row is None:
+            return None
+        answer = render(row)
+        if len(cache) >= 10000:
+            cache.clear()
+        cache[(kind, key)] = (int(row[-1]), answer)
+        return answer
+
+    def _page(self, sql, args):
+        # A short read transaction: the page and the summary (totals) agree.
+        with self.log._errors():
+            self.conn.execute("BEGIN")
+            try:
+                rows = self.conn.execute(sql, args).fetchall()
+                row = self.conn.execute(
+                    "SELECT value FROM projection WHERE key = 'summary'").fetchone()
+            finally:
+                self.conn.execute("COMMIT")
+        self._summary = json.loads(row[0]) if row else BuildState().summary()
+        self.latest_event_id = self._summary["event_id"]
+        self._durable(self.latest_event_id)
+        return rows
+
+    @property
+    def summary(self):
+        """Counts and counters of ``BuildState.summary()``, read on first use."""
+        if self._summary is None:
+            with self.log._errors():
+                row = self.conn.execute(
+                    "SELECT value FROM projection WHERE key = 'summary'").fetchone()
+            self._summary = json.loads(row[0]) if row else BuildState().summary()
+            self.latest_event_id = self._summary["event_id"]
+            self._durable(self.latest_event_id)
+        return self._summary
+
+    @staticmethod
+    def _want(row):
+        return Want.from_row(row[0]).to_dict(_Statuses(json.loads(row[1]) if row[1] else {}))
 
     def want(self, want_id):
         """One want as a dict, or None."""
-        page = self._wants(self.conn.execute("SELECT row FROM wants WHERE want_id = ?",
-                                             (want_id,)))
-        return page[0] if page else None
+        return self._cached("wants", want_id, "SELECT w.row, %s, %s FROM wants w "
+                            "WHERE want_id = ?" % (_STATUSES_SQL, _EVENT_ID_SQL), self._want)
 
     def wants(self, status, offset, limit):
         """``(page, total)`` of wants, newest first."""
-        if status is None:
-            rows = self.conn.execute("SELECT row FROM wants ORDER BY seq DESC LIMIT ? OFFSET ?",
-                                     (limit, offset))
-            total = self.summary["seqs"]["wants"]
-        else:
-            rows = self.conn.execute("SELECT row FROM wants WHERE status = ? "
-                                     "ORDER BY seq DESC LIMIT ? OFFSET ?", (status, limit, offset))
-            total = self.summary["counts"]["wants"].get(status, 0)
-        return self._wants(rows), total
+        where, args = ("", []) if status is None else (" WHERE status = ?", [status])
+        rows = self._page("SELECT w.row, %s FROM wants w%s ORDER BY seq DESC LIMIT ? OFFSET ?"
+                          % (_STATUSES_SQL, where), args + [limit, offset])
+        total = (self.summary["seqs"]["wants"] if status is None
+                 else self.summary["counts"]["wants"].get(status, 0))
+        return [self._want(r) for r in rows], total
 
     def partition(self, ref):
         """One partition as a dict, or None."""
-        row = self.conn.execute("SELECT row FROM partitions WHERE ref = ?", (ref,)).fetchone()
-        return Partition.from_row(row[0]).to_dict() if row else None
+        return self._cached("partitions", ref, "SELECT row, %s FROM partitions WHERE ref = ?"
+                            % _EVENT_ID_SQL, lambda r: Partition.from_row(r[0]).to_dict())
 
     def partitions(self, status, prefix, offset, limit):
         """``(page, total)`` of partitions, newest first, optionally by status and ref prefix."""
@@ -1337,57 +1373,57 @@ class StoreView:
             where.append("ref >= ? AND ref < ?")
             args += [prefix, prefix + "\U0010ffff"]
         clause = (" WHERE " + " AND ".join(where)) if where else ""
-        if prefix:
-            (total,) = self.conn.execute("SELECT COUNT(*) FROM partitions" + clause,
-                                         args).fetchone()
-        elif status is not None:
-            total = self.summary["counts"]["partitions"].get(status, 0)
+        if prefix:  # count the matches in the same snapshot as the page
+            rows = self._page("SELECT row, COUNT(*) OVER () FROM partitions%s "
+                              "ORDER BY seq DESC LIMIT ? OFFSET ?" % clause,
+                              args + [limit, offset])
+            total = rows[0][1] if rows else self._count("partitions", clause, args)
         else:
-            total = self.summary["seqs"]["partitions"]
-        rows = self.conn.execute("SELECT row FROM partitions%s ORDER BY seq DESC LIMIT ? OFFSET ?"
-                                 % clause, args + [limit, offset])
-        return [Partition.from_row(r).to_dict() for (r,) in rows], total
+            rows = self._page("SELECT row FROM partitions%s ORDER BY seq DESC LIMIT ? OFFSET ?"
+                              % clause, args + [limit, offset])
+            total = (self.summary["seqs"]["partitions"] if status is None
+                     else self.summary["counts"]["partitions"].get(status, 0))
+        return [Partition.from_row(r[0]).to_dict() for r in rows], total
+
+    def _count(self, table, clause, args):
+        with self.log._errors():
+            return self.conn.execute("SELECT COUNT(*) FROM %s%s" % (table, clause),
+                                     args).fetchone()[0]
 
     def job_run(self, job_run_id):
         """One job run as a dict, or None."""
-        row = self.conn.execute("SELECT row FROM job_runs WHERE job_run_id = ?",
-                                (job_run_id,)).fetchone()
-        return JobRun.from_row(row[0]).to_dict() if row else None
+        return self._cached("job_runs", job_run_id, "SELECT row, %s FROM job_runs "
+                            "WHERE job_run_id = ?" % _EVENT_ID_SQL,
+                            lambda r: JobRun.from_row(r[0]).to_dict())
 
     def job_runs(self, status, job_label, want_id, offset, limit):
         """``(page, total)`` of job runs, newest first, by status, job label or want."""
-        if want_id is not None:
-            row = self.conn.execute("SELECT row FROM wants WHERE want_id = ?",
-                                    (want_id,)).fetchone()
-            ids = Want.from_row(row[0]).job_run_ids if row else []
-            runs = []
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                runs += [JobRun.from_row(r) for (r,) in self.conn.execute(
-                    "SELECT row FROM job_runs WHERE job_run_id IN (%s)"
-                    % ",".join("?" * len(chunk)), chunk)]
-            runs = [r for r in runs if (status is None or r.status == status)
-                    and (job_label is None or r.job_label == job_label)]
-            runs.sort(key=lambda r: r.seq, reverse=True)
-            return [r.to_dict() for r in runs[offset:offset + limit]], len(runs)
         where, args = [], []
         if status is not None:
-            where.append("status = ?")
+            where.append("r.status = ?")
             args.append(status)
         if job_label is not None:
-            where.append("job_label = ?")
+            where.append("r.job_label = ?")
             args.append(job_label)
-        clause = (" WHERE " + " AND ".join(where)) if where else ""
-        if job_label is not None:
-            (total,) = self.conn.execute("SELECT COUNT(*) FROM job_runs" + clause,
-                                         args).fetchone()
-        elif status is not None:
-            total = self.summary["counts"]["job_runs"].get(status, 0)
+        if want_id is not None:
+            source = ("wants w, json_each(w.row, '$[%d]') j JOIN job_runs r "
+                      "ON r.job_run_id = j.value" % Want.ROW.index("job_run_ids"))
+            where.insert(0, "w.want_id = ?")
+            args.insert(0, want_id)
         else:
-            total = self.summary["seqs"]["job_runs"]
-        rows = self.conn.execute("SELECT row FROM job_runs%s ORDER BY seq DESC LIMIT ? OFFSET ?"
-                                 % clause, args + [limit, offset])
-        return [JobRun.from_row(r).to_dict() for (r,) in rows], total
+            source = "job_runs r"
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        if want_id is not None or job_label is not None:
+            rows = self._page("SELECT r.row, COUNT(*) OVER () FROM %s%s "
+                              "ORDER BY r.seq DESC LIMIT ? OFFSET ?" % (source, clause),
+                              args + [limit, offset])
+            total = rows[0][1] if rows else self._count(source, clause, args)
+        else:
+            rows = self._page("SELECT r.row FROM %s%s ORDER BY r.seq DESC LIMIT ? OFFSET ?"
+                              % (source, clause), args + [limit, offset])
+            total = (self.summary["seqs"]["job_runs"] if status is None
+                     else self.summary["counts"]["job_runs"].get(status, 0))
+        return [JobRun.from_row(r[0]).to_dict() for r in rows], total
 
 
 class _translate_sqlite_errors:

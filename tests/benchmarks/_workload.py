@@ -46,14 +46,27 @@ def make_workspace(path, toml=WORKSPACE_TOML):
 
 
 def build_log(workspace, n_events, seed=1):
-    """Fill ``<workspace>/.databuild/events.db`` with about ``n_events`` events of a
+    """Fill ``<workspace>/.databuild/events.db`` (events and projection, as the
+    orchestrator writes them) with about ``n_events`` events of a
     realistic mix: manual wants whose job reports a missing upstream, derivative
     wants, upstream builds, reruns, some plain failures with a retry, and some
     wants for partitions that already exist.  Returns the manual want ids."""
     rng = random.Random(seed)
     log = databuild.EventLog(os.path.join(workspace, ".databuild", "events.db"))
+    state = databuild.BuildState(working_set=True)  # to write the projection too
     ts = 1.7e9
     batch, want_ids, written, i = [], [], 0, 0
+
+    def flush():
+        nonlocal written
+        first = state.latest_event_id + 1
+        for k, (type_, payload, stamp) in enumerate(batch):
+            state.apply(databuild.Event(first + k, stamp, type_, payload))
+        changes = state.take_changes()
+        log.append(batch, changes=changes, summary=state.summary())
+        state.forget(changes)
+        written += len(batch)
+        batch.clear()
 
     def add(type_, payload):
         nonlocal ts
@@ -111,11 +124,9 @@ def build_log(workspace, n_events, seed=1):
         add("job_run_success", {"job_run_id": r3, "exit_code": 0})
         live.append(daily)
         if len(batch) >= 20000:
-            log.append(batch)
-            written += len(batch)
-            batch = []
+            flush()
     if batch:
-        log.append(batch)
+        flush()
     log.close()
     return want_ids
 
