@@ -333,8 +333,9 @@ class Want:
                  "sla_seconds", "sla_breached", "source", "parent_want_id",
                  "root_want_id", "derivative_want_ids", "job_run_ids", "comment",
                  "created_at", "updated_at", "seq", "chain", "counts")
-    #: What a projection row holds (everything but the live-only ``counts``).
-    ROW = __slots__[:-1]
+    #: What a projection row holds: everything but the live-only ``counts`` and
+    #: ``job_run_ids``, which grows without bound and is a link table instead.
+    ROW = tuple(f for f in __slots__ if f not in ("counts", "job_run_ids"))
 
     def to_row(self):
         """The want as one JSON projection row (see ``from_row``)."""
@@ -348,6 +349,7 @@ class Want:
             setattr(want, name, value)
         want.chain = tuple(tuple(refs) for refs in want.chain)
         want.counts = None
+        want.job_run_ids = []
         return want
 
     def to_dict(self, state):
@@ -375,7 +377,8 @@ class Partition:
 
     __slots__ = ("ref", "status", "job_label", "last_job_run_id", "built_by_job_run_id",
                  "want_ids", "missing_deps", "updated_at", "waiting_on", "retries", "seq")
-    ROW = __slots__
+    #: ``want_ids`` grows without bound: a link table holds it, not the row.
+    ROW = tuple(f for f in __slots__ if f != "want_ids")
 
     def to_row(self):
         """The partition as one JSON projection row."""
@@ -389,6 +392,7 @@ class Partition:
         for name, value in zip(cls.ROW, json.loads(text)):
             setattr(part, name, value)
         part.waiting_on = set(part.waiting_on) if part.waiting_on else _NOTHING
+        part.want_ids = []
         return part
 
     def to_dict(self):
@@ -461,7 +465,7 @@ class _Tally:
 
 
 #: Bumped when the projection's rows change shape: an older projection is rebuilt.
-PROJECTION_VERSION = 1
+PROJECTION_VERSION = 2
 
 
 class BuildState:
@@ -521,8 +525,17 @@ class BuildState:
         if self._changed is not None:
             self._changed[(kind, key)] = entity
 
+    def _link(self, kind, owner, member, members):
+        # The lists that grow without bound (a partition's wants, a want's job
+        # runs): in memory, and as appended link rows in the projection, so a
+        # row is never rewritten with its whole history.
+        members.append(member)
+        if self._changed is not None:
+            self._changed[("links", len(self._changed))] = (kind, owner, member)
+
     def take_changes(self):
-        """The entities changed since the last call: ``[(kind, entity)]``."""
+        """The entities changed since the last call: ``[(kind, entity)]``, and the
+        new links as ``("links", (kind, owner, member))``, in order."""
         if not self._changed:
             return []
         changed, self._changed = self._changed, {}
@@ -531,6 +544,8 @@ class BuildState:
     def forget(self, changes):
         """Drop the terminal wants and finished job runs among ``changes`` from memory."""
         for kind, entity in changes:
+            if kind == "links":
+                continue
             if kind == "wants" and entity.status in TERMINAL_WANT_STATUSES:
                 self.wants.pop(entity.want_id, None)
             elif kind == "job_runs" and entity.status not in ACTIVE_JOB_RUN_STATUSES:
@@ -642,14 +657,13 @@ class BuildState:
             self.live_wants_by_ref.setdefault(ref, set()).add(want.want_id)
             want.counts[part.status if part is not None else None] += 1
             if part is not None:
-                part.want_ids.append(want.want_id)
-                self._touch("partitions", ref, part)
+                self._link("partition_wants", ref, want.want_id, part.want_ids)
             run_id = self.active_run_by_ref.get(ref)
             if run_id is not None:  # join the build already under way
                 run = self.job_runs[run_id]
                 if want.want_id not in run.want_ids:
                     run.want_ids.append(want.want_id)
-                    want.job_run_ids.append(run_id)
+                    self._link("want_job_runs", want.want_id, run_id, want.job_run_ids)
                     self._touch("job_runs", run_id, run)
             self._refresh_pending(ref)
         if parent is not None:
@@ -709,8 +723,10 @@ class BuildState:
                 part.status = None
                 part.job_label = run.job_label
                 part.built_by_job_run_id = None
-                part.want_ids = sorted(self.live_wants_by_ref.get(ref, ()),
-                                       key=lambda wid: self.wants[wid].seq)
+                part.want_ids = []
+                for want_id in sorted(self.live_wants_by_ref.get(ref, ()),
+                                      key=lambda wid: self.wants[wid].seq):
+                    self._link("partition_wants", ref, want_id, part.want_ids)
                 part.waiting_on = _NOTHING
                 part.retries = 0
                 part.seq = self.seqs["partitions"]
@@ -724,9 +740,8 @@ class BuildState:
             self._set_partition_status(part, BUILDING, ts)
         for want_id in run.want_ids:
             want = self.wants.get(want_id)
-            if want is not None and run.job_run_id not in want.job_run_ids:
-                want.job_run_ids.append(run.job_run_id)
-                self._touch("wants", want_id, want)
+            if want is not None:  # a new run: never linked before
+                self._link("want_job_runs", want_id, run.job_run_id, want.job_run_ids)
 
     def _on_job_run_start(self, p, ts):
         run = self.job_runs[p["job_run_id"]]
@@ -975,9 +990,13 @@ CREATE TABLE IF NOT EXISTS job_runs (
 CREATE INDEX IF NOT EXISTS job_runs_by_seq ON job_runs (seq);
 CREATE INDEX IF NOT EXISTS job_runs_by_status ON job_runs (status, seq);
 CREATE INDEX IF NOT EXISTS job_runs_by_label ON job_runs (job_label, seq);
+CREATE TABLE IF NOT EXISTS links (      -- a partition's wants, a want's job runs
+    seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL, member TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS links_by_owner ON links (kind, owner, seq);
 CREATE TABLE IF NOT EXISTS projection (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _ROW_SQL = {
+    "links": "INSERT INTO links (kind, owner, member) VALUES (?, ?, ?)",
     "wants": "INSERT OR REPLACE INTO wants (want_id, seq, status, row) VALUES (?, ?, ?, ?)",
     "partitions": "INSERT OR REPLACE INTO partitions (ref, seq, status, row) VALUES (?, ?, ?, ?)",
     "job_runs": "INSERT OR REPLACE INTO job_runs (job_run_id, seq, status, job_label, row) "
@@ -1107,9 +1126,11 @@ class EventLog:
 
     @staticmethod
     def _write_projection(conn, changes, summary):
-        rows = {"wants": [], "partitions": [], "job_runs": []}
+        rows = {"wants": [], "partitions": [], "job_runs": [], "links": []}
         for kind, entity in changes:
-            if kind == "job_runs":
+            if kind == "links":
+                rows[kind].append(entity)
+            elif kind == "job_runs":
                 rows[kind].append((entity.job_run_id, entity.seq, entity.status,
                                    entity.job_label, entity.to_row()))
             else:
@@ -1138,7 +1159,7 @@ class EventLog:
         with self._errors():
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
-            for table in ("wants", "partitions", "job_runs", "projection"):
+            for table in ("wants", "partitions", "job_runs", "links", "projection"):
                 conn.execute("DELETE FROM %s" % table)
             conn.execute("COMMIT")
 
@@ -1156,9 +1177,16 @@ class EventLog:
                     return None, [], [], []
                 partitions = [Partition.from_row(r) for (r,) in conn.execute(
                     "SELECT row FROM partitions ORDER BY seq")]
+                by_ref = {part.ref: part for part in partitions}
+                for ref, want_id in conn.execute(
+                        "SELECT owner, member FROM links WHERE kind = 'partition_wants' "
+                        "ORDER BY seq"):
+                    by_ref[ref].want_ids.append(want_id)
                 wants = [Want.from_row(r) for (r,) in conn.execute(
                     "SELECT row FROM wants WHERE status IN (?, ?, ?) ORDER BY seq",
                     LIVE_WANT_STATUSES)]
+                for want in wants:
+                    want.job_run_ids = self._links(conn, "want_job_runs", want.want_id)
                 runs = [JobRun.from_row(r) for (r,) in conn.execute(
                     "SELECT row FROM job_runs WHERE status IN (?, ?) ORDER BY seq",
                     (QUEUED, RUNNING))]
@@ -1166,14 +1194,27 @@ class EventLog:
             finally:
                 conn.execute("COMMIT")
 
+    @staticmethod
+    def _links(conn, kind, owner):
+        return [m for (m,) in conn.execute(
+            "SELECT member FROM links WHERE kind = ? AND owner = ? ORDER BY seq", (kind, owner))]
+
     def projected(self, kind, key):
-        """One projection row (a Want, Partition or JobRun), or None."""
+        """One projection row (a Want, Partition or JobRun, lists included), or None."""
         column = {"wants": "want_id", "partitions": "ref", "job_runs": "job_run_id"}[kind]
         cls = {"wants": Want, "partitions": Partition, "job_runs": JobRun}[kind]
         with self._errors():
-            row = self._conn().execute("SELECT row FROM %s WHERE %s = ?" % (kind, column),
-                                       (key,)).fetchone()
-        return cls.from_row(row[0]) if row else None
+            conn = self._conn()
+            row = conn.execute("SELECT row FROM %s WHERE %s = ?" % (kind, column),
+                               (key,)).fetchone()
+            if row is None:
+                return None
+            entity = cls.from_row(row[0])
+            if kind == "wants":
+                entity.job_run_ids = self._links(conn, "want_job_runs", key)
+            elif kind == "partitions":
+                entity.want_ids = self._links(conn, "partition_wants", key)
+        return entity
 
     def view(self):
         """A consistent, durable snapshot of the projection for readers (a context
@@ -1262,6 +1303,10 @@ class _Statuses:
 
 
 _EVENT_ID_SQL = "(SELECT value FROM projection WHERE key = 'event_id')"
+_LINKS_SQL = ("(SELECT json_group_array(member) FROM (SELECT member FROM links "
+              "WHERE kind = '%s' AND owner = %s ORDER BY seq))")
+_WANT_RUNS_SQL = _LINKS_SQL % ("want_job_runs", "w.want_id")
+_PARTITION_WANTS_SQL = _LINKS_SQL % ("partition_wants", "p.ref")
 #: The statuses of a want row's partitions, as one JSON object.
 _STATUSES_SQL = ("(SELECT json_group_object(p.ref, p.status) FROM json_each(w.row, '$[%d]') j "
                  "JOIN partitions p ON p.ref = j.value)" % Want.ROW.index("partitions"))
@@ -1341,26 +1386,36 @@ class StoreView:
 
     @staticmethod
     def _want(row):
-        return Want.from_row(row[0]).to_dict(_Statuses(json.loads(row[1]) if row[1] else {}))
+        want = Want.from_row(row[0])
+        want.job_run_ids = json.loads(row[2])
+        return want.to_dict(_Statuses(json.loads(row[1]) if row[1] else {}))
+
+    @staticmethod
+    def _partition(row):
+        part = Partition.from_row(row[0])
+        part.want_ids = json.loads(row[1])
+        return part.to_dict()
 
     def want(self, want_id):
         """One want as a dict, or None."""
-        return self._cached("wants", want_id, "SELECT w.row, %s, %s FROM wants w "
-                            "WHERE want_id = ?" % (_STATUSES_SQL, _EVENT_ID_SQL), self._want)
+        return self._cached("wants", want_id, "SELECT w.row, %s, %s, %s FROM wants w "
+                            "WHERE want_id = ?" % (_STATUSES_SQL, _WANT_RUNS_SQL, _EVENT_ID_SQL),
+                            self._want)
 
     def wants(self, status, offset, limit):
         """``(page, total)`` of wants, newest first."""
         where, args = ("", []) if status is None else (" WHERE status = ?", [status])
-        rows = self._page("SELECT w.row, %s FROM wants w%s ORDER BY seq DESC LIMIT ? OFFSET ?"
-                          % (_STATUSES_SQL, where), args + [limit, offset])
+        rows = self._page("SELECT w.row, %s, %s FROM wants w%s ORDER BY seq DESC LIMIT ? OFFSET ?"
+                          % (_STATUSES_SQL, _WANT_RUNS_SQL, where), args + [limit, offset])
         total = (self.summary["seqs"]["wants"] if status is None
                  else self.summary["counts"]["wants"].get(status, 0))
         return [self._want(r) for r in rows], total
 
     def partition(self, ref):
         """One partition as a dict, or None."""
-        return self._cached("partitions", ref, "SELECT row, %s FROM partitions WHERE ref = ?"
-                            % _EVENT_ID_SQL, lambda r: Partition.from_row(r[0]).to_dict())
+        return self._cached("partitions", ref, "SELECT p.row, %s, %s FROM partitions p "
+                            "WHERE ref = ?" % (_PARTITION_WANTS_SQL, _EVENT_ID_SQL),
+                            self._partition)
 
     def partitions(self, status, prefix, offset, limit):
         """``(page, total)`` of partitions, newest first, optionally by status and ref prefix."""
@@ -1374,16 +1429,17 @@ class StoreView:
             args += [prefix, prefix + "\U0010ffff"]
         clause = (" WHERE " + " AND ".join(where)) if where else ""
         if prefix:  # count the matches in the same snapshot as the page
-            rows = self._page("SELECT row, COUNT(*) OVER () FROM partitions%s "
-                              "ORDER BY seq DESC LIMIT ? OFFSET ?" % clause,
+            rows = self._page("SELECT p.row, %s, COUNT(*) OVER () FROM partitions p%s "
+                              "ORDER BY seq DESC LIMIT ? OFFSET ?" % (_PARTITION_WANTS_SQL, clause),
                               args + [limit, offset])
-            total = rows[0][1] if rows else self._count("partitions", clause, args)
+            total = rows[0][2] if rows else self._count("partitions", clause, args)
         else:
-            rows = self._page("SELECT row FROM partitions%s ORDER BY seq DESC LIMIT ? OFFSET ?"
-                              % clause, args + [limit, offset])
+            rows = self._page("SELECT p.row, %s FROM partitions p%s ORDER BY seq DESC "
+                              "LIMIT ? OFFSET ?" % (_PARTITION_WANTS_SQL, clause),
+                              args + [limit, offset])
             total = (self.summary["seqs"]["partitions"] if status is None
                      else self.summary["counts"]["partitions"].get(status, 0))
-        return [Partition.from_row(r[0]).to_dict() for r in rows], total
+        return [self._partition(r) for r in rows], total
 
     def _count(self, table, clause, args):
         with self.log._errors():
@@ -1406,9 +1462,8 @@ class StoreView:
             where.append("r.job_label = ?")
             args.append(job_label)
         if want_id is not None:
-            source = ("wants w, json_each(w.row, '$[%d]') j JOIN job_runs r "
-                      "ON r.job_run_id = j.value" % Want.ROW.index("job_run_ids"))
-            where.insert(0, "w.want_id = ?")
+            source = "links l JOIN job_runs r ON r.job_run_id = l.member"
+            where.insert(0, "l.kind = 'want_job_runs' AND l.owner = ?")
             args.insert(0, want_id)
         else:
             source = "job_runs r"

@@ -111,6 +111,10 @@ def assert_projection_matches_replay(log):
         assert set(rows) == set(entities), table
         for k, entity in entities.items():
             assert rows[k] == entity.to_row(), (table, k)
+    for want_id, want in full.wants.items():
+        assert log.projected("wants", want_id).job_run_ids == want.job_run_ids
+    for ref, part in full.partitions.items():
+        assert log.projected("partitions", ref).want_ids == part.want_ids
     summary, partitions, wants, runs = log.load_projection()
     restored = databuild.BuildState.restore(summary, partitions, wants, runs)
     assert restored.latest_event_id == full.latest_event_id
@@ -120,6 +124,9 @@ def assert_projection_matches_replay(log):
     assert restored.active_run_by_ref == full.active_run_by_ref
     for want_id, want in restored.wants.items():
         assert want.counts == full.wants[want_id].counts
+        assert want.job_run_ids == full.wants[want_id].job_run_ids
+    for ref, part in restored.partitions.items():
+        assert part.want_ids == full.partitions[ref].want_ids
     for kind in ("wants_by_status", "partitions_by_status", "job_runs_by_status"):
         for status, bucket in getattr(full, kind).items():
             assert len(getattr(restored, kind)[status]) == len(bucket), (kind, status)
