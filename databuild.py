@@ -334,8 +334,9 @@ class Want:
                  "root_want_id", "derivative_want_ids", "job_run_ids", "comment",
                  "created_at", "updated_at", "seq", "chain", "counts")
     #: What a projection row holds: everything but the live-only ``counts`` and
-    #: ``job_run_ids``, which grows without bound and is a link table instead.
-    ROW = tuple(f for f in __slots__ if f not in ("counts", "job_run_ids"))
+    #: the lists that grow without bound (link rows instead).
+    ROW = tuple(f for f in __slots__
+                if f not in ("counts", "job_run_ids", "derivative_want_ids"))
 
     def to_row(self):
         """The want as one JSON projection row (see ``from_row``)."""
@@ -350,6 +351,7 @@ class Want:
         want.chain = tuple(tuple(refs) for refs in want.chain)
         want.counts = None
         want.job_run_ids = []
+        want.derivative_want_ids = []
         return want
 
     def to_dict(self, state):
@@ -465,7 +467,7 @@ class _Tally:
 
 
 #: Bumped when the projection's rows change shape: an older projection is rebuilt.
-PROJECTION_VERSION = 2
+PROJECTION_VERSION = 3
 
 
 class BuildState:
@@ -667,8 +669,8 @@ class BuildState:
                     self._touch("job_runs", run_id, run)
             self._refresh_pending(ref)
         if parent is not None:
-            parent.derivative_want_ids.append(want.want_id)
-            self._touch("wants", parent.want_id, parent)
+            self._link("want_derivatives", parent.want_id, want.want_id,
+                       parent.derivative_want_ids)
         self._update_want_status(want, ts)
 
     def _end_want_tree(self, want_id, status, ts):
@@ -1202,6 +1204,8 @@ class EventLog:
                     LIVE_WANT_STATUSES)]
                 for want in wants:
                     want.job_run_ids = self._links(conn, "want_job_runs", want.want_id)
+                    want.derivative_want_ids = self._links(conn, "want_derivatives",
+                                                           want.want_id)
                 runs = [JobRun.from_row(r) for (r,) in conn.execute(
                     "SELECT row FROM job_runs WHERE status IN (?, ?) ORDER BY seq",
                     (QUEUED, RUNNING))]
@@ -1227,6 +1231,7 @@ class EventLog:
             entity = cls.from_row(row[0])
             if kind == "wants":
                 entity.job_run_ids = self._links(conn, "want_job_runs", key)
+                entity.derivative_want_ids = self._links(conn, "want_derivatives", key)
             elif kind == "partitions":
                 entity.want_ids = self._links(conn, "partition_wants", key)
         return entity
@@ -1321,6 +1326,7 @@ _EVENT_ID_SQL = "(SELECT value FROM projection WHERE key = 'event_id')"
 _LINKS_SQL = ("(SELECT json_group_array(member) FROM (SELECT member FROM links "
               "WHERE kind = '%s' AND owner = %s ORDER BY seq))")
 _WANT_RUNS_SQL = _LINKS_SQL % ("want_job_runs", "w.want_id")
+_WANT_DERIVATIVES_SQL = _LINKS_SQL % ("want_derivatives", "w.want_id")
 _PARTITION_WANTS_SQL = _LINKS_SQL % ("partition_wants", "p.ref")
 #: The statuses of a want row's partitions, as one JSON object.
 _STATUSES_SQL = ("(SELECT json_group_object(p.ref, p.status) FROM json_each(w.row, '$[%d]') j "
@@ -1403,6 +1409,7 @@ class StoreView:
     def _want(row):
         want = Want.from_row(row[0])
         want.job_run_ids = json.loads(row[2])
+        want.derivative_want_ids = json.loads(row[3])
         return want.to_dict(_Statuses(json.loads(row[1]) if row[1] else {}))
 
     @staticmethod
@@ -1413,15 +1420,18 @@ class StoreView:
 
     def want(self, want_id):
         """One want as a dict, or None."""
-        return self._cached("wants", want_id, "SELECT w.row, %s, %s, %s FROM wants w "
-                            "WHERE want_id = ?" % (_STATUSES_SQL, _WANT_RUNS_SQL, _EVENT_ID_SQL),
+        return self._cached("wants", want_id, "SELECT w.row, %s, %s, %s, %s FROM wants w "
+                            "WHERE want_id = ?" % (_STATUSES_SQL, _WANT_RUNS_SQL,
+                                                   _WANT_DERIVATIVES_SQL, _EVENT_ID_SQL),
                             self._want)
 
     def wants(self, status, offset, limit):
         """``(page, total)`` of wants, newest first."""
         where, args = ("", []) if status is None else (" WHERE status = ?", [status])
-        rows = self._page("SELECT w.row, %s, %s FROM wants w%s ORDER BY seq DESC LIMIT ? OFFSET ?"
-                          % (_STATUSES_SQL, _WANT_RUNS_SQL, where), args + [limit, offset])
+        rows = self._page("SELECT w.row, %s, %s, %s FROM wants w%s ORDER BY seq DESC "
+                          "LIMIT ? OFFSET ?" % (_STATUSES_SQL, _WANT_RUNS_SQL,
+                                                _WANT_DERIVATIVES_SQL, where),
+                          args + [limit, offset])
         total = (self.summary["seqs"]["wants"] if status is None
                  else self.summary["counts"]["wants"].get(status, 0))
         return [self._want(r) for r in rows], total

@@ -113,6 +113,7 @@ def assert_projection_matches_replay(log):
             assert rows[k] == entity.to_row(), (table, k)
     for want_id, want in full.wants.items():
         assert log.projected("wants", want_id).job_run_ids == want.job_run_ids
+        assert log.projected("wants", want_id).derivative_want_ids == want.derivative_want_ids
     for ref, part in full.partitions.items():
         assert log.projected("partitions", ref).want_ids == part.want_ids
     summary, partitions, wants, runs = log.load_projection()
@@ -125,6 +126,7 @@ def assert_projection_matches_replay(log):
     for want_id, want in restored.wants.items():
         assert want.counts == full.wants[want_id].counts
         assert want.job_run_ids == full.wants[want_id].job_run_ids
+        assert want.derivative_want_ids == full.wants[want_id].derivative_want_ids
     for ref, part in restored.partitions.items():
         assert part.want_ids == full.partitions[ref].want_ids
     for kind in ("wants_by_status", "partitions_by_status", "job_runs_by_status"):

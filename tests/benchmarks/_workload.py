@@ -210,6 +210,12 @@ def load(host, port, requests, seconds=3.0, clients=16, processes=2):
     return done / elapsed, errors
 
 
+def live_wants(client):
+    """How many wants are not finished yet (three cheap count queries)."""
+    return sum(client.list_wants(status=s, limit=0)["total"]
+               for s in databuild.LIVE_WANT_STATUSES)
+
+
 def median_of(fn, repeat):
     values = [fn() for _ in range(repeat)]
     return statistics.median(values), values

@@ -70,13 +70,13 @@ def run_databuild(n, batch):
         t0 = time.perf_counter()
         want = client.create_want(["out/date=%s" % d for d in dates(n)])
         delay = 0.01
-        while True:
-            status = client.get_want(want["want_id"])["status"]
-            if status in databuild.TERMINAL_WANT_STATUSES:
+        while True:  # a light probe: no want is live any more
+            if not w.live_wants(client):
                 break
             time.sleep(delay)
             delay = min(0.05, delay * 1.5)
         elapsed = time.perf_counter() - t0
+        status = client.get_want(want["want_id"])["status"]
         runs = client.list_job_runs(limit=0)["total"]
     finally:
         server.stop()
