@@ -997,27 +997,18 @@ CREATE TABLE IF NOT EXISTS links (      -- a partition's wants, a want's job run
 CREATE INDEX IF NOT EXISTS links_by_owner ON links (kind, owner, seq);
 CREATE TABLE IF NOT EXISTS projection (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Upserts, not INSERT OR REPLACE: an update touches only the indexes whose
+# columns changed (status), where a replace deletes and re-inserts every entry.
 _ROW_SQL = {
-    "links": "INSERT INTO links (kind, owner, member) VALUES ",
-    "wants": "INSERT OR REPLACE INTO wants (want_id, seq, status, row) VALUES ",
-    "partitions": "INSERT OR REPLACE INTO partitions (ref, seq, status, row) VALUES ",
-    "job_runs": "INSERT OR REPLACE INTO job_runs (job_run_id, seq, status, job_label, row) "
-                "VALUES ",
+    "links": "INSERT INTO links (kind, owner, member) VALUES (?, ?, ?)",
+    "wants": "INSERT INTO wants (want_id, seq, status, row) VALUES (?, ?, ?, ?) "
+             "ON CONFLICT (want_id) DO UPDATE SET status = excluded.status, row = excluded.row",
+    "partitions": "INSERT INTO partitions (ref, seq, status, row) VALUES (?, ?, ?, ?) "
+                  "ON CONFLICT (ref) DO UPDATE SET status = excluded.status, row = excluded.row",
+    "job_runs": "INSERT INTO job_runs (job_run_id, seq, status, job_label, row) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (job_run_id) DO UPDATE "
+                "SET status = excluded.status, row = excluded.row",
 }
-
-
-def _insert_rows(conn, sql, rows, per_statement=200):
-    """Insert ``rows`` with multi-row INSERTs (``sql`` ends with ``VALUES``).
-
-    One statement per 200 rows rather than one per row: every statement is a
-    round trip through the GIL, which 16 busy HTTP threads make expensive.
-    """
-    width = len(rows[0])
-    group = "(" + ", ".join("?" * width) + ")"
-    for i in range(0, len(rows), per_statement):
-        chunk = rows[i:i + per_statement]
-        conn.execute(sql + ", ".join([group] * len(chunk)),
-                     [value for row in chunk for value in row])
 
 
 class EventLog:
@@ -1047,6 +1038,7 @@ class EventLog:
         self._sync_lock = threading.Lock()  # one fsync at a time; guards _wal_fd
         self._durable = threading.Condition()  # notified when durable_event_id grows
         self._wal_fd = None
+        self._syncs = 0  # fsyncs so far (a checkpoint every 64)
         self._appended_id = 0  # newest committed event (the writer sets it)
         # Readers' answers for single objects: (kind, key) -> (event id, dict),
         # good while no commit happened since that event (StoreView._cached).
@@ -1072,6 +1064,9 @@ class EventLog:
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # sync() fsyncs: see the class doc
+            # Checkpoints run from sync(), in the syncer's thread, not in a
+            # commit of the orchestrator's (where they would stall a step).
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -1096,9 +1091,9 @@ class EventLog:
                 latest = self._appended_id
                 events = [Event(latest + i, ts, type_, payload)
                           for i, (type_, payload, ts) in enumerate(entries, 1)]
-                _insert_rows(conn, "INSERT INTO events (event_id, timestamp, type, payload) "
-                                   "VALUES ", [(e.event_id, e.timestamp, e.type, dumps(e.payload))
-                                               for e in events])
+                conn.executemany(
+                    "INSERT INTO events (event_id, timestamp, type, payload) VALUES (?, ?, ?, ?)",
+                    [(e.event_id, e.timestamp, e.type, dumps(e.payload)) for e in events])
                 if summary is not None:
                     self._write_projection(conn, changes or (), summary)
                 conn.execute("COMMIT")
@@ -1133,7 +1128,15 @@ class EventLog:
             with self._durable:
                 self.durable_event_id = target
                 self._durable.notify_all()
+            self._syncs += 1
+            if self._syncs % 64 == 0:
+                self.checkpoint()
             return target
+
+    def checkpoint(self):
+        """Copy the WAL into the database file (PASSIVE: never blocks the writer)."""
+        with self._errors():
+            self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def wait_durable(self, event_id, timeout=10.0):
         """Block until event ``event_id`` is durable (an fsync is under way)."""
@@ -1155,9 +1158,9 @@ class EventLog:
                 rows[kind].append((key, entity.seq, entity.status, entity.to_row()))
         for kind, values in rows.items():
             if values:
-                _insert_rows(conn, _ROW_SQL[kind], values)
-        _insert_rows(conn, "INSERT OR REPLACE INTO projection (key, value) VALUES ",
-                     [("summary", dumps(summary)), ("event_id", summary["event_id"])])
+                conn.executemany(_ROW_SQL[kind], values)
+        conn.executemany("INSERT OR REPLACE INTO projection (key, value) VALUES (?, ?)",
+                         (("summary", dumps(summary)), ("event_id", summary["event_id"])))
 
     def write_projection(self, changes, summary):
         """Write projection rows alone (rebuilding the projection from the events)."""
