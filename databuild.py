@@ -43,13 +43,15 @@ __all__ = [
     "BuildState",
     "Client",
     "Config",
-    "Conflict",
     "ConfigError",
+    "Conflict",
     "DatabuildError",
     "Event",
     "EventLog",
+    "IdleTimer",
     "InvalidRequest",
     "JobConfig",
+    "MemoryView",
     "NotFound",
     "Orchestrator",
     "PayloadTooLarge",
@@ -57,11 +59,15 @@ __all__ = [
     "Server",
     "ServerUnreachable",
     "StorageError",
+    "StoreView",
     "Unavailable",
     "UnsupportedMediaType",
     "load_config",
     "main",
     "make_app",
+    "metrics_text",
+    "openapi_document",
+    "parse_want_request",
 ]
 
 import argparse
@@ -70,6 +76,7 @@ import collections
 import datetime
 import fcntl
 import functools
+import gc
 import getpass
 import heapq
 import itertools
@@ -396,10 +403,16 @@ class Partition:
     @classmethod
     def from_row(cls, text):
         """A Partition from a projection row."""
+        return cls.from_values(json.loads(text))
+
+    @classmethod
+    def from_values(cls, values):
+        """A Partition from a projection row already parsed (a list in ``ROW`` order)."""
         part = cls()
-        for name, value in zip(cls.ROW, json.loads(text)):
-            setattr(part, name, value)
-        part.waiting_on = set(part.waiting_on) if part.waiting_on else _NOTHING
+        (part.ref, part.status, part.job_label, part.last_job_run_id,
+         part.built_by_job_run_id, part.missing_deps, part.updated_at, waiting_on,
+         part.retries, part.seq) = values
+        part.waiting_on = set(waiting_on) if waiting_on else _NOTHING
         part.want_ids = []
         return part
 
@@ -535,11 +548,21 @@ class BuildState:
 
     def _link(self, kind, owner, member, members):
         # The lists that grow without bound (a partition's wants, a want's job
-        # runs): in memory, and as appended link rows in the projection, so a
-        # row is never rewritten with its whole history.
-        members.append(member)
-        if self._changed is not None:
-            self._changed[("links", len(self._changed))] = (kind, owner, member)
+        # runs, its derivative wants) are link rows in the projection, so no
+        # row is rewritten with its whole history.  A working set keeps the
+        # lists of live wants only (cancel cascades and replies need them); a
+        # partition's wants are read from the projection when shown.
+        if self._changed is None:
+            members.append(member)
+            return
+        if kind != "partition_wants":
+            members.append(member)
+        self._changed[("links", len(self._changed))] = (kind, owner, member)
+
+    def pending_links(self, kind, owner):
+        """Members linked to ``owner`` by changes not yet taken (committed)."""
+        return [link[2] for (k, _), link in (self._changed or {}).items()
+                if k == "links" and link[0] == kind and link[1] == owner]
 
     def take_changes(self):
         """The entities changed since the last call: ``[(kind, entity)]``, and the
@@ -1201,13 +1224,11 @@ class EventLog:
                 if (summary is None or summary.get("version") != PROJECTION_VERSION
                         or summary.get("event_id") != self._appended_id):
                     return None, [], [], []
-                partitions = [Partition.from_row(r) for (r,) in conn.execute(
-                    "SELECT row FROM partitions ORDER BY seq")]
-                by_ref = {part.ref: part for part in partitions}
-                for ref, want_id in conn.execute(
-                        "SELECT owner, member FROM links WHERE kind = 'partition_wants' "
-                        "ORDER BY seq"):
-                    by_ref[ref].want_ids.append(want_id)
+                # Every partition, parsed as one JSON document: far cheaper
+                # than a json.loads per row (this is most of a start-up).
+                (rows,) = conn.execute("SELECT json_group_array(json(row)) FROM "
+                                       "(SELECT row FROM partitions ORDER BY seq)").fetchone()
+                partitions = [Partition.from_values(v) for v in json.loads(rows)]
                 wants = [Want.from_row(r) for (r,) in conn.execute(
                     "SELECT row FROM wants WHERE status IN (?, ?, ?) ORDER BY seq",
                     LIVE_WANT_STATUSES)]
@@ -1226,6 +1247,11 @@ class EventLog:
     def _links(conn, kind, owner):
         return [m for (m,) in conn.execute(
             "SELECT member FROM links WHERE kind = ? AND owner = ? ORDER BY seq", (kind, owner))]
+
+    def links(self, kind, owner):
+        """The members linked to ``owner`` (a partition's wants, a want's job runs...)."""
+        with self._errors():
+            return self._links(self._conn(), kind, owner)
 
     def projected(self, kind, key):
         """One projection row (a Want, Partition or JobRun, lists included), or None."""
@@ -2047,10 +2073,6 @@ class Orchestrator:
             raise cmd.error
         return cmd.result
 
-    def notify(self):
-        """Wake the orchestrator (any thread)."""
-        self._wake.set()
-
     # -- the loop -------------------------------------------------------------
 
     def start(self):
@@ -2243,7 +2265,10 @@ class Orchestrator:
         self._emit(PARTITION_TAINT, {"ref": ref, "reason": reason}, now)
         # Answer with the partition as the taint left it (SPEC 6: "now Tainted"),
         # even if this same step already queues its rebuild.
-        return self.state.partitions[ref].to_dict()
+        answer = self.state.partitions[ref].to_dict()
+        answer["want_ids"] = self.log.links("partition_wants", ref) + \
+            self.state.pending_links("partition_wants", ref)
+        return answer
 
     def _cmd_cancel_job_run(self, now, job_run_id, reason="canceled by user"):
         run = self.find_job_run(job_run_id)
@@ -2618,29 +2643,35 @@ class MemoryView:
         self.summary = state.summary()
 
     def want(self, want_id):
+        """One want as a dict, or None."""
         want = self.state.wants.get(want_id)
         return want.to_dict(self.state) if want is not None else None
 
     def wants(self, status, offset, limit):
+        """``(page, total)`` of wants, newest first."""
         index = None if status is None else self.state.wants_by_status[status]
         page, total = _newest_first(self.state.wants, index, offset, limit)
         return [w.to_dict(self.state) for w in page], total
 
     def partition(self, ref):
+        """One partition as a dict, or None."""
         part = self.state.partitions.get(ref)
         return part.to_dict() if part is not None else None
 
     def partitions(self, status, prefix, offset, limit):
+        """``(page, total)`` of partitions, newest first."""
         index = None if status is None else self.state.partitions_by_status[status]
         keep = None if not prefix else (lambda p: p.ref.startswith(prefix))
         page, total = _newest_first(self.state.partitions, index, offset, limit, keep)
         return [p.to_dict() for p in page], total
 
     def job_run(self, job_run_id):
+        """One job run as a dict, or None."""
         run = self.state.job_runs.get(job_run_id)
         return run.to_dict() if run is not None else None
 
     def job_runs(self, status, job_label, want_id, offset, limit):
+        """``(page, total)`` of job runs, newest first."""
         index = None if status is None else self.state.job_runs_by_status[status]
         if want_id is not None:
             want = self.state.wants.get(want_id)
@@ -4133,7 +4164,14 @@ _JOB_RUN_COLUMNS = [("JOB_RUN_ID", "job_run_id"), ("STATUS", "status"), ("JOB", 
 
 def _cmd_serve(args):
     config = load_config(_workspace(args))
-    server = Server(config, host=args.host, port=args.port, idle_timeout=args.idle_timeout)
+    # Loading the working set allocates many objects that live as long as the
+    # server: no cyclic GC while loading, and none of it scanned again later.
+    gc.disable()
+    try:
+        server = Server(config, host=args.host, port=args.port, idle_timeout=args.idle_timeout)
+    finally:
+        gc.enable()
+    gc.freeze()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: server.request_stop(
             "signal %s" % signal.Signals(signum).name))
