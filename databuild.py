@@ -339,7 +339,40 @@ class Event:
         return "Event(%r, %r, %r)" % (self.event_id, self.type, self.payload)
 
 
-class Want:
+class _Entity:
+    """What wants, partitions and job runs share: a projection row.
+
+    A row is the JSON list of the fields named by ``ROW``; ``_loaded`` sets
+    what a row leaves out.
+    """
+
+    __slots__ = ()
+    ROW = ()
+
+    def to_row(self):
+        """The entity as one JSON projection row (the fields of ``ROW``)."""
+        return dumps([sorted(v) if isinstance(v, (set, frozenset)) else v
+                      for v in (getattr(self, f) for f in self.ROW)])
+
+    @classmethod
+    def from_row(cls, text):
+        """An entity from a projection row."""
+        return cls.from_values(json.loads(text))
+
+    @classmethod
+    def from_values(cls, values):
+        """An entity from a projection row already parsed (a list in ``ROW`` order)."""
+        entity = cls()
+        for name, value in zip(cls.ROW, values):
+            setattr(entity, name, value)
+        entity._loaded()
+        return entity
+
+    def _loaded(self):
+        pass
+
+
+class Want(_Entity):
     """A declaration that some partitions should exist (SPEC 5, Want)."""
 
     __slots__ = ("want_id", "partitions", "status", "data_timestamp", "ttl_seconds",
@@ -351,21 +384,12 @@ class Want:
     ROW = tuple(f for f in __slots__
                 if f not in ("counts", "job_run_ids", "derivative_want_ids"))
 
-    def to_row(self):
-        """The want as one JSON projection row (see ``from_row``)."""
-        return dumps([getattr(self, f) for f in self.ROW])
-
-    @classmethod
-    def from_row(cls, text):
-        """A Want from a projection row (``counts`` is left to the caller)."""
-        want = cls()
-        for name, value in zip(cls.ROW, json.loads(text)):
-            setattr(want, name, value)
-        want.chain = tuple(tuple(refs) for refs in want.chain)
-        want.counts = None
-        want.job_run_ids = []
-        want.derivative_want_ids = []
-        return want
+    def _loaded(self):
+        # ``counts`` is the caller's to rebuild; the lists are link rows.
+        self.chain = tuple(tuple(refs) for refs in self.chain)
+        self.counts = None
+        self.job_run_ids = []
+        self.derivative_want_ids = []
 
     def to_dict(self, state):
         """The want as the API shows it; partition statuses come from ``state``."""
@@ -383,7 +407,7 @@ class Want:
         }
 
 
-class Partition:
+class Partition(_Entity):
     """An atomic unit of data named by a ref (SPEC 5, Partition).
 
     ``waiting_on`` holds the missing deps not yet Live while UpstreamBuilding;
@@ -395,19 +419,9 @@ class Partition:
     #: ``want_ids`` grows without bound: a link table holds it, not the row.
     ROW = tuple(f for f in __slots__ if f != "want_ids")
 
-    def to_row(self):
-        """The partition as one JSON projection row."""
-        return dumps([sorted(v) if isinstance(v, (set, frozenset)) else v
-                      for v in (getattr(self, f) for f in self.ROW)])
-
-    @classmethod
-    def from_row(cls, text):
-        """A Partition from a projection row."""
-        return cls.from_values(json.loads(text))
-
     @classmethod
     def from_values(cls, values):
-        """A Partition from a projection row already parsed (a list in ``ROW`` order)."""
+        """A Partition from a parsed row: unrolled, as start-up loads every partition."""
         part = cls()
         (part.ref, part.status, part.job_label, part.last_job_run_id,
          part.built_by_job_run_id, part.missing_deps, part.updated_at, waiting_on,
@@ -425,25 +439,13 @@ class Partition:
                 "updated_at": isoformat(self.updated_at)}
 
 
-class JobRun:
+class JobRun(_Entity):
     """One execution of a job for 1..max_partitions_per_run refs (SPEC 5, Job run)."""
 
     __slots__ = ("job_run_id", "job_label", "partitions", "want_ids", "status", "attempt",
                  "exit_code", "missing_deps", "error", "queued_at", "started_at",
                  "finished_at", "pid", "pid_start_time", "seq")
     ROW = __slots__
-
-    def to_row(self):
-        """The job run as one JSON projection row."""
-        return dumps([getattr(self, f) for f in self.ROW])
-
-    @classmethod
-    def from_row(cls, text):
-        """A JobRun from a projection row."""
-        run = cls()
-        for name, value in zip(cls.ROW, json.loads(text)):
-            setattr(run, name, value)
-        return run
 
     @property
     def duration_ms(self):
