@@ -79,6 +79,7 @@ import functools
 import gc
 import getpass
 import heapq
+import http.client
 import itertools
 import json
 import logging
@@ -3753,6 +3754,15 @@ class Server:
 # Client ######################################################################
 ###############################################################################
 
+def _lines_or_unreachable(resp, url):
+    # A stream cut in the middle is a server gone away, not a traceback.
+    try:
+        yield from resp
+    except (OSError, http.client.HTTPException) as e:
+        raise ServerUnreachable("The databuild server at %s went away: %s" % (url, e),
+                                url=url) from None
+
+
 _ERROR_FOR_STATUS = {400: InvalidRequest, 404: NotFound, 405: InvalidRequest, 409: Conflict,
                      413: PayloadTooLarge, 415: UnsupportedMediaType, 503: Unavailable}
 
@@ -3786,8 +3796,9 @@ class Client:
                 payload = resp.read()
         except urllib.error.HTTPError as e:
             raise self._error(e) from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            # HTTPException: the server went away in the middle of its answer.
+            reason = getattr(e, "reason", None) or e
             raise ServerUnreachable("Cannot reach the databuild server at %s: %s"
                                     % (self.url, reason), url=self.url) from None
         if raw:
@@ -3873,12 +3884,13 @@ class Client:
             resp = urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as e:
             raise self._error(e) from None
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             raise ServerUnreachable("Cannot reach the databuild server at %s: %s"
-                                    % (self.url, getattr(e, "reason", e)), url=self.url) from None
+                                    % (self.url, getattr(e, "reason", None) or e),
+                                    url=self.url) from None
         with resp:
             event, data = None, []
-            for raw in resp:
+            for raw in _lines_or_unreachable(resp, self.url):
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if line.startswith("event:"):
                     event = line[6:].strip()

@@ -156,3 +156,25 @@ def test_client_mirrors_the_routes(workspace, serve):
     (run,) = client.list_job_runs(want_id=want["want_id"])["data"]
     assert client.logs(run["job_run_id"]) == "built x/1\n"
     assert client.events(since=0, limit=1)["data"][0]["type"] == "want_create"
+
+
+def test_a_server_gone_mid_answer_is_unreachable_not_a_traceback(tmp_path):
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def half_answer():  # promises 427 bytes, sends none, hangs up
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 427\r\n\r\n")
+        conn.close()
+    t = threading.Thread(target=half_answer)
+    t.start()
+    with pytest.raises(databuild.ServerUnreachable):
+        databuild.Client("http://127.0.0.1:%d" % port, timeout=5).health()
+    t.join(5)
+    listener.close()
