@@ -4201,12 +4201,13 @@ def _cmd_build(args):
     client = _connect(args)
     fields = {"comment": args.comment, "user": _user(),
               "ttl_seconds": _opt(args, "ttl"), "sla_seconds": _opt(args, "sla")}
+    cursor = client.health()["latest_event_id"] if args.wait else 0
     want = client.create_want(args.refs, **fields)
     if not args.wait:
         _out(args, want, "Want %s: %s" % (want["want_id"], want["status"]))
         return 0
     print("Want %s: %s" % (want["want_id"], want["status"]), file=sys.stderr)
-    want = _follow_want(client, want)
+    want = _follow_want(client, want, cursor)
     if _opt(args, "json"):
         _out(args, want, "")
     else:
@@ -4225,19 +4226,36 @@ def _user():
         return None
 
 
-def _follow_want(client, want):
-    """Poll a want until it is terminal, printing progress on stderr."""
+def _follow_want(client, want, cursor):
+    """Poll a want until it is terminal, printing progress on stderr.
+
+    Besides the want's own partitions, the event feed (from a cursor) tells
+    how much work the workspace did meanwhile: upstream builds show up there
+    long before the want's own partitions move.  ``cursor``: the latest
+    event id before the want was created.
+    """
     started = time.monotonic()
+    runs = collections.Counter()
     last = None
     delay = 0.05
     while want["status"] not in TERMINAL_WANT_STATUSES:
         time.sleep(delay)
         delay = min(0.5, delay * 1.5)
         want = client.get_want(want["want_id"])
+        while True:
+            events = client.events(since=cursor, limit=1000)["data"]
+            for event in events:
+                runs[event["type"]] += 1
+            if not events:
+                break
+            cursor = events[-1]["event_id"]
         statuses = collections.Counter(want["partition_statuses"].values())
-        line = "%s: %d/%d partitions live%s" % (
-            want["status"], statuses.get(LIVE, 0), len(want["partitions"]),
-            "".join(", %d %s" % (n, s) for s, n in sorted(statuses.items()) if s != LIVE))
+        line = "%s: %d/%d partitions live%s; job runs: %d started, %d succeeded, " \
+               "%d missing deps, %d failed" % (
+                   want["status"], statuses.get(LIVE, 0), len(want["partitions"]),
+                   "".join(", %d %s" % (n, s) for s, n in sorted(statuses.items()) if s != LIVE),
+                   runs[JOB_RUN_START], runs[JOB_RUN_SUCCESS], runs[JOB_RUN_MISSING_DEPS],
+                   runs[JOB_RUN_FAILURE])
         if line != last:
             print("[%6.1fs] %s" % (time.monotonic() - started, line), file=sys.stderr)
             last = line
