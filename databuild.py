@@ -1846,16 +1846,13 @@ class _Launcher:
                     self._thread.start()
                 os.write(self._wake_w, b"x")
                 return proc
-        threading.Thread(target=self._wait_one, args=(proc,), name="databuild-job-%d" % proc.pid,
+        threading.Thread(target=self._exited, args=(proc,), name="databuild-job-%d" % proc.pid,
                          daemon=True).start()
         return proc
 
     def _exited(self, proc):
-        proc.returncode = proc.popen.wait()
+        proc.returncode = proc.popen.wait()  # at once for the reaper: the pidfd said so
         self.on_exit(proc)
-
-    def _wait_one(self, proc):
-        self._exited(proc)
 
     def _reap_loop(self):
         poller = select.poll()
