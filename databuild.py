@@ -1924,6 +1924,8 @@ class _JobProcess:
         """Read the run's stdout for a dep-miss line: ``(missing_deps or None, problem)``."""
         missing, problem = None, None
         try:
+            if os.stat(self.stdout_path).st_size == 0:  # a silent job: nothing to read
+                return missing, problem
             with open(self.stdout_path, "rb") as f:
                 for raw in f:
                     if not raw.startswith(MISSING_DEPS_MARKER.encode()):
@@ -2016,8 +2018,9 @@ class Orchestrator:
         summary, partitions, wants, runs = self.log.load_projection()
         if summary is not None:
             return BuildState.restore(summary, partitions, wants, runs)
-        logger.info("Building the projection of the event log (%d events)",
-                    self.log.latest_event_id())
+        if self.log.latest_event_id():
+            logger.info("Building the projection of the event log (%d events)",
+                        self.log.latest_event_id())
         self.log.clear_projection()
         state = BuildState(working_set=True)
         batch = []
@@ -3676,10 +3679,14 @@ class Server:
     def bind(self):
         """Create the waitress server (binding the port) and start the orchestrator."""
         import waitress
-        self._wsgi_server = waitress.create_server(
-            self.app, host=self.host, port=self.port, threads=DEFAULTS["http_threads"],
-            ident="databuild", channel_timeout=30, connection_limit=200,
-            expose_tracebacks=False)
+        try:
+            self._wsgi_server = waitress.create_server(
+                self.app, host=self.host, port=self.port, threads=DEFAULTS["http_threads"],
+                ident="databuild", channel_timeout=30, connection_limit=200,
+                expose_tracebacks=False)
+        except OSError as e:
+            raise DatabuildError("Cannot listen on %s:%s: %s" % (self.host, self.port,
+                                                                 e.strerror or e)) from None
         self.port = int(self._wsgi_server.effective_port)
         host = self.host if ":" not in self.host else "[%s]" % self.host
         self.url = "http://%s:%d" % (host, self.port)

@@ -261,3 +261,14 @@ def test_cli_auto_start_status_and_stop(workspace):
     finally:
         if pid_alive(info["pid"]):
             os.kill(info["pid"], signal.SIGKILL)
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(workspace, serve):
+    first = serve(workspace)
+    port = first.url.rsplit(":", 1)[1]
+    other = write_workspace(os.path.join(os.path.dirname(workspace), "other"))
+    r = subprocess.run([sys.executable, MODULE, "serve", "--workspace", other, "--port", port],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.startswith("databuild: error: Cannot listen on 127.0.0.1:%s" % port)
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

@@ -288,3 +288,13 @@ def test_step_cost_does_not_walk_finished_work(tmp_path, driver_for):
     assert not d.state.wants and not d.state.job_runs
     assert len(d.state.wants_by_status["Successful"]) == 1
     assert d.orch.find_want(want["want_id"]).status == "Successful"
+
+
+def test_a_job_that_cannot_start_fails_its_run(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", jobs=[{"label": "t", "partition_patterns": [".*"],
+                                                 "entrypoint": ["/no/such/program"]}])
+    d = driver_for(ws)
+    want = d.want("a")
+    assert d.settle(want["want_id"]) == FAILED
+    (run,) = d.full().job_runs.values()
+    assert run.status == FAILED and run.error.startswith("cannot start job:")
