@@ -1044,7 +1044,8 @@ _ROW_SQL = {
 
 
 class EventLog:
-    """The build event log: an append-only SQLite table in WAL mode.
+    """The build event log: an append-only SQLite table in WAL mode, and beside
+    it the projection of the state that readers query (``view``).
 
     Each thread gets its own connection (sqlite3 connections must not be
     shared across threads).  Only the orchestrator thread calls ``append``;
