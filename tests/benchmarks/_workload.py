@@ -210,6 +210,21 @@ def load(host, port, requests, seconds=3.0, clients=16, processes=2):
     return done / elapsed, errors
 
 
+def parse_args(doc, *options):
+    """The command line every benchmark shares: ``--tiny`` (seconds, for CI; one
+    repetition) and ``--repeat``, plus ``options`` as (flag, add_argument kwargs)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny size, for CI")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions (median)")
+    for flag, kwargs in options:
+        parser.add_argument(flag, **kwargs)
+    args = parser.parse_args()
+    if args.tiny:
+        args.repeat = 1
+    return args
+
+
 def live_wants(client):
     """How many wants are not finished yet (three cheap count queries)."""
     return sum(client.list_wants(status=s, limit=0)["total"]

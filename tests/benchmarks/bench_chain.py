@@ -7,7 +7,6 @@ unblocks (the job_run_start event, stamped when the process was spawned).
 
     python tests/benchmarks/bench_chain.py [--tiny]
 """
-import argparse
 import os
 import statistics
 import tempfile
@@ -80,13 +79,9 @@ def _epoch(stamp):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("-n", type=int, default=100)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    args = w.parse_args(__doc__, ("-n", {"type": int, "default": 100}))
     n = 10 if args.tiny else args.n
-    repeat = 1 if args.tiny else args.repeat
+    repeat = args.repeat
     rows = []
     for rep in range(repeat):
         lat = run_once(n)

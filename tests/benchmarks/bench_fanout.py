@@ -6,7 +6,6 @@ run, max_concurrent_job_runs = 4: time from POST to Successful, against a
 
     python tests/benchmarks/bench_fanout.py [--tiny]
 """
-import argparse
 import concurrent.futures
 import subprocess
 import tempfile
@@ -48,13 +47,9 @@ def databuild_time(server, client, rep, n):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("-n", type=int, default=2000)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    args = w.parse_args(__doc__, ("-n", {"type": int, "default": 2000}))
     n = 50 if args.tiny else args.n
-    repeat = 1 if args.tiny else args.repeat
+    repeat = args.repeat
     ws = w.make_workspace(tempfile.mkdtemp(prefix="bench-fanout-") + "/ws", TOML)
     server = w.Serve(ws)
     rows = []

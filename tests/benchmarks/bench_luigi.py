@@ -10,7 +10,6 @@ and batched (max_partitions_per_run, the way to run many small partitions).
     pip install luigi        # a benchmark-only dependency
     python tests/benchmarks/bench_luigi.py [--tiny]
 """
-import argparse
 import datetime
 import logging
 import os
@@ -123,14 +122,11 @@ def run_luigi(n):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("-n", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=100, help="max_partitions_per_run")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    args = w.parse_args(__doc__, ("-n", {"type": int, "default": 1000}),
+                        ("--batch", {"type": int, "default": 100,
+                                     "help": "max_partitions_per_run"}))
     n = 20 if args.tiny else args.n
-    repeat = 1 if args.tiny else args.repeat
+    repeat = args.repeat
     try:
         import luigi  # noqa: F401
     except ImportError:

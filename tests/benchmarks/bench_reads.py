@@ -7,22 +7,18 @@ clients, on logs of 10^3, 10^5 and 10^6 events built through the storage layer
     python tests/benchmarks/bench_reads.py            # full size (several minutes)
     python tests/benchmarks/bench_reads.py --tiny     # seconds: CI runs this
 """
-import argparse
 import tempfile
 
 import _workload as w
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes, for CI")
-    parser.add_argument("--sizes", type=int, nargs="*", default=None)
-    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    args = w.parse_args(__doc__, ("--sizes", {"type": int, "nargs": "*", "default": None}),
+                        ("--seconds", {"type": float, "default": 3.0,
+                                       "help": "per measurement"}))
     sizes = args.sizes or ([1000, 3000] if args.tiny else [10**3, 10**5, 10**6])
     seconds = 0.5 if args.tiny else args.seconds
-    repeat = 1 if args.tiny else args.repeat
+    repeat = args.repeat
     rows, by_size = [], {}
     for n in sizes:
         ws = w.make_workspace(tempfile.mkdtemp(prefix="bench-reads-") + "/ws")

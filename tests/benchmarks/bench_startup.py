@@ -5,7 +5,6 @@ with a log of 10^6 events (built through the storage layer).
 
     python tests/benchmarks/bench_startup.py [--tiny] [--events N]
 """
-import argparse
 import tempfile
 import time
 
@@ -14,13 +13,9 @@ import databuild
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--events", type=int, default=10**6)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    args = w.parse_args(__doc__, ("--events", {"type": int, "default": 10**6}))
     n = 2000 if args.tiny else args.events
-    repeat = 1 if args.tiny else args.repeat
+    repeat = args.repeat
     ws = w.make_workspace(tempfile.mkdtemp(prefix="bench-startup-") + "/ws")
     t0 = time.perf_counter()
     want_ids = w.build_log(ws, n)

@@ -6,7 +6,6 @@ with GET /health throughput in the same run.
 
     python tests/benchmarks/bench_writes.py [--tiny]
 """
-import argparse
 import json
 import tempfile
 import time
@@ -16,13 +15,9 @@ import databuild
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    args = w.parse_args(__doc__, ("--seconds", {"type": float, "default": 3.0}))
     seconds = 0.5 if args.tiny else args.seconds
-    repeat = 1 if args.tiny else args.repeat
+    repeat = args.repeat
     ws = w.make_workspace(tempfile.mkdtemp(prefix="bench-writes-") + "/ws")
     server = w.Serve(ws)
     try:
