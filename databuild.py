@@ -2131,8 +2131,9 @@ class Orchestrator:
         """One reconciliation pass (SPEC 2).
 
         Drain the inbox -> reap finished job runs -> enforce timeouts -> expire
-        wants -> schedule pending partitions -> commit and answer -> start
-        queued runs up to the limit -> commit.
+        wants -> schedule pending partitions -> start queued runs up to the
+        limit -> commit everything in one transaction -> answer (after the
+        fsync: inline, or by the syncer thread when the loop runs).
         """
         now = self.clock() if now is None else now
         commands = []
@@ -2160,8 +2161,8 @@ class Orchestrator:
             started = self._start_queued(now)
         else:
             started = ()
-        # One commit (one fsync) per step: commands, outcomes, new runs and
-        # their starts together (group commit).
+        # One commit per step: commands, outcomes, new runs and their starts
+        # together (group commit).
         try:
             self._commit()
         except StorageError:
