@@ -83,6 +83,7 @@ import http.client
 import itertools
 import json
 import logging
+import operator
 import os
 import random
 import re
@@ -101,6 +102,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import weakref
 
 logger = logging.getLogger("databuild")
 logger.addHandler(logging.NullHandler())
@@ -286,9 +288,20 @@ def check_ref(ref):
     return ref
 
 
+def _json_default(obj):
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError("%s is not JSON serializable" % type(obj).__name__)
+
+
+# One encoder, made once: json.dumps with options builds a new one per call.
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                                 default=_json_default)
+
+
 def dumps(obj):
-    """Compact JSON, the one encoding used for the log and the API."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON, the one encoding used for the log and the API (sets as sorted lists)."""
+    return _JSON_ENCODER.encode(obj)
 
 
 def find_workspace(start=None):
@@ -350,10 +363,13 @@ class _Entity:
     __slots__ = ()
     ROW = ()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._row_values = operator.attrgetter(*cls.ROW)
+
     def to_row(self):
         """The entity as one JSON projection row (the fields of ``ROW``)."""
-        return dumps([sorted(v) if isinstance(v, (set, frozenset)) else v
-                      for v in (getattr(self, f) for f in self.ROW)])
+        return dumps(self._row_values(self))
 
     @classmethod
     def from_row(cls, text):
@@ -1750,6 +1766,11 @@ def job_run_log_path(state_dir, job_run_id, stream):
     return os.path.join(state_dir, "logs", job_run_id, stream + ".log")
 
 
+# Python ignores these; a job starts with the default action, as Popen does.
+_RESET_SIGNALS = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ")
+                       if hasattr(signal, name))
+
+
 def _process_start_time(pid):
     """The kernel's start time of ``pid`` (clock ticks since boot), or None.
 
@@ -1764,6 +1785,29 @@ def _process_start_time(pid):
         return None
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_START_TIME_SLACK = _CLOCK_TICKS  # one second
+
+
+def _spawn_ticks():
+    """The boot clock in the ticks of ``_process_start_time``, or None.
+
+    Read just before a spawn, it is the start time the kernel will give the
+    child, up to the time the spawn takes: no /proc read per job run (which
+    waits for the new process's exec to finish).
+    """
+    try:
+        return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLOCK_TICKS)
+    except (AttributeError, OSError):
+        return None
+
+
+def _is_same_process(pid, start_ticks):
+    """True if ``pid`` is still the process spawned at ``start_ticks``."""
+    actual = _process_start_time(pid)
+    return actual is not None and 0 <= actual - start_ticks <= _START_TIME_SLACK
+
+
 def _signal_group(pgid, sig):
     try:
         os.killpg(pgid, sig)
@@ -1771,29 +1815,95 @@ def _signal_group(pgid, sig):
         pass
 
 
-class _Launcher:
-    """Spawns job processes (SPEC 4) and waits for them to exit.
+class _Wakeup:
+    """How the orchestrator thread sleeps: one ``poll()`` on a self-pipe and on
+    the pidfds of its job processes.
 
-    Per job it prepares once what every run shares: the resolved executable
-    and the environment, already encoded.  One reaper thread waits on a pidfd
-    per process (``select.poll``) and hands each exited process to
-    ``on_exit``; where pidfds are missing it falls back to a waiter thread per
-    process.  ``spawn`` is called by the orchestrator thread only.
+    ``set()`` (any thread) wakes it; a job process's exit wakes it without any
+    other thread in between.  The pipe is written once per sleep, not once
+    per command.
     """
 
-    def __init__(self, config, url, on_exit):
+    def __init__(self):
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._poller = select.poll()
+        self._poller.register(self._r, select.POLLIN)
+        self._armed = False  # True: a byte is (being) written, no need for another
+        # Closed with the object, never while another thread could still write.
+        weakref.finalize(self, _close_fds, self._r, self._w)
+
+    def set(self):
+        """Wake the sleeper (or make its next ``wait`` return at once)."""
+        if not self._armed:
+            self._armed = True
+            try:
+                os.write(self._w, b"x")
+            except (BlockingIOError, OSError):
+                pass  # full (a wake-up is pending anyway) or closed
+
+    def watch(self, fd):
+        """Also wake when ``fd`` becomes readable (a pidfd: its process exited)."""
+        self._poller.register(fd, select.POLLIN)
+
+    def unwatch(self, fd):
+        """Stop watching ``fd``."""
+        self._poller.unregister(fd)
+
+    def wait(self, seconds):
+        """Sleep up to ``seconds``; returns the watched fds that are readable.
+
+        Whatever was put in the inbox before this returns is seen by the
+        step that follows: the flag is cleared only after the pipe is drained.
+        """
+        ready = []
+        for fd, _ in self._poller.poll(max(0, int(seconds * 1000 + 0.999))):
+            if fd == self._r:
+                try:
+                    os.read(self._r, 4096)
+                except BlockingIOError:
+                    pass
+            else:
+                ready.append(fd)
+        self._armed = False
+        return ready
+
+
+
+def _close_fds(*fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class _Launcher:
+    """Spawns job processes (SPEC 4) and collects their exits.
+
+    Per job it prepares once what every run shares: the resolved executable
+    and the environment, already encoded.  Each process's pidfd is watched by
+    the orchestrator's ``_Wakeup``; ``reap(fds)`` turns readable ones into
+    ``on_exit`` calls, in the orchestrator thread.  Where pidfds are missing it
+    falls back to a waiter thread per process that calls ``on_exit``.  Only
+    the orchestrator thread calls ``spawn`` and ``reap``.
+    """
+
+    def __init__(self, config, url, on_exit, wakeup):
         self.config = config
         self.url = url
         self.on_exit = on_exit
+        self.wakeup = wakeup
         self._templates = {}  # job label -> (executable, argv, env bytes dict)
         self._logs_dir = os.path.join(config.state_dir, "logs")
         os.makedirs(self._logs_dir, exist_ok=True)
         self._use_pidfd = hasattr(os, "pidfd_open")
-        self._new = collections.deque()  # (pidfd, proc): orchestrator appends, reaper pops
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._closing = False
-        self._thread = None
+        # posix_spawn cannot change directory: used where this process already
+        # runs in the workspace root (``serve`` moves there), Popen elsewhere.
+        self._posix_spawn = (hasattr(os, "POSIX_SPAWN_OPEN")
+                             and os.getcwd() == os.path.realpath(config.root))
+        self._pidfds = {}  # pidfd -> _JobProcess, watched by the wakeup
 
     def _template(self, job):
         template = self._templates.get(job.label)
@@ -1818,76 +1928,84 @@ class _Launcher:
         env[b"DATABUILD_JOB_RUN_ID"] = run.job_run_id.encode()
         env[b"DATABUILD_URL"] = os.fsencode(self.url or "")
         env[b"DATABUILD_PARTITIONS"] = os.fsencode(" ".join(run.partitions))
+        argv = job.entrypoint + list(run.partitions)
         log_dir = os.path.join(self._logs_dir, run.job_run_id)
         os.mkdir(log_dir)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        out = os.open(os.path.join(log_dir, "stdout.log"), flags, 0o644)
-        try:
-            err = os.open(os.path.join(log_dir, "stderr.log"), flags, 0o644)
+        stdout_path = os.path.join(log_dir, "stdout.log")
+        stderr_path = os.path.join(log_dir, "stderr.log")
+        popen = None
+        start_ticks = _spawn_ticks()
+        if self._posix_spawn:
+            # One C call that holds the GIL throughout; the child opens its
+            # own log files.  Every descriptor this process opens is
+            # close-on-exec (PEP 446, SQLite's O_CLOEXEC), so none leaks.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
             try:
-                popen = subprocess.Popen(
-                    job.entrypoint + list(run.partitions), executable=program,
-                    cwd=self.config.root, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=err, start_new_session=True)
+                pid = os.posix_spawn(program, argv, env, file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, stdout_path, flags, 0o644),
+                    (os.POSIX_SPAWN_OPEN, 2, stderr_path, flags, 0o644)],
+                    setsid=True, setsigdef=_RESET_SIGNALS)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, program) from None
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            out = os.open(stdout_path, flags, 0o644)
+            try:
+                err = os.open(stderr_path, flags, 0o644)
+                try:
+                    popen = subprocess.Popen(
+                        argv, executable=program, cwd=self.config.root, env=env,
+                        stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                        start_new_session=True)
+                finally:
+                    os.close(err)
             finally:
-                os.close(err)
-        finally:
-            os.close(out)
-        proc = _JobProcess(run.job_run_id, popen, log_dir, job, now)
+                os.close(out)
+            pid = popen.pid
+        proc = _JobProcess(run.job_run_id, pid, start_ticks, popen, log_dir, job, now)
         if self._use_pidfd:
             try:
-                fd = os.pidfd_open(popen.pid)
+                fd = os.pidfd_open(pid)
             except OSError:
                 self._use_pidfd = False
             else:
-                self._new.append((fd, proc))
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._reap_loop,
-                                                    name="databuild-reaper", daemon=True)
-                    self._thread.start()
-                os.write(self._wake_w, b"x")
+                self._pidfds[fd] = proc
+                self.wakeup.watch(fd)
                 return proc
-        threading.Thread(target=self._exited, args=(proc,), name="databuild-job-%d" % proc.pid,
+        threading.Thread(target=self._exited, args=(proc,), name="databuild-job-%d" % pid,
                          daemon=True).start()
         return proc
 
-    def _exited(self, proc):
-        proc.returncode = proc.popen.wait()  # at once for the reaper: the pidfd said so
-        self.on_exit(proc)
+    @staticmethod
+    def _wait(proc):
+        if proc.popen is not None:
+            proc.returncode = proc.popen.wait()
+        else:
+            proc.returncode = os.waitstatus_to_exitcode(os.waitpid(proc.pid, 0)[1])
+        return proc
 
-    def _reap_loop(self):
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        waiting = {}  # pidfd -> proc; this thread only
-        while True:
-            for fd, _ in poller.poll():
-                if fd == self._wake_r:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                    while self._new:
-                        new_fd, proc = self._new.popleft()
-                        waiting[new_fd] = proc
-                        poller.register(new_fd, select.POLLIN)
-                    if self._closing and not waiting:
-                        return
-                    continue
-                proc = waiting.pop(fd)
-                poller.unregister(fd)
-                os.close(fd)
-                try:
-                    self._exited(proc)
-                except Exception:
-                    logger.exception("Reaping job run %s failed", proc.job_run_id)
+    def _exited(self, proc):
+        self.on_exit(self._wait(proc))  # a waiter thread (no pidfds)
+
+    def reap(self, fds):
+        """The processes whose pidfds (from ``_Wakeup.wait``) are readable, waited."""
+        done = []
+        for fd in fds:
+            proc = self._pidfds.pop(fd, None)
+            if proc is None:
+                continue
+            self.wakeup.unwatch(fd)
+            os.close(fd)
+            done.append(self._wait(proc))  # does not block: the process has exited
+        return done
 
     def close(self):
-        """Let the reaper thread end once no process is left (it holds no lock)."""
-        self._closing = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        """Stop watching the remaining processes (their waiter is gone with us)."""
+        for fd in list(self._pidfds):
+            self.wakeup.unwatch(fd)
+            os.close(fd)
+        self._pidfds.clear()
 
 
 class _JobProcess:
@@ -1898,13 +2016,13 @@ class _JobProcess:
     deque and wakes it.
     """
 
-    def __init__(self, job_run_id, popen, log_dir, job, now):
+    def __init__(self, job_run_id, pid, start_time, popen, log_dir, job, now):
         self.job_run_id = job_run_id
-        self.popen = popen
-        self.pid = popen.pid
+        self.popen = popen  # None when spawned by posix_spawn
+        self.pid = pid
+        self.start_time = start_time  # see _spawn_ticks
         self.stdout_path = os.path.join(log_dir, "stdout.log")
         self.stderr_path = os.path.join(log_dir, "stderr.log")
-        self.start_time = _process_start_time(self.pid)
         self.deadline = now + job.timeout_seconds if job.timeout_seconds else None
         self.stop_reason = None
         self.kill_at = None
@@ -1993,8 +2111,8 @@ class Orchestrator:
         self.clock = clock
         self.state = self._open_state()
         self._inbox = collections.deque()  # any thread appends, the orchestrator pops
-        self._exited = collections.deque()  # waiter threads append, the orchestrator pops
-        self._wake = threading.Event()
+        self._exited = collections.deque()  # exited _JobProcesses, not yet recorded
+        self._wake = _Wakeup()
         self._processes = {}  # job_run_id -> _JobProcess
         self._entries = []  # (type, payload, timestamp) of this step, not yet committed
         self._replies = []  # (command, result) to answer after the next commit
@@ -2101,7 +2219,6 @@ class Orchestrator:
     def _loop(self):
         try:
             while not self._stop_requested:
-                self._wake.clear()
                 now = self.clock()
                 try:
                     self.step(now)
@@ -2109,13 +2226,22 @@ class Orchestrator:
                 except Exception as e:  # survive: log, wait a tick, try again
                     self.last_step_error = e
                     logger.exception("Orchestrator step failed")
-                self._wake.wait(self._sleep_seconds(self.clock()))
+                self.wait(self._sleep_seconds(self.clock()))
         finally:
             try:
                 self.shutdown()
             except Exception:
                 logger.exception("Orchestrator shutdown failed")
             self._stopped.set()
+
+    def wait(self, seconds):
+        """Sleep until a command arrives, a job process exits or ``seconds`` pass.
+
+        For the thread that steps (the loop, or a test driving ``step``).
+        """
+        ready = self._wake.wait(seconds)
+        if ready and self._spawner is not None:
+            self._exited.extend(self._spawner.reap(ready))
 
     def _sleep_seconds(self, now):
         when = now + DEFAULTS["orchestrator_tick_seconds"]
@@ -2304,13 +2430,13 @@ class Orchestrator:
                 proc.stop(reason, now, DEFAULTS["kill_grace_seconds"])
 
     def _on_process_exit(self, proc):
-        # Runs in the reaper thread: hand over and wake the orchestrator.
+        # Runs in a waiter thread (no pidfds): hand over and wake the orchestrator.
         self._exited.append(proc)
         self._wake.set()
 
     def _launcher(self):
         if self._spawner is None:
-            self._spawner = _Launcher(self.config, self.url, self._on_process_exit)
+            self._spawner = _Launcher(self.config, self.url, self._on_process_exit, self._wake)
         self._spawner.url = self.url
         return self._spawner
 
@@ -2498,7 +2624,7 @@ class Orchestrator:
         for run_id in stale:
             run = self.state.job_runs[run_id]
             if (run.pid and run.pid_start_time is not None
-                    and run.pid_start_time == _process_start_time(run.pid)):
+                    and _is_same_process(run.pid, run.pid_start_time)):
                 orphans[run.pid] = run_id
         # A process spawned just before a crash may have no committed start
         # event: it still carries its run id in its environment.
@@ -2526,8 +2652,7 @@ class Orchestrator:
             if time.monotonic() >= deadline:
                 for proc in self._processes.values():
                     proc.kill()
-            self._wake.wait(0.05)
-            self._wake.clear()
+            self.wait(0.05)
             self._reap(self.clock())
         for run_id in list(self.state.job_runs_by_status[QUEUED]):
             self._emit(JOB_RUN_CANCEL, {"job_run_id": run_id,
@@ -4184,6 +4309,8 @@ _JOB_RUN_COLUMNS = [("JOB_RUN_ID", "job_run_id"), ("STATUS", "status"), ("JOB", 
 
 def _cmd_serve(args):
     config = load_config(_workspace(args))
+    # A server lives in its workspace (jobs run there; see _Launcher).
+    os.chdir(config.root)
     # Loading the working set allocates many objects that live as long as the
     # server: no cyclic GC while loading, and none of it scanned again later.
     gc.disable()

@@ -106,15 +106,14 @@ class Driver:
         return want
 
     def until(self, predicate, timeout=15.0):
-        """Step until ``predicate(state)``; waits on the orchestrator's wake event."""
+        """Step until ``predicate(state)``; sleeps as the orchestrator's loop does."""
         deadline = time.monotonic() + timeout
         while True:
-            self.orch._wake.clear()
             self.orch.step()
             if predicate(self.state):
                 return
             assert time.monotonic() < deadline, "condition not reached in %.0fs" % timeout
-            self.orch._wake.wait(self.orch._sleep_seconds(time.time()) or 0.01)
+            self.orch.wait(self.orch._sleep_seconds(time.time()) or 0.01)
 
     def full(self):
         """The whole state (a replay of the log), finished work included."""

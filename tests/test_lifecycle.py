@@ -149,6 +149,29 @@ def test_restart_after_clean_stop_keeps_every_event(workspace, serve):
     assert events_of(workspace) == before  # nothing new, nothing changed
 
 
+def test_serve_spawns_jobs_in_the_workspace_with_stdio_only(tmp_path, serve):
+    # `serve` moves into the workspace and spawns with posix_spawn (the
+    # in-process tests use Popen): the same job protocol either way.
+    ws = write_workspace(tmp_path / "ws", jobs=[
+        {"label": "t", "partition_patterns": ["out/.*"]},
+        {"label": "sig", "partition_patterns": ["sig/.*"],
+         "entrypoint": ["sh", "-c", "grep SigIgn /proc/self/status > sigign.txt"]}])
+    server = serve(ws)
+    want = server.client.create_want(["out/a", "sig/a"])
+    wait_for(lambda: server.client.get_want(want["want_id"])["status"] == "Successful")
+    with open(os.path.join(ws, "built", "out%2Fa")) as f:
+        record = json.load(f)
+    assert os.path.realpath(record["cwd"]) == os.path.realpath(ws)
+    assert record["stdin"] == "" and record["fds"] == [0, 1, 2, 3]  # no descriptor leaked
+    assert record["argv"] == ["out/a"] and record["env"]["DATABUILD_PARTITIONS"] == "out/a"
+    (run,) = server.client.list_job_runs(status="Succeeded")["data"][:1]
+    assert os.path.exists(os.path.join(ws, ".databuild", "logs", run["job_run_id"],
+                                       "stdout.log"))
+    with open(os.path.join(ws, "sigign.txt")) as f:
+        ignored = int(f.read().split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))  # Python ignores it; a job must not
+
+
 def test_restart_after_sigkill_recovers_runs_and_stops_orphans(workspace, serve):
     set_plan(workspace, {"a": {"sleep": 60, "sleep_times": 1}, "b": {"deps": ["a"]}})
     server = serve(workspace)
@@ -160,6 +183,9 @@ def test_restart_after_sigkill_recovers_runs_and_stops_orphans(workspace, serve)
     server.proc.wait()
     assert pid_alive(orphan)  # the job outlived the server (its own session)
     rows = events_of(workspace)
+    (start,) = [json.loads(r[3]) for r in rows if r[2] == "job_run_start"
+                and json.loads(r[3])["pid"] == orphan]
+    assert databuild._is_same_process(orphan, start["pid_start_time"])  # (pid, start time)
     assert len(rows) >= acknowledged
     again = serve(workspace)
     wait_for(lambda: not pid_alive(orphan), timeout=10)

@@ -28,6 +28,7 @@ def test_success_with_the_job_protocol(tmp_path, driver_for):
         record = json.load(f)
     assert record["argv"] == ["out/a"]
     assert os.path.realpath(record["cwd"]) == os.path.realpath(ws)
+    assert record["stdin"] == "" and record["fds"] == [0, 1, 2, 3]  # nothing leaked in
     env = record["env"]
     assert env["TEST_REGION"] == "eu"
     assert env["DATABUILD_JOB_RUN_ID"] == run.job_run_id
