@@ -264,7 +264,13 @@ def isoformat(ts):
     millis = int(round((ts - seconds) * 1000))
     if millis == 1000:
         seconds, millis = seconds + 1, 0
-    return "%s.%03dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)), millis)
+    return "%s.%03dZ" % (_iso_seconds(seconds), millis)
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_seconds(seconds):
+    # Timestamps cluster (one step, one page of a list): format each second once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 # Ids need to be unique, not secret: a generator seeded once from the OS is
@@ -2078,6 +2084,37 @@ class _JobProcess:
 # Orchestrator ################################################################
 ###############################################################################
 
+class _Latch:
+    """A one-shot ``threading.Event``: set once, by one thread; a bare lock
+    instead of a Condition (one per write request, so it counts)."""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self):
+        """Release every waiter, now and later."""
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def is_set(self):
+        """True once ``set`` was called."""
+        return self._set
+
+    def wait(self, timeout=None):
+        """Block until set or ``timeout`` seconds passed; True if set."""
+        if self._set:
+            return True
+        if self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            self._lock.release()  # let the next waiter through
+            return True
+        return self._set
+
+
 class _Command:
     """A write request in the orchestrator's inbox, answered through ``done``."""
 
@@ -2086,7 +2123,7 @@ class _Command:
     def __init__(self, kind, args):
         self.kind = kind
         self.args = args
-        self.done = threading.Event()
+        self.done = _Latch()
         self.result = None
         self.error = None
 
@@ -2096,7 +2133,7 @@ class Orchestrator:
 
     Other threads talk to it through ``submit`` (or ``enqueue``): commands go
     into a ``collections.deque`` inbox and the caller waits on the command's
-    ``threading.Event``, set only after the command's events are committed.
+    ``done`` latch, set only after the command's events are committed.
     ``step(now)`` is one reconciliation pass; ``start()`` runs steps in a named
     thread that sleeps until woken by a command, a job's exit or a deadline.
 
