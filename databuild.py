@@ -1876,7 +1876,6 @@ class _Wakeup:
         return ready
 
 
-
 def _close_fds(*fds):
     for fd in fds:
         try:
@@ -1890,10 +1889,10 @@ class _Launcher:
 
     Per job it prepares once what every run shares: the resolved executable
     and the environment, already encoded.  Each process's pidfd is watched by
-    the orchestrator's ``_Wakeup``; ``reap(fds)`` turns readable ones into
-    ``on_exit`` calls, in the orchestrator thread.  Where pidfds are missing it
-    falls back to a waiter thread per process that calls ``on_exit``.  Only
-    the orchestrator thread calls ``spawn`` and ``reap``.
+    the orchestrator's ``_Wakeup``; ``reap(fds)`` waits the processes whose
+    pidfds came back readable, in the orchestrator thread.  Where pidfds are
+    missing it falls back to a waiter thread per process that calls
+    ``on_exit``.  Only the orchestrator thread calls ``spawn`` and ``reap``.
     """
 
     def __init__(self, config, url, on_exit, wakeup):
@@ -1901,7 +1900,7 @@ class _Launcher:
         self.url = url
         self.on_exit = on_exit
         self.wakeup = wakeup
-        self._templates = {}  # job label -> (executable, argv, env bytes dict)
+        self._templates = {}  # job label -> (executable, env as a bytes dict)
         self._logs_dir = os.path.join(config.state_dir, "logs")
         os.makedirs(self._logs_dir, exist_ok=True)
         self._use_pidfd = hasattr(os, "pidfd_open")
@@ -2007,7 +2006,7 @@ class _Launcher:
         return done
 
     def close(self):
-        """Stop watching the remaining processes (their waiter is gone with us)."""
+        """Stop watching the processes still here (at shutdown, after their kill)."""
         for fd in list(self._pidfds):
             self.wakeup.unwatch(fd)
             os.close(fd)
@@ -2084,37 +2083,6 @@ class _JobProcess:
 # Orchestrator ################################################################
 ###############################################################################
 
-class _Latch:
-    """A one-shot ``threading.Event``: set once, by one thread; a bare lock
-    instead of a Condition (one per write request, so it counts)."""
-
-    __slots__ = ("_lock", "_set")
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._lock.acquire()
-        self._set = False
-
-    def set(self):
-        """Release every waiter, now and later."""
-        if not self._set:
-            self._set = True
-            self._lock.release()
-
-    def is_set(self):
-        """True once ``set`` was called."""
-        return self._set
-
-    def wait(self, timeout=None):
-        """Block until set or ``timeout`` seconds passed; True if set."""
-        if self._set:
-            return True
-        if self._lock.acquire(timeout=-1 if timeout is None else timeout):
-            self._lock.release()  # let the next waiter through
-            return True
-        return self._set
-
-
 class _Command:
     """A write request in the orchestrator's inbox, answered through ``done``."""
 
@@ -2123,7 +2091,7 @@ class _Command:
     def __init__(self, kind, args):
         self.kind = kind
         self.args = args
-        self.done = _Latch()
+        self.done = threading.Event()
         self.result = None
         self.error = None
 
@@ -2133,7 +2101,7 @@ class Orchestrator:
 
     Other threads talk to it through ``submit`` (or ``enqueue``): commands go
     into a ``collections.deque`` inbox and the caller waits on the command's
-    ``done`` latch, set only after the command's events are committed.
+    ``threading.Event``, set only after the command's events are committed.
     ``step(now)`` is one reconciliation pass; ``start()`` runs steps in a named
     thread that sleeps until woken by a command, a job's exit or a deadline.
 
