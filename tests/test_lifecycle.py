@@ -155,10 +155,16 @@ def test_serve_spawns_jobs_in_the_workspace_with_stdio_only(tmp_path, serve):
     ws = write_workspace(tmp_path / "ws", jobs=[
         {"label": "t", "partition_patterns": ["out/.*"]},
         {"label": "sig", "partition_patterns": ["sig/.*"],
-         "entrypoint": ["sh", "-c", "grep SigIgn /proc/self/status > sigign.txt"]}])
+         "entrypoint": ["sh", "-c", "grep SigIgn /proc/self/status > sigign.txt"]},
+        {"label": "gone", "partition_patterns": ["gone/.*"], "entrypoint": ["jobs/absent.sh"]}])
     server = serve(ws)
     want = server.client.create_want(["out/a", "sig/a"])
     wait_for(lambda: server.client.get_want(want["want_id"])["status"] == "Successful")
+    gone = server.client.create_want(["gone/a"])
+    wait_for(lambda: server.client.get_want(gone["want_id"])["status"] == "Failed")
+    (failed,) = server.client.list_job_runs(status="Failed")["data"]
+    assert failed["error"].startswith("cannot start job: [Errno 2] No such file or directory")
+    assert os.path.join(ws, "jobs", "absent.sh") in failed["error"]
     with open(os.path.join(ws, "built", "out%2Fa")) as f:
         record = json.load(f)
     assert os.path.realpath(record["cwd"]) == os.path.realpath(ws)

@@ -78,6 +78,25 @@ def test_failure_is_retried_up_to_max_retries(tmp_path, driver_for):
     assert d.full().partitions["bad"].status == FAILED
 
 
+@pytest.mark.parametrize("posix_spawn", [False, True])
+def test_without_pidfds_a_waiter_thread_reports_each_exit(tmp_path, driver_for, monkeypatch,
+                                                         posix_spawn):
+    # Where os.pidfd_open is missing (older kernels), each process gets a
+    # waiter thread that wakes the orchestrator; both ways of spawning.
+    ws = write_workspace(tmp_path / "ws", plan={"c": {"deps": ["b"]}, "b": {"exit": 3}})
+    if posix_spawn:
+        monkeypatch.chdir(ws)
+    d = driver_for(ws)
+    launcher = d.orch._launcher()
+    launcher._use_pidfd = False
+    assert launcher._posix_spawn == posix_spawn
+    want = d.want("c", "ok")
+    assert d.settle(want["want_id"]) == UPSTREAM_FAILED
+    runs = d.full().job_runs.values()
+    assert sorted((r.partitions[0], r.status, r.exit_code) for r in runs) == [
+        ("b", FAILED, 3), ("c", DEP_MISS, 0), ("ok", SUCCEEDED, 0)]
+
+
 def test_timeout_kills_the_process_group(tmp_path, driver_for):
     ws = write_workspace(tmp_path / "ws", jobs=[{"label": "t", "partition_patterns": [".*"],
                                                  "timeout_seconds": 0.3}],
