@@ -2016,9 +2016,9 @@ class _Launcher:
 class _JobProcess:
     """A job run's subprocess, in its own process group (SPEC 4).
 
-    Owned by the orchestrator thread, except ``returncode``, which the reaper
-    sets just before it hands the process to the orchestrator's ``exited``
-    deque and wakes it.
+    Owned by the orchestrator thread, except ``returncode``, which a waiter
+    thread (where there are no pidfds) sets just before it hands the process
+    to the orchestrator's ``_exited`` deque and wakes it.
     """
 
     def __init__(self, job_run_id, pid, start_time, popen, log_dir, job, now):
