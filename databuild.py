@@ -73,7 +73,6 @@ __all__ = [
 import argparse
 import bisect
 import collections
-import datetime
 import fcntl
 import functools
 import gc

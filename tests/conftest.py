@@ -3,10 +3,8 @@ driven one step at a time, an in-process WSGI caller and a real server."""
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import wsgiref.util

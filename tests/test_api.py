@@ -5,9 +5,7 @@ import json
 import os
 import re
 import socket
-import threading
 import time
-import urllib.request
 
 import pytest
 

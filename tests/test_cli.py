@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import databuild
-from conftest import MODULE, REVIEWS, set_plan, wait_for, write_workspace
+from conftest import MODULE, REVIEWS, set_plan, wait_for
 
 
 def cli(*args, cwd=None, env=None, timeout=120):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import MODULE, write_workspace
+from conftest import MODULE
 from databuild import ConfigError, InvalidRequest, load_config
 
 

@@ -1,6 +1,4 @@
 """The HTTP API in-process (the WSGI app with a running orchestrator)."""
-import json
-import os
 import time
 
 import pytest

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 
-import pytest
 
 import databuild
 from conftest import MODULE, ServeProcess, built, run_count, set_plan, wait_for, write_workspace

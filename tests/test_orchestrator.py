@@ -6,8 +6,8 @@ import time
 import pytest
 
 import databuild
-from conftest import built, run_count, set_plan, write_workspace
-from databuild import (CANCELED, DEP_MISS, EXPIRED, FAILED, LIVE, QUEUED, RUNNING,
+from conftest import built, run_count, write_workspace
+from databuild import (CANCELED, DEP_MISS, EXPIRED, FAILED, QUEUED, RUNNING,
                        SUCCEEDED, SUCCESSFUL, UPSTREAM_FAILED, Conflict, NotFound)
 
 

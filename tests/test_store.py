@@ -1,10 +1,11 @@
 """The SQLite event log: append, read back, gapless ids, WAL, errors."""
-import os
 import sqlite3
 import threading
 
 import pytest
 
+import databuild
+from conftest import write_workspace
 from databuild import EventLog, NotFound, StorageError
 
 
@@ -88,9 +89,6 @@ def test_sqlite_errors_become_storage_errors(tmp_path):
 
 # -- the projection ------------------------------------------------------------
 
-import databuild  # noqa: E402
-from conftest import write_workspace  # noqa: E402
-
 
 def rows_of(log, table, key):
     conn = sqlite3.connect(log.path)
@@ -134,7 +132,6 @@ def assert_projection_matches_replay(log):
 
 
 def test_projection_rows_are_the_replay(tmp_path, driver_for):
-    from conftest import set_plan
     ws = write_workspace(tmp_path / "ws", jobs=[{"label": "t", "partition_patterns": [".*"],
                                                  "max_retries": 1}],
                          plan={"c": {"deps": ["b"]}, "b": {"deps": ["a"]},
