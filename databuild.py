@@ -3725,6 +3725,35 @@ class IdleTimer:
         self._stop.set()
 
 
+@functools.lru_cache(maxsize=None)
+def _channel_class():
+    """waitress's HTTP channel, without its busy loop while a worker answers.
+
+    With ``send_bytes = 1`` a worker thread sends its response itself, under
+    the channel's ``outbuf_lock``; ``socket.send`` drops the GIL, and the I/O
+    loop, woken meanwhile by any other connection, sees the channel
+    ``writable()``: ``select`` returns at once, ``handle_write`` cannot take
+    the lock, and the loop goes round again, taking the GIL from the very
+    worker it waits for.  Measured under 16 clients writing: 2.4 such empty
+    rounds per request, a fifth of the server's CPU.  Here the channel is not
+    writable while a worker holds that lock; the worker flushes, and ends its
+    request with a trigger that wakes the loop for whatever is left.  Above the
+    high watermark (a worker waiting for the loop to drain) nothing changes.
+    """
+    from waitress.channel import HTTPChannel
+
+    class Channel(HTTPChannel):
+        def writable(self):
+            if (self.requests and 0 < self.total_outbufs_len <= self.adj.outbuf_high_watermark
+                    and not (self.will_close or self.close_when_flushed)):
+                if not self.outbuf_lock.acquire(False):
+                    return False
+                self.outbuf_lock.release()
+            return HTTPChannel.writable(self)
+
+    return Channel
+
+
 def read_server_info(state_dir):
     """The parsed ``server.json`` of a workspace, or None."""
     try:
@@ -3818,6 +3847,10 @@ class Server:
         except OSError as e:
             raise DatabuildError("Cannot listen on %s:%s: %s" % (self.host, self.port,
                                                                  e.strerror or e)) from None
+        from waitress.server import BaseWSGIServer
+        for listener in [self._wsgi_server, *self._wsgi_server._map.values()]:
+            if isinstance(listener, BaseWSGIServer):  # one, or several (MultiSocketServer)
+                listener.channel_class = _channel_class()
         self.port = int(self._wsgi_server.effective_port)
         host = self.host if ":" not in self.host else "[%s]" % self.host
         self.url = "http://%s:%d" % (host, self.port)

@@ -1,9 +1,11 @@
 """Server lifecycle: idle stop, graceful stop, restart recovery, one server per
 workspace, CLI auto-start, status and stop (SPEC 7, 8)."""
+import concurrent.futures
 import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -175,6 +177,45 @@ def test_serve_spawns_jobs_in_the_workspace_with_stdio_only(tmp_path, serve):
     with open(os.path.join(ws, "sigign.txt")) as f:
         ignored = int(f.read().split()[1], 16)
     assert not ignored & (1 << (signal.SIGPIPE - 1))  # Python ignores it; a job must not
+
+
+def test_answers_go_out_whole_to_a_late_reader_and_to_many_writers(workspace, serve):
+    # The I/O loop leaves a channel alone while its worker is sending
+    # (databuild._channel_class).  An answer far larger than the socket
+    # buffers, to a client that only starts reading later, still arrives
+    # whole; sixteen clients writing at once all get their answers.
+    big = "x" * (6 << 20)
+    set_plan(workspace, {"big": {"stdout": big}})
+    server = serve(workspace)
+    want = server.client.create_want(["big"])
+    wait_for(lambda: server.client.get_want(want["want_id"])["status"] == "Successful")
+    (run_id,) = server.client.get_want(want["want_id"])["job_run_ids"]
+    host, port = server.url.split("//")[1].rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # a small window
+    sock.settimeout(20)
+    sock.connect((host, int(port)))
+    with sock:
+        sock.sendall(("GET /api/job_runs/%s/logs/stdout HTTP/1.1\r\nHost: %s:%s\r\n"
+                      "Connection: close\r\n\r\n" % (run_id, host, port)).encode())
+        time.sleep(0.3)  # the reader is late: the server's sends fill the buffers
+        chunks = []
+        while True:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, body = b"".join(chunks).split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and body == big.encode() + b"\nbuilt big\n"
+
+    def write(i):
+        client = databuild.Client(server.url, timeout=20)
+        return [client.create_want(["big"], comment="w%d" % i)["status"] for _ in range(10)]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = [s for statuses in pool.map(write, range(16)) for s in statuses]
+    assert answers == ["Successful"] * 160
+    assert server.client.list_wants(limit=0)["total"] == 161
 
 
 def test_restart_after_sigkill_recovers_runs_and_stops_orphans(workspace, serve):
