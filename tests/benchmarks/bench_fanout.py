@@ -6,9 +6,9 @@ run, max_concurrent_job_runs = 4: time from POST to Successful, against a
 
 Also printed, as a floor: one thread doing only the system work a run needs
 under SPEC 4 -- its log directory, posix_spawn with the two log files, a pidfd
-to wait on, four at a time -- with no event, commit or HTTP.  No orchestrator
-in one CPython process can beat it; ``floor/pool`` says how much of the
-target the process layout alone already takes.
+to wait on, four at a time -- with no event, commit or HTTP.  An orchestrator
+that spawns from its one thread, as databuild's does, cannot beat it;
+``floor/pool`` says how much of the target that alone already takes.
 
     python tests/benchmarks/bench_fanout.py [--tiny]
 """
