@@ -1477,10 +1477,26 @@ class StoreView:
                              json.loads(row[2]), json.loads(row[3]))
 
     @staticmethod
-    def _partition(row):
-        part = Partition.from_row(row[0])
-        part.want_ids = json.loads(row[1])
+    def _partition_of(values, want_ids):
+        part = Partition.from_values(values)
+        part.want_ids = want_ids
         return part.to_dict()
+
+    def _partition(self, row):
+        return self._partition_of(json.loads(row[0]), json.loads(row[1]))
+
+    def _json_page(self, columns, source, order_limit, args, count=False):
+        """``(rows, total)``: the page's ``columns`` (SQL giving JSON) as one
+        JSON document -- one json.loads for a page, not one per column and
+        row -- and, if ``count``, how many rows the unpaged query has (None
+        for an empty page; counting walks every match, so only when asked)."""
+        ((page, total),) = self._page(
+            "SELECT json_group_array(json_array(%s)), MAX(n) FROM (SELECT %s, %s AS n "
+            "FROM %s %s)" % (", ".join("json(c%d)" % i for i in range(len(columns))),
+                             ", ".join("%s AS c%d" % (c, i) for i, c in enumerate(columns)),
+                             "COUNT(*) OVER ()" if count else "NULL", source, order_limit),
+            args)
+        return json.loads(page), total
 
     def want(self, want_id):
         """One want as a dict, or None."""
@@ -1492,16 +1508,12 @@ class StoreView:
     def wants(self, status, offset, limit):
         """``(page, total)`` of wants, newest first."""
         where, args = ("", []) if status is None else (" WHERE status = ?", [status])
-        # The page as one JSON document: one json.loads, not four per want.
-        ((page,),) = self._page(
-            "SELECT json_group_array(json_array(json(row), json(statuses), json(runs), "
-            "json(derivatives))) FROM (SELECT w.row, %s AS statuses, %s AS runs, "
-            "%s AS derivatives FROM wants w%s ORDER BY seq DESC LIMIT ? OFFSET ?)"
-            % (_STATUSES_SQL, _WANT_RUNS_SQL, _WANT_DERIVATIVES_SQL, where),
-            args + [limit, offset])
+        rows, _ = self._json_page(("w.row", _STATUSES_SQL, _WANT_RUNS_SQL, _WANT_DERIVATIVES_SQL),
+                                  "wants w" + where, "ORDER BY seq DESC LIMIT ? OFFSET ?",
+                                  args + [limit, offset])
         total = (self.summary["seqs"]["wants"] if status is None
                  else self.summary["counts"]["wants"].get(status, 0))
-        return [self._want_of(*values) for values in json.loads(page)], total
+        return [self._want_of(*values) for values in rows], total
 
     def partition(self, ref):
         """One partition as a dict, or None."""
@@ -1520,18 +1532,15 @@ class StoreView:
             where.append("ref >= ? AND ref < ?")
             args += [prefix, prefix + "\U0010ffff"]
         clause = (" WHERE " + " AND ".join(where)) if where else ""
-        if prefix:  # count the matches in the same snapshot as the page
-            rows = self._page("SELECT p.row, %s, COUNT(*) OVER () FROM partitions p%s "
-                              "ORDER BY seq DESC LIMIT ? OFFSET ?" % (_PARTITION_WANTS_SQL, clause),
-                              args + [limit, offset])
-            total = rows[0][2] if rows else self._count("partitions", clause, args)
+        rows, count = self._json_page(("p.row", _PARTITION_WANTS_SQL), "partitions p" + clause,
+                                      "ORDER BY seq DESC LIMIT ? OFFSET ?", args + [limit, offset],
+                                      count=bool(prefix))
+        if prefix:  # counted in the same snapshot as the page
+            total = count if rows else self._count("partitions", clause, args)
         else:
-            rows = self._page("SELECT p.row, %s FROM partitions p%s ORDER BY seq DESC "
-                              "LIMIT ? OFFSET ?" % (_PARTITION_WANTS_SQL, clause),
-                              args + [limit, offset])
             total = (self.summary["seqs"]["partitions"] if status is None
                      else self.summary["counts"]["partitions"].get(status, 0))
-        return [self._partition(r) for r in rows], total
+        return [self._partition_of(*values) for values in rows], total
 
     def _count(self, table, clause, args):
         with self.log._errors():
@@ -1560,6 +1569,8 @@ class StoreView:
         else:
             source = "job_runs r"
         clause = (" WHERE " + " AND ".join(where)) if where else ""
+        # One JSON column a row: as cheap to parse row by row (measured) as
+        # through _json_page.
         if want_id is not None or job_label is not None:
             rows = self._page("SELECT r.row, COUNT(*) OVER () FROM %s%s "
                               "ORDER BY r.seq DESC LIMIT ? OFFSET ?" % (source, clause),

@@ -106,6 +106,9 @@ def test_partitions_and_job_runs(app_server):
     assert raw["total"] == 2 and {p["ref"] for p in raw["data"]} == {"raw/d=1", "raw/d=2"}
     live = http.call("GET", "/api/partitions?status=Live&prefix=report").json
     assert [p["ref"] for p in live["data"]] == ["report/w=1"]
+    past = http.call("GET", "/api/partitions?prefix=raw/&offset=5").json
+    assert past["data"] == [] and past["total"] == 2  # counted even past the last page
+    assert http.call("GET", "/api/partitions?prefix=nope/").json["total"] == 0
     runs = http.call("GET", "/api/job_runs").json
     assert runs["total"] == 4  # dep miss, two upstream builds, the rerun
     run = runs["data"][0]
