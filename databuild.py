@@ -3754,7 +3754,7 @@ def _channel_class():
     the lock, and the loop goes round again, taking the GIL from the very
     worker it waits for.  Measured under 16 clients writing: 2.4 such empty
     rounds per request (0.4 rounds in all with this class; writes/s up by
-    about 8 %).  Here the channel is not writable while a worker holds that
+    about 6 %).  Here the channel is not writable while a worker holds that
     lock; the worker flushes, and ends its request with a trigger that wakes
     the loop for whatever is left (at worst the loop's one-second timeout
     does).  Above the high watermark (a worker waiting for the loop to drain)
