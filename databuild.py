@@ -61,6 +61,7 @@ __all__ = [
     "StorageError",
     "StoreView",
     "Unavailable",
+    "Unauthorized",
     "UnsupportedMediaType",
     "load_config",
     "main",
@@ -73,11 +74,14 @@ __all__ = [
 import argparse
 import bisect
 import collections
+import contextlib
+import errno
 import fcntl
 import functools
 import gc
 import getpass
 import heapq
+import hmac
 import http.client
 import itertools
 import json
@@ -86,6 +90,7 @@ import operator
 import os
 import random
 import re
+import secrets
 import select
 import shlex
 import shutil
@@ -112,13 +117,15 @@ logger.addHandler(logging.NullHandler())
 ###############################################################################
 
 #: Every tunable default in one table.  ``[server]`` keys of databuild.toml
-#: override the first five; the rest are internal timings.
+#: override the first seven; the rest are internal timings.
 DEFAULTS = {
     "host": "127.0.0.1",
     "port": 0,
     "idle_timeout_seconds": 3 * 60 * 60,
     "max_concurrent_job_runs": 4,
     "cors_origins": ["http://localhost:3000"],
+    "auth": "token",  # or "none" (loopback hosts only), SPEC 12
+    "allowed_hosts": [],  # Host names accepted besides loopback (non-loopback binds)
     # Internal timings.
     "orchestrator_tick_seconds": 1.0,  # longest sleep when nothing wakes it
     "command_timeout_seconds": 30.0,  # an HTTP write waits this long for a reply
@@ -129,6 +136,7 @@ DEFAULTS = {
     "max_body_bytes": 1024 * 1024,
     "max_partitions_per_want": 10000,
     "cli_start_timeout_seconds": 15.0,
+    "commit_retry_seconds": 2.0,  # after a failed commit, no job run starts for this long
 }
 
 #: Upper bounds (seconds) of the job run duration histogram of /metrics.
@@ -223,6 +231,10 @@ class InvalidRequest(DatabuildError):
     """Bad input: bad JSON, wrong types, unknown fields, bad refs (HTTP 400)."""
 
 
+class Unauthorized(DatabuildError):
+    """A request without the server's access token, or with a wrong one (HTTP 401)."""
+
+
 class NotFound(DatabuildError):
     """No such want, partition or job run (HTTP 404)."""
 
@@ -286,11 +298,31 @@ _REF_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,1024}")
 
 
 def check_ref(ref):
-    """Raise InvalidRequest unless ``ref`` is a well-formed ref (SPEC 3)."""
-    if not isinstance(ref, str) or not _REF_RE.fullmatch(ref) or not ref.isprintable():
-        raise InvalidRequest("Invalid partition ref: 1 to 1024 printable characters, "
-                             "no whitespace", ref=ref if isinstance(ref, str) else repr(ref))
+    """Raise InvalidRequest unless ``ref`` is a well-formed ref (SPEC 3).
+
+    Besides 1 to 1024 printable characters without whitespace, no ``/``
+    segment may be ``.`` or ``..``: jobs map refs to paths, and such a ref
+    would lead them out of their folder.
+    """
+    if not isinstance(ref, str):
+        raise InvalidRequest("Invalid partition ref %s: refs are strings" % _shown(ref),
+                             ref=_shown(ref))
+    if not _REF_RE.fullmatch(ref) or not ref.isprintable():
+        raise InvalidRequest("Invalid partition ref %r: 1 to 1024 printable characters, "
+                             "no whitespace" % _shown(ref), ref=_shown(ref))
+    if "." in ref and any(segment in (".", "..") for segment in ref.split("/")):
+        raise InvalidRequest("Invalid partition ref %r: '.' and '..' are not allowed as "
+                             "path segments" % ref, ref=ref)
     return ref
+
+
+def _shown(value, limit=200):
+    """``value`` as text fit for an error message: valid UTF-8 (a lone
+    surrogate becomes U+FFFD), at most ``limit`` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, default=repr)[:limit]
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _json_default(obj):
@@ -1110,6 +1142,28 @@ class EventLog:
     def _errors():
         return _translate_sqlite_errors()
 
+    @contextlib.contextmanager
+    def transaction(self, write=True):
+        """``with log.transaction() as conn``: one SQLite transaction on this
+        thread's connection (``BEGIN IMMEDIATE`` to write, a plain ``BEGIN``
+        for a consistent read), committed at the end of the block and rolled
+        back on any error.  sqlite3 errors become StorageError."""
+        with self._errors():
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # SQLite rolls back by itself after some errors (SQLITE_FULL
+                # in a COMMIT): a second ROLLBACK would hide the real error.
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        logger.exception("Rollback failed")
+                raise
+
     def _conn(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
@@ -1136,28 +1190,26 @@ class EventLog:
         """
         if not entries:
             return []
-        with self._errors():
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # This object is the only writer (the workspace lock), so it
-                # knows the next id; a foreign writer would fail the primary key.
-                latest = self._appended_id
-                events = [Event(latest + i, ts, type_, payload)
-                          for i, (type_, payload, ts) in enumerate(entries, 1)]
-                conn.executemany(
-                    "INSERT INTO events (event_id, timestamp, type, payload) VALUES (?, ?, ?, ?)",
-                    [(e.event_id, e.timestamp, e.type, dumps(e.payload)) for e in events])
-                if summary is not None:
-                    self._write_projection(conn, changes or (), summary)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self.transaction() as conn:
+            # This object is the only writer (the workspace lock), so it
+            # knows the next id; a foreign writer would fail the primary key.
+            latest = self._appended_id
+            events = [Event(latest + i, ts, type_, payload)
+                      for i, (type_, payload, ts) in enumerate(entries, 1)]
+            conn.executemany(
+                "INSERT INTO events (event_id, timestamp, type, payload) VALUES (?, ?, ?, ?)",
+                [(e.event_id, e.timestamp, e.type, dumps(e.payload)) for e in events])
+            if summary is not None:
+                self._write_projection(conn, changes or (), summary)
         self._appended_id = events[-1].event_id
         if sync:
             self.sync()
         return events
+
+    @property
+    def appended_event_id(self):
+        """The newest committed event (durable or not yet); the writer's view."""
+        return self._appended_id
 
     def sync(self):
         """fsync the WAL: every event committed so far becomes durable (and visible)."""
@@ -1178,6 +1230,8 @@ class EventLog:
             except FileNotFoundError:
                 pass  # no WAL: everything is in the database file already
             except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise _disk_full() from e
                 raise StorageError("Event log fsync failed: %s" % e) from e
             with self._durable:
                 self.durable_event_id = target
@@ -1218,55 +1272,40 @@ class EventLog:
 
     def write_projection(self, changes, summary):
         """Write projection rows alone (rebuilding the projection from the events)."""
-        with self._errors():
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._write_projection(conn, changes, summary)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self.transaction() as conn:
+            self._write_projection(conn, changes, summary)
 
     def clear_projection(self):
         """Drop every projection row (before a rebuild)."""
-        with self._errors():
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
+        with self.transaction() as conn:
             for table in ("wants", "partitions", "job_runs", "links", "projection"):
                 conn.execute("DELETE FROM %s" % table)
-            conn.execute("COMMIT")
 
     def load_projection(self):
         """``(summary, partitions, live wants, active job runs)`` as objects,
         or ``(None, ...)`` when there is no projection or it does not match the log."""
-        with self._errors():
-            conn = self._conn()
-            conn.execute("BEGIN")
-            try:
-                row = conn.execute("SELECT value FROM projection WHERE key = 'summary'").fetchone()
-                summary = json.loads(row[0]) if row else None
-                if (summary is None or summary.get("version") != PROJECTION_VERSION
-                        or summary.get("event_id") != self._appended_id):
-                    return None, [], [], []
-                # Every partition, parsed as one JSON document: far cheaper
-                # than a json.loads per row (this is most of a start-up).
-                (rows,) = conn.execute("SELECT json_group_array(json(row)) FROM "
-                                       "(SELECT row FROM partitions ORDER BY seq)").fetchone()
-                partitions = [Partition.from_values(v) for v in json.loads(rows)]
-                wants = [Want.from_row(r) for (r,) in conn.execute(
-                    "SELECT row FROM wants WHERE status IN (?, ?, ?) ORDER BY seq",
-                    LIVE_WANT_STATUSES)]
-                for want in wants:
-                    want.job_run_ids = self._links(conn, "want_job_runs", want.want_id)
-                    want.derivative_want_ids = self._links(conn, "want_derivatives",
-                                                           want.want_id)
-                runs = [JobRun.from_row(r) for (r,) in conn.execute(
-                    "SELECT row FROM job_runs WHERE status IN (?, ?) ORDER BY seq",
-                    (QUEUED, RUNNING))]
-                return summary, partitions, wants, runs
-            finally:
-                conn.execute("COMMIT")
+        with self.transaction(write=False) as conn:
+            row = conn.execute("SELECT value FROM projection WHERE key = 'summary'").fetchone()
+            summary = json.loads(row[0]) if row else None
+            if (summary is None or summary.get("version") != PROJECTION_VERSION
+                    or summary.get("event_id") != self._appended_id):
+                return None, [], [], []
+            # Every partition, parsed as one JSON document: far cheaper
+            # than a json.loads per row (this is most of a start-up).
+            (rows,) = conn.execute("SELECT json_group_array(json(row)) FROM "
+                                   "(SELECT row FROM partitions ORDER BY seq)").fetchone()
+            partitions = [Partition.from_values(v) for v in json.loads(rows)]
+            wants = [Want.from_row(r) for (r,) in conn.execute(
+                "SELECT row FROM wants WHERE status IN (?, ?, ?) ORDER BY seq",
+                LIVE_WANT_STATUSES)]
+            for want in wants:
+                want.job_run_ids = self._links(conn, "want_job_runs", want.want_id)
+                want.derivative_want_ids = self._links(conn, "want_derivatives",
+                                                       want.want_id)
+            runs = [JobRun.from_row(r) for (r,) in conn.execute(
+                "SELECT row FROM job_runs WHERE status IN (?, ?) ORDER BY seq",
+                (QUEUED, RUNNING))]
+            return summary, partitions, wants, runs
 
     @staticmethod
     def _links(conn, kind, owner):
@@ -1440,14 +1479,9 @@ class StoreView:
 
     def _page(self, sql, args):
         # A short read transaction: the page and the summary (totals) agree.
-        with self.log._errors():
-            self.conn.execute("BEGIN")
-            try:
-                rows = self.conn.execute(sql, args).fetchall()
-                row = self.conn.execute(
-                    "SELECT value FROM projection WHERE key = 'summary'").fetchone()
-            finally:
-                self.conn.execute("COMMIT")
+        with self.log.transaction(write=False) as conn:
+            rows = conn.execute(sql, args).fetchall()
+            row = conn.execute("SELECT value FROM projection WHERE key = 'summary'").fetchone()
         self._summary = json.loads(row[0]) if row else BuildState().summary()
         self.latest_event_id = self._summary["event_id"]
         self._durable(self.latest_event_id)
@@ -1584,15 +1618,31 @@ class StoreView:
         return [JobRun.from_row(r[0]).to_dict() for r in rows], total
 
 
+def _disk_full():
+    return StorageError("Disk full: the event log could not be written and nothing was "
+                        "recorded; free space for %s and retry" % STATE_DIR, reason="disk full")
+
+
 class _translate_sqlite_errors:
-    """Context manager: sqlite3 errors become StorageError (original as cause)."""
+    """Context manager: sqlite3 errors become StorageError (original as cause).
+
+    A full disk says so in words (sqlite3's own message for it on COMMIT is
+    "database or disk is full", or worse, an error of the ROLLBACK after it).
+    """
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, sqlite3.Error):
+        if exc_type is None:
+            return False
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise _disk_full() from exc
+        if issubclass(exc_type, sqlite3.Error):
             raise StorageError("Event log error: %s" % exc) from exc
+        if issubclass(exc_type, UnicodeError):  # text SQLite cannot store (a lone surrogate)
+            raise StorageError("Event log error: text that is not valid Unicode: %s"
+                               % exc) from exc
         return False
 
 
@@ -1602,7 +1652,7 @@ class _translate_sqlite_errors:
 
 _LABEL_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _SERVER_KEYS = ("host", "port", "idle_timeout_seconds", "max_concurrent_job_runs",
-                "cors_origins")
+                "cors_origins", "auth", "allowed_hosts")
 _JOB_KEYS = ("label", "entrypoint", "partition_patterns", "environment",
              "max_partitions_per_run", "max_retries", "timeout_seconds")
 
@@ -1723,8 +1773,10 @@ def _parse_config(root, data, path):
             _config_value(where, key, value, "num", 0)
         elif key == "max_concurrent_job_runs":
             _config_value(where, key, value, "int", 1)
-        elif key == "cors_origins":
+        elif key in ("cors_origins", "allowed_hosts"):
             _config_value(where, key, value, "str_list")
+        elif key == "auth" and value not in ("token", "none"):
+            raise ConfigError('%s auth: must be "token" or "none", not %r' % (where, value))
     jobs_data = data.get("jobs", [])
     if not isinstance(jobs_data, list):
         raise ConfigError("jobs: must be an array of tables ([[jobs]])")
@@ -1915,6 +1967,7 @@ class _Launcher:
     def __init__(self, config, url, on_exit, wakeup):
         self.config = config
         self.url = url
+        self.token = None
         self.on_exit = on_exit
         self.wakeup = wakeup
         self._templates = {}  # job label -> (executable, env as a bytes dict)
@@ -1949,6 +2002,7 @@ class _Launcher:
         env = dict(base_env)
         env[b"DATABUILD_JOB_RUN_ID"] = run.job_run_id.encode()
         env[b"DATABUILD_URL"] = os.fsencode(self.url or "")
+        env[b"DATABUILD_TOKEN"] = os.fsencode(self.token or "")
         env[b"DATABUILD_PARTITIONS"] = os.fsencode(" ".join(run.partitions))
         argv = job.entrypoint + list(run.partitions)
         log_dir = os.path.join(self._logs_dir, run.job_run_id)
@@ -2049,6 +2103,7 @@ class _JobProcess:
         self.stop_reason = None
         self.kill_at = None
         self.returncode = None
+        self.abandoned = False  # its start was never committed: not a run's process
 
     def stop(self, reason, now, grace):
         """SIGTERM the process group now, SIGKILL it at ``now + grace``."""
@@ -2130,6 +2185,7 @@ class Orchestrator:
         self.config = config
         self.log = log
         self.url = url
+        self.token = None  # the server's access token, given to jobs (SPEC 12)
         self.clock = clock
         self.state = self._open_state()
         self._inbox = collections.deque()  # any thread appends, the orchestrator pops
@@ -2141,6 +2197,7 @@ class Orchestrator:
         self._waiting_cancels = {}  # job_run_id -> commands answered when it ends
         self._deadlines = []  # heap of (when, kind, want_id): "ttl" and "sla"
         self._stop_requested = False
+        self._no_starts_until = 0.0  # after a failed commit: start no job run before this
         self._stopped = threading.Event()
         self._thread = None
         self._current_command = None  # the command a _cmd_ handler is answering
@@ -2301,11 +2358,11 @@ class Orchestrator:
                     self._replies.append((cmd, result))
             if cmd.error is not None:
                 cmd.done.set()
-        self._reap(now)
+        reaped = self._reap(now)
         self._enforce_deadlines(now)
         self._expire(now)
         self._schedule(now)
-        if not self._stop_requested:
+        if not self._stop_requested and now >= self._no_starts_until:
             started = self._start_queued(now)
         else:
             started = ()
@@ -2314,31 +2371,52 @@ class Orchestrator:
         try:
             self._commit()
         except StorageError:
-            for proc in started:  # never let a process run that the log does not know
+            # The state is the log's again (see _commit).  Never let a
+            # process run that the log does not know; record the outcomes
+            # of this step's exits again in the next one; start nothing new
+            # for a while (a full disk would kill every start).
+            for proc in started:
+                proc.abandoned = True
                 proc.stop(REASON_SERVER_SHUTDOWN, now, 0)
                 proc.kill()
                 self._processes.pop(proc.job_run_id, None)
+            self._exited.extendleft(reversed(reaped))
+            self._no_starts_until = now + DEFAULTS["commit_retry_seconds"]
             raise
 
     def _commit(self):
+        """Append this step's events with the projection rows they changed, in
+        one transaction, then answer the step's commands.
+
+        If the commit fails, for any reason, nothing was written: the state
+        in memory, already advanced by the step, is thrown away and reloaded
+        from the log, and every command of the step is answered 503.  So no
+        answer is ever an error for a write that is in the log, nor a success
+        for one that is not.
+        """
         entries, self._entries = self._entries, []
         replies, self._replies = self._replies, []
         changes = self.state.take_changes()
         try:
             if entries:
-                events = self.log.append(entries, sync=self._syncer is None,
-                                         changes=changes, summary=self.state.summary())
-                if events[-1].event_id != self.state.latest_event_id:
-                    raise StorageError("Event log was written by someone else "
-                                       "(expected event %d, got %d)"
-                                       % (self.state.latest_event_id, events[-1].event_id))
-        except StorageError as e:
-            logger.error("Commit failed, reloading the state: %s", e)
+                if self.log.appended_event_id + len(entries) != self.state.latest_event_id:
+                    raise StorageError("The event log is at event %d, the orchestrator's state "
+                                       "expected %d" % (self.log.appended_event_id,
+                                                        self.state.latest_event_id - len(entries)))
+                self.log.append(entries, sync=self._syncer is None,
+                                changes=changes, summary=self.state.summary())
+        except Exception as e:
+            error = e if isinstance(e, StorageError) else StorageError(
+                "Event log write failed: %s: %s" % (type(e).__name__, e))
+            logger.error("Commit failed, nothing written; state reloaded from the log: %s",
+                         error.message)
             self.state = self._reload_state()
             for cmd, _ in replies:
-                cmd.error = Unavailable("Event log write failed: %s" % e.message)
+                cmd.error = Unavailable(error.message, **error.fields)
                 cmd.done.set()
-            raise
+            if error is e:
+                raise
+            raise error from e
         answered = []
         for cmd, result in replies:  # computed here: the state is this thread's
             try:
@@ -2460,19 +2538,26 @@ class Orchestrator:
         if self._spawner is None:
             self._spawner = _Launcher(self.config, self.url, self._on_process_exit, self._wake)
         self._spawner.url = self.url
+        self._spawner.token = self.token
         return self._spawner
 
     def _reap(self, now):
+        # Returns the processes whose outcomes this step records.
+        reaped = []
         while self._exited:
             proc = self._exited.popleft()
+            if proc.abandoned:  # started in a step whose commit failed: no run to record
+                continue
             self._processes.pop(proc.job_run_id, None)
             if proc.stop_reason is not None:
                 proc.kill()  # whatever the job left behind in its group
             self._record_outcome(proc, now)
+            reaped.append(proc)
             waiting = self._waiting_cancels.pop(proc.job_run_id, ())
             run_id = proc.job_run_id
             for cmd in waiting:
                 self._replies.append((cmd, lambda: self.state.job_runs[run_id].to_dict()))
+        return reaped
 
     def _fail(self, run, now, error, retry, counted=True, exit_code=None, stderr_tail=None):
         payload = {"job_run_id": run.job_run_id, "exit_code": exit_code, "error": error,
@@ -2909,7 +2994,8 @@ def _newest_first(entities, index, offset, limit, keep=None):
 
 #: Domain errors -> HTTP status codes (the one place that knows both).
 HTTP_STATUS = (
-    (InvalidRequest, 400), (ConfigError, 400), (NotFound, 404), (Conflict, 409),
+    (InvalidRequest, 400), (ConfigError, 400), (Unauthorized, 401), (NotFound, 404),
+    (Conflict, 409),
     (PayloadTooLarge, 413), (UnsupportedMediaType, 415), (Unavailable, 503),
     (StorageError, 503), (ServerUnreachable, 502), (DatabuildError, 500),
 )
@@ -2917,6 +3003,9 @@ JSON_TYPE = "application/json; charset=utf-8"
 _WANT_FIELDS = ("partitions", "want_id", "data_timestamp", "ttl_seconds", "sla_seconds",
                 "comment", "user")
 _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_DIGITS_RE = re.compile(r"[0-9]+")
+#: The largest integer a query parameter takes (2**53 - 1: exact in every JSON client).
+MAX_INT = 2 ** 53 - 1
 
 
 def _import_bottle():
@@ -2925,6 +3014,51 @@ def _import_bottle():
     except ImportError:
         raise ConfigError("The server needs bottle and waitress: pip install bottle waitress") from None
     return bottle
+
+
+def _encode_json(obj):
+    """An answer's bytes: always valid UTF-8 (a lone surrogate that slipped
+    into a message becomes "?", never a failed answer)."""
+    return dumps(obj).encode("utf-8", "replace")
+
+
+def _refuse_constant(name):
+    raise InvalidRequest("Body is not valid JSON: %s is not a JSON number" % name)
+
+
+def parse_json_body(raw):
+    """A request body (bytes) as a JSON object, or InvalidRequest.
+
+    Refused: invalid JSON, ``NaN`` and ``Infinity`` (not JSON), nesting
+    too deep to parse, and strings that are not valid Unicode (a lone
+    surrogate such as ``"\\ud800"``, which SQLite cannot store): the error
+    names the top-level field they are in.
+    """
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InvalidRequest("Body is not acceptable JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest("Body is not valid JSON: %s" % e) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object")
+    for field, value in body.items():
+        stack = [field, value]
+        while stack:  # not recursive: a deep body must not exhaust the stack
+            item = stack.pop()
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidRequest("%s holds text that is not valid Unicode (a lone "
+                                         "surrogate)" % _shown(field),
+                                         field=_shown(field)) from None
+            elif isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+    return body
 
 
 def http_status_for(error):
@@ -2974,6 +3108,11 @@ def parse_want_request(body, config):
         raise InvalidRequest("A want may name at most %d partitions"
                              % DEFAULTS["max_partitions_per_want"], field="partitions")
     for ref in refs:
+        try:
+            check_ref(ref)
+        except InvalidRequest as e:
+            e.fields["field"] = "partitions"
+            raise
         config.job_for(ref)
     want_id = body.get("want_id")
     if want_id is not None and (not isinstance(want_id, str) or not _ID_RE.fullmatch(want_id)):
@@ -3098,7 +3237,7 @@ def make_app(server):
     def json_error(status, body):
         response.status = status
         response.content_type = JSON_TYPE
-        return dumps(body)
+        return _encode_json(body)
 
     def api(callback):
         # The one boundary where every exception becomes an HTTP answer.
@@ -3119,7 +3258,7 @@ def make_app(server):
                 return json_error(500, {"error": "Internal server error", "error_id": error_id})
             if isinstance(result, dict):
                 response.content_type = JSON_TYPE
-                return dumps(result)
+                return _encode_json(result)
             return result
         return wrapper
 
@@ -3135,7 +3274,7 @@ def make_app(server):
             body["path"] = request.path
         if error.status_code == 405:
             body["allow"] = response.headers.get("Allow")
-        return dumps(body)
+        return _encode_json(body)
 
     app.default_error_handler = default_error
 
@@ -3144,32 +3283,42 @@ def make_app(server):
     def query(allowed):
         unknown = sorted(set(request.query) - set(allowed))
         if unknown:
-            raise InvalidRequest("Unknown query parameter(s): %s" % ", ".join(unknown),
-                                 parameters=unknown)
+            raise InvalidRequest("Unknown query parameter(s): %s"
+                                 % ", ".join(map(_shown, unknown)),
+                                 parameters=[_shown(u) for u in unknown])
         return request.query
 
-    def int_param(name, default, minimum=0, maximum=None):
+    def text_param(name, empty_ok=True):
+        # Bottle hands query values over as Latin-1; they are UTF-8.
         raw = request.query.get(name)
-        if raw is None or raw == "":
-            return default
+        if raw is None:
+            return None
         try:
-            value = int(raw)
-        except ValueError:
-            value = None
-        if value is None or value < minimum or (maximum is not None and value > maximum):
-            bound = "from %d to %d" % (minimum, maximum) if maximum is not None else \
-                "of at least %d" % minimum
-            raise InvalidRequest("%s must be an integer %s" % (name, bound), parameter=name,
-                                 value=raw)
+            value = raw.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            raise InvalidRequest("%s is not valid UTF-8" % name, parameter=name) from None
+        if not value and not empty_ok:
+            raise InvalidRequest("%s must not be empty (leave it out instead)" % name,
+                                 parameter=name)
+        return value
+
+    def int_param(name, default, minimum=0, maximum=MAX_INT):
+        raw = text_param(name, empty_ok=False)
+        if raw is None:
+            return default
+        value = int(raw) if _DIGITS_RE.fullmatch(raw) and len(raw) <= 20 else None
+        if value is None or value < minimum or value > maximum:
+            raise InvalidRequest("%s must be an integer from %d to %d" % (name, minimum, maximum),
+                                 parameter=name, value=_shown(raw))
         return value
 
     def status_param(allowed):
-        raw = request.query.get("status")
-        if raw is None or raw == "":
+        raw = text_param("status", empty_ok=False)
+        if raw is None:
             return None
         if raw not in allowed:
             raise InvalidRequest("Unknown status %r (one of %s)" % (raw, ", ".join(allowed)),
-                                 parameter="status", value=raw)
+                                 parameter="status", value=_shown(raw))
         return raw
 
     def paging():
@@ -3183,21 +3332,19 @@ def make_app(server):
         ctype = (request.content_type or "").split(";")[0].strip().lower()
         if request.content_length > max_body:
             raise PayloadTooLarge("Request body over %d bytes" % max_body, limit=max_body)
-        if ctype != "application/json":
+        # A POST with no body at all needs no type when the request carries
+        # the token (a foreign page cannot send it): the body is optional.
+        no_body = request.content_length <= 0 and "HTTP_TRANSFER_ENCODING" not in request.environ
+        if ctype != "application/json" and not (
+                no_body and not ctype and request.environ.get("databuild.bearer")):
             raise UnsupportedMediaType("POST bodies must be application/json",
-                                       content_type=request.content_type or None)
+                                       content_type=_shown(request.content_type or "") or None)
         raw = request.body.read(max_body + 1)
         if len(raw) > max_body:
             raise PayloadTooLarge("Request body over %d bytes" % max_body, limit=max_body)
         if not raw.strip():
             return {}
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidRequest("Body is not valid JSON: %s" % e) from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("Request body must be a JSON object")
-        return body
+        return parse_json_body(raw)
 
     def listing(page, total, limit, offset, view):
         return {"data": page, "total": total, "limit": limit, "offset": offset,
@@ -3253,7 +3400,7 @@ def make_app(server):
     def list_partitions():
         query(("status", "prefix", "limit", "offset", "as_of"))
         status = status_param(PARTITION_STATUSES)
-        prefix = request.query.get("prefix") or None
+        prefix = text_param("prefix") or None
         limit, offset = paging()
         with read_model.read(as_of()) as view:
             page, total = view.partitions(status, prefix, offset, limit)
@@ -3282,8 +3429,8 @@ def make_app(server):
     def list_job_runs():
         query(("status", "job_label", "want_id", "limit", "offset", "as_of"))
         status = status_param(JOB_RUN_STATUSES)
-        label = request.query.get("job_label") or None
-        want_id = request.query.get("want_id") or None
+        label = text_param("job_label") or None
+        want_id = text_param("want_id") or None
         limit, offset = paging()
         with read_model.read(as_of()) as view:
             page, total = view.job_runs(status, label, want_id, offset, limit)
@@ -3312,7 +3459,7 @@ def make_app(server):
                 raise NotFound("Job run not found", job_run_id=job_run_id)
         # The path is built from a known job run id, never from user input.
         path = job_run_log_path(config.state_dir, job_run_id, stream)
-        follow = request.query.get("follow", "false").lower()
+        follow = (text_param("follow", empty_ok=False) or "false").lower()
         if follow not in ("true", "false", "1", "0"):
             raise InvalidRequest("follow must be true or false", parameter="follow", value=follow)
         if follow in ("true", "1"):
@@ -3609,44 +3756,85 @@ refresh();setInterval(refresh,2000);
 """
 
 
+LOOPBACK_HOSTS = frozenset(("127.0.0.1", "localhost", "::1"))
+TOKEN_COOKIE = "databuild_token"
+
+
+def is_loopback(host):
+    """True for a loopback host name or address (127.0.0.0/8, ::1, localhost)."""
+    host = (host or "").strip("[]").lower()
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _split_host(host):
+    """``"name:port"`` or ``"[v6]:port"`` -> ``(name, port or "")``."""
+    if host.startswith("["):
+        name, _, port = host[1:].partition("]")
+        return name, port[1:] if port.startswith(":") else ""
+    name, _, port = host.partition(":")
+    return name, port
+
+
 class _Gate:
     """WSGI middleware in front of the Bottle app, for what every request shares.
 
-    * Host check: only the server's own loopback names and port (a DNS
-      rebinding page cannot talk to it); anything else is a 400.
+    * Host check: the server's own loopback names and port (a DNS rebinding
+      page cannot talk to it), from a loopback peer only; on a non-loopback
+      bind also the bound address and ``[server] allowed_hosts``.  Else 400.
+    * Access (SPEC 12): every request but ``GET /health`` and CORS
+      preflights carries the server's token, as ``Authorization: Bearer``
+      or the ``databuild_token`` cookie, else 401.  ``GET /?token=T`` sets
+      the cookie and redirects to ``/``.  The WSGI environ gets
+      ``databuild.bearer`` when the token came in the header.
     * CORS: ``Access-Control-Allow-Origin`` for the configured origins only;
-      OPTIONS (preflight) answered here.
+      OPTIONS answered here, with the methods the path has.
     * Counts requests by method and status for /metrics, and marks activity
       for the idle timer.
     """
 
     _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"))
-    _LOOPBACK = frozenset(("127.0.0.1", "localhost", "::1"))
 
     def __init__(self, app, server):
         self.app = app
         self.server = server
         self._lock = threading.Lock()  # guards server.http_requests
+        self._token = server.token.encode() if server.token else None
 
-    def _host_allowed(self, host):
+    def _host_allowed(self, host, peer):
         if not host:
             return False
-        if host.startswith("["):
-            name, _, port = host[1:].partition("]")
-            port = port[1:] if port.startswith(":") else ""
-        else:
-            name, _, port = host.partition(":")
-        names = set(self._LOOPBACK)
-        if self.server.host not in ("0.0.0.0", "::", ""):
-            names.add(self.server.host.lower())
-        if name.lower() not in names:
+        name, port = _split_host(host)
+        name = name.lower()
+        if name in LOOPBACK_HOSTS:
+            # A remote peer naming our loopback address is forging the header.
+            if not is_loopback(peer):
+                return False
+        elif name != self.server.host.lower() and name not in self._allowed_hosts():
             return False
         bound = self.server.port
         return not bound or port == str(bound) or (not port and bound == 80)
 
+    def _allowed_hosts(self):
+        return {h.lower() for h in self.server.config.allowed_hosts}
+
+    def _token_of(self, environ):
+        # -> (token bytes or None, came in the Authorization header)
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        if auth[:7].lower() == "bearer ":
+            return auth[7:].strip().encode("latin-1"), True
+        for part in environ.get("HTTP_COOKIE", "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == TOKEN_COOKIE:
+                return value.strip().encode("latin-1"), False
+        return None, False
+
+    def _authorized(self, given):
+        return given is not None and hmac.compare_digest(given, self._token)
+
     def __call__(self, environ, start_response):
         self.server.touch()
         method = environ.get("REQUEST_METHOD", "")
+        path = environ.get("PATH_INFO", "")
         origin = environ.get("HTTP_ORIGIN")
         cors = []
         if origin and origin in self.server.config.cors_origins:
@@ -3658,18 +3846,34 @@ class _Gate:
             return start_response(status, list(headers) + cors, exc_info)
 
         try:
-            if not self._host_allowed(environ.get("HTTP_HOST", "")):
+            if not self._host_allowed(environ.get("HTTP_HOST", ""), environ.get("REMOTE_ADDR")):
                 return self._json(respond, "400 Bad Request", {
-                    "error": "Host header not allowed (only this server's loopback address)",
-                    "host": environ.get("HTTP_HOST")})
+                    "error": "Host header not allowed (only this server's own address)",
+                    "host": _shown(environ.get("HTTP_HOST") or "")})
             if method == "OPTIONS":
-                headers = [("Allow", "GET, POST, DELETE, OPTIONS"), ("Content-Length", "0")]
+                allow = self._allow(environ)
+                if allow is None:
+                    return self._json(respond, "404 Not Found", {"error": "Not found",
+                                                                 "path": _shown(path)})
+                headers = [("Allow", allow), ("Content-Length", "0")]
                 if cors:
-                    headers += [("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
-                                ("Access-Control-Allow-Headers", "Content-Type"),
+                    headers += [("Access-Control-Allow-Methods", allow),
+                                ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
                                 ("Access-Control-Max-Age", "600")]
                 respond("204 No Content", headers)
                 return [b""]
+            if self._token is not None and not (method in ("GET", "HEAD") and path == "/health"):
+                given, bearer = self._token_of(environ)
+                if method == "GET" and path == "/" and "token=" in environ.get("QUERY_STRING", ""):
+                    return self._cookie_login(environ, respond)
+                if not self._authorized(given):
+                    return self._json(respond, "401 Unauthorized", {
+                        "error": "Missing or wrong access token: send 'Authorization: Bearer "
+                                 "<token>' (the token is in .databuild/server.json)"},
+                        [("WWW-Authenticate", 'Bearer realm="databuild"')])
+                environ["databuild.bearer"] = bearer
+            elif self._token is None:
+                environ["databuild.bearer"] = False
             return self.app(environ, respond)
         finally:
             key = (method if method in self._METHODS else "OTHER",
@@ -3677,10 +3881,36 @@ class _Gate:
             with self._lock:
                 self.server.http_requests[key] += 1
 
+    def _cookie_login(self, environ, respond):
+        # GET /?token=T (the URL `databuild dashboard` prints): the cookie, then /.
+        values = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("token", [""])
+        if not self._authorized(values[-1].encode("utf-8", "replace")):
+            return self._json(respond, "401 Unauthorized",
+                              {"error": "Wrong access token in the URL"})
+        respond("303 See Other", [
+            ("Location", "/"), ("Content-Length", "0"), ("Cache-Control", "no-store"),
+            ("Set-Cookie", "%s=%s; Path=/; HttpOnly; SameSite=Strict"
+             % (TOKEN_COOKIE, self.server.token))])
+        return [b""]
+
+    def _allow(self, environ):
+        # The methods a path answers, from the router's own 405 (None: no such path).
+        probe = dict(environ, REQUEST_METHOD="PROPFIND")
+        try:
+            self.app.router.match(probe)
+        except Exception as e:
+            allow = getattr(e, "headers", {}).get("Allow") if getattr(
+                e, "status_code", None) == 405 else None
+            if allow:
+                methods = {m.strip() for m in allow.split(",")} | {"OPTIONS"}
+                return ", ".join(sorted(methods))
+        return None
+
     @staticmethod
-    def _json(respond, status, body):
-        data = dumps(body).encode()
-        respond(status, [("Content-Type", JSON_TYPE), ("Content-Length", str(len(data)))])
+    def _json(respond, status, body, headers=()):
+        data = _encode_json(body)
+        respond(status, [("Content-Type", JSON_TYPE), ("Content-Length", str(len(data))),
+                         *headers])
         return [data]
 
 
@@ -3774,6 +4004,30 @@ def _channel_class():
     return Channel
 
 
+def _check_log_not_lost(state_dir):
+    """Refuse to start a new, empty event log where job runs were logged
+    before: an events.db that is missing or of 0 bytes beside a logs/ folder
+    of past runs means the log was lost (SPEC 8), not a new workspace."""
+    path = os.path.join(state_dir, "events.db")
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        size = None
+    if size:
+        return
+    try:
+        runs = len(os.listdir(os.path.join(state_dir, "logs")))
+    except OSError:
+        runs = 0
+    if runs:
+        raise StorageError(
+            "%s is %s, but %s holds the logs of %d job runs: the event log was lost or "
+            "truncated. Restore events.db (with events.db-wal, if any) from a backup, or "
+            "move %s aside to start a new, empty log"
+            % (path, "missing" if size is None else "empty (0 bytes)",
+               os.path.join(state_dir, "logs"), runs, state_dir), path=path)
+
+
 def read_server_info(state_dir):
     """The parsed ``server.json`` of a workspace, or None."""
     try:
@@ -3801,15 +4055,23 @@ class Server:
         self.started_at = time.time()
         self.stopping = False
         self.stop_reason = None
-        os.makedirs(config.state_dir, exist_ok=True)
+        if config.auth == "none" and not is_loopback(self.host):
+            raise ConfigError('[server] auth = "none" is allowed on a loopback host only, '
+                              'not on %s: anyone who can reach it could run jobs' % self.host)
+        # SPEC 12: a new token at every start, readable by this user only.
+        self.token = secrets.token_urlsafe(32) if config.auth == "token" else None
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        os.chmod(config.state_dir, 0o700)
         self._lock_file = self._take_lock()
         try:
+            _check_log_not_lost(config.state_dir)
             self.log = EventLog(os.path.join(config.state_dir, "events.db"))
             self.read_model = ReadModel(self.log)
             self.orchestrator = Orchestrator(config, self.log)
         except BaseException:
             self._lock_file.close()
             raise
+        self.orchestrator.token = self.token
         self.idle_timer = IdleTimer(self.idle_timeout, self._busy, self._on_idle)
         self.stop_event = threading.Event()  # set once: the graceful stop has begun
         self.http_requests = collections.Counter()  # (method, code) -> n; the gate writes
@@ -3883,10 +4145,12 @@ class Server:
     def _write_info(self):
         info = {"pid": os.getpid(), "url": self.url, "port": self.port, "host": self.host,
                 "started_at": isoformat(self.started_at), "workspace_root": self.config.root,
-                "version": __version__}
+                "version": __version__, "token": self.token}
         path = os.path.join(self.config.state_dir, "server.json")
         tmp = path + ".%d.tmp" % os.getpid()
-        with open(tmp, "w") as f:
+        # 0600 from the start: the token is never readable by others, not even briefly.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
             json.dump(info, f, indent=2)
         os.replace(tmp, path)
 
@@ -3951,8 +4215,9 @@ def _lines_or_unreachable(resp, url):
                                 url=url) from None
 
 
-_ERROR_FOR_STATUS = {400: InvalidRequest, 404: NotFound, 405: InvalidRequest, 409: Conflict,
-                     413: PayloadTooLarge, 415: UnsupportedMediaType, 503: Unavailable}
+_ERROR_FOR_STATUS = {400: InvalidRequest, 401: Unauthorized, 404: NotFound, 405: InvalidRequest,
+                     409: Conflict, 413: PayloadTooLarge, 415: UnsupportedMediaType,
+                     503: Unavailable}
 
 
 class Client:
@@ -3960,12 +4225,20 @@ class Client:
 
     Errors come back as the module's own exceptions (NotFound, Conflict, ...),
     carrying the server's message and fields; an unreachable server raises
-    ServerUnreachable.
+    ServerUnreachable.  ``token`` is the server's access token (SPEC 12; in
+    the workspace's ``.databuild/server.json``), sent as a Bearer header.
     """
 
-    def __init__(self, url, timeout=60.0):
+    def __init__(self, url, timeout=60.0, token=None):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.token = token
+
+    def _headers(self, accept):
+        headers = {"Accept": accept}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        return headers
 
     def request(self, method, path, body=None, params=None, raw=False):
         """Send one request; returns the decoded JSON (or bytes with ``raw``)."""
@@ -3974,7 +4247,7 @@ class Client:
         if params:
             url += "?" + urllib.parse.urlencode(params)
         data = None
-        headers = {"Accept": "application/json"}
+        headers = self._headers("application/json")
         if method in ("POST", "PUT"):
             data = dumps(body if body is not None else {}).encode()
             headers["Content-Type"] = "application/json"
@@ -4067,7 +4340,7 @@ class Client:
         job writes it, then ``("complete", {"status", "exit_code", "duration_ms"})``."""
         url = self.url + "/api/job_runs/%s/logs/%s?follow=true" % (
             urllib.parse.quote(job_run_id, safe=""), urllib.parse.quote(stream, safe=""))
-        req = urllib.request.Request(url, headers={"Accept": "text/event-stream"})
+        req = urllib.request.Request(url, headers=self._headers("text/event-stream"))
         try:
             resp = urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as e:
@@ -4132,6 +4405,9 @@ def _add_global_options(parser, suppress):
                        else False, help="machine-readable JSON output")
     group.add_argument("--no-start", action="store_true", default=argparse.SUPPRESS if suppress
                        else False, help="do not start a server if none is running")
+    group.add_argument("--token", metavar="TOKEN", default=default,
+                       help="the server's access token (default: $DATABUILD_TOKEN, else the "
+                            "workspace's .databuild/server.json)")
 
 
 def _build_parser():
@@ -4252,46 +4528,80 @@ def _server_alive(url):
 
 
 def _connect(args):
-    """A Client for the server: --server, $DATABUILD_URL, or the workspace's own."""
+    """A Client for the server: --server, $DATABUILD_URL, or the workspace's own.
+
+    The token (SPEC 12): --token, else $DATABUILD_TOKEN, else the one in the
+    workspace's server.json.
+    """
+    token = _opt(args, "token") or os.environ.get("DATABUILD_TOKEN") or None
     url = _opt(args, "server") or os.environ.get("DATABUILD_URL")
     if url:
-        return Client(url)
+        if token is None:
+            workspace = _opt(args, "workspace") or find_workspace()
+            info = read_server_info(os.path.join(workspace, STATE_DIR)) if workspace else None
+            token = (info or {}).get("token")
+        return Client(url, token=token)
     workspace = _workspace(args)
     state_dir = os.path.join(workspace, STATE_DIR)
     info = read_server_info(state_dir)
-    if info and info.get("url") and _server_alive(info["url"]):
-        return Client(info["url"])
-    if _opt(args, "no_start"):
-        raise ServerUnreachable("No server is running for workspace %s (--no-start given)"
-                                % workspace)
-    return Client(_start_server(workspace))
+    if not (info and info.get("url") and _server_alive(info["url"])):
+        if _opt(args, "no_start"):
+            raise ServerUnreachable("No server is running for workspace %s (--no-start given)"
+                                    % workspace)
+        info = _start_server(workspace)
+    return Client(info["url"], token=token or info.get("token"))
 
 
 def _start_server(workspace):
-    """Start ``serve`` in the background, detached, logging to server.log; wait for it."""
+    """Start ``serve`` in the background, detached, logging to server.log; wait
+    for it and return its server.json.
+
+    Starters take turns on ``.databuild/start.lock``: of many CLIs started
+    at once on a workspace with no server, one starts it and the others,
+    once it answers, use it.
+    """
     state_dir = os.path.join(workspace, STATE_DIR)
-    os.makedirs(state_dir, exist_ok=True)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(state_dir, "server.log")
-    before = read_server_info(state_dir)
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "serve", "--workspace", workspace],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=workspace)
-    print("Starting databuild server for %s ..." % workspace, file=sys.stderr)
     deadline = time.monotonic() + DEFAULTS["cli_start_timeout_seconds"]
-    while time.monotonic() < deadline:
+    with open(os.path.join(state_dir, "start.lock"), "a+") as start_lock:
+        # The starter holds this lock until its server answers (or fails).
+        while True:
+            try:
+                fcntl.flock(start_lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise ServerUnreachable("Another command is starting the server for %s "
+                                            "and it did not answer in time (see %s)"
+                                            % (workspace, log_path)) from None
+                time.sleep(0.05)
         info = read_server_info(state_dir)
-        if info and info != before and info.get("url") and _server_alive(info["url"]):
-            return info["url"]
-        code = proc.poll()
-        if code is not None:
-            info = read_server_info(state_dir)  # lost a race with another starter?
-            if info and info.get("url") and _server_alive(info["url"]):
-                return info["url"]
-            raise ServerUnreachable("The server exited with status %d while starting: %s "
-                                    "(see %s)" % (code, _last_line(log_path), log_path))
-        time.sleep(0.05)
+        if info and info.get("url") and _server_alive(info["url"]):
+            return info  # started by the command that held the lock before us
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "serve", "--workspace", workspace],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=workspace)
+        print("Starting databuild server for %s ..." % workspace, file=sys.stderr)
+        while time.monotonic() < deadline:
+            info = read_server_info(state_dir)
+            if info and info.get("pid") == proc.pid and _server_alive(info["url"]):
+                return info
+            code = proc.poll()
+            if code is not None:
+                info = read_server_info(state_dir)  # a server started by `serve` meanwhile?
+                if info and info.get("url") and _server_alive(info["url"]):
+                    return info
+                message = _last_line(log_path)
+                if message.startswith("databuild: error: "):
+                    message = message[len("databuild: error: "):]
+                if code == 2:  # a config error: say it once, as `serve` would
+                    raise ConfigError(message)
+                raise ServerUnreachable("The server exited with status %d while starting: %s "
+                                        "(see %s)" % (code, message, log_path))
+            time.sleep(0.05)
     raise ServerUnreachable("The server did not answer within %.0f seconds (see %s)"
                             % (DEFAULTS["cli_start_timeout_seconds"], log_path))
 

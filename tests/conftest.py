@@ -146,19 +146,23 @@ def driver_for():
 class WSGIClient:
     """Calls a WSGI app in-process: ``call(method, path, body=..., headers=...)``."""
 
-    def __init__(self, app):
+    def __init__(self, app, token=None):
         self.app = app
+        self.token = token  # sent as a Bearer header unless the call gives Authorization
 
     def call(self, method, path, body=None, headers=None, raw_body=None):
         path, _, query = path.partition("?")
         environ = {"REQUEST_METHOD": method, "PATH_INFO": urllib.parse.unquote(path),
                    "QUERY_STRING": query}
         wsgiref.util.setup_testing_defaults(environ)
+        environ.setdefault("REMOTE_ADDR", "127.0.0.1")
         data = raw_body if raw_body is not None else (
             b"" if body is None else json.dumps(body).encode())
         environ["wsgi.input"] = io.BytesIO(data)
         environ["CONTENT_LENGTH"] = str(len(data))
         hdrs = {"Content-Type": "application/json"} if method == "POST" else {}
+        if self.token:
+            hdrs["Authorization"] = "Bearer " + self.token
         hdrs.update(headers or {})
         for key, value in hdrs.items():
             if value is None:
@@ -202,7 +206,7 @@ def app_server(workspace):
     """A databuild.Server with its orchestrator running, but no socket."""
     server = databuild.Server(databuild.load_config(workspace))
     server.orchestrator.start()
-    server.http = WSGIClient(server.app)
+    server.http = WSGIClient(server.app, server.token)
     yield server
     server.orchestrator.stop()
     server.close()
@@ -222,13 +226,16 @@ class ServeProcess:
             self.proc.kill()
             raise AssertionError("serve did not start: %r %s" % (line, self.proc.stderr.read()))
         self.url = line.split()[-1]
-        self.client = databuild.Client(self.url, timeout=30)
+        info = databuild.read_server_info(os.path.join(workspace, ".databuild"))
+        self.token = info.get("token")
+        self.client = databuild.Client(self.url, timeout=30, token=self.token)
 
     def cli(self, *args, check=None, env=None):
         """Run the CLI against this server; returns CompletedProcess."""
+        env = dict(os.environ, **({"DATABUILD_TOKEN": self.token} if self.token else {}),
+                   **(env or {}))
         result = subprocess.run([sys.executable, MODULE, "--server", self.url, *args],
-                                capture_output=True, text=True, timeout=120,
-                                env=dict(os.environ, **(env or {})))
+                                capture_output=True, text=True, timeout=120, env=env)
         if check is not None:
             assert result.returncode == check, (result.returncode, result.stdout, result.stderr)
         return result

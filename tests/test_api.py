@@ -13,9 +13,11 @@ import databuild
 from conftest import run_count, set_plan, wait_for
 
 
-def raw_request(url, method="GET", path="/", headers=None, body=None):
+def raw_request(url, method="GET", path="/", headers=None, body=None, token=None):
     """A request with full control of the headers (urllib sets Host itself)."""
     host, port = url.split("//")[1].split(":")
+    if token:
+        headers = dict(headers or {}, Authorization="Bearer " + token)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
         conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
@@ -175,7 +177,7 @@ def test_live_logs_stream_lines_then_complete(workspace, serve):
     out = server.cli("logs", run_id, "--follow", check=0)
     assert out.stdout == "first line\nbuilt talky\n"
     assert "Succeeded" in out.stderr
-    status, headers, _ = raw_request(server.url, path="/api/job_runs/%s/logs/stdout?follow=true"
+    status, headers, _ = raw_request(server.url, token=server.token, path="/api/job_runs/%s/logs/stdout?follow=true"
                                      % run_id, headers={"Host": server.url.split("//")[1]})
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     with pytest.raises(databuild.NotFound):
@@ -195,8 +197,8 @@ def test_sse_client_disconnect_frees_the_stream(workspace, serve):
     # Open and drop more streams than there are slots: each must be released.
     for _ in range(12):
         sock = socket.create_connection(tuple(host.split(":")[:1]) + (int(host.split(":")[1]),))
-        sock.sendall(("GET /api/job_runs/%s/logs/stdout?follow=true HTTP/1.1\r\nHost: %s\r\n\r\n"
-                      % (run_id, host)).encode())
+        sock.sendall(("GET /api/job_runs/%s/logs/stdout?follow=true HTTP/1.1\r\nHost: %s\r\n"
+                      "Authorization: Bearer %s\r\n\r\n" % (run_id, host, server.token)).encode())
         answer = sock.recv(4096)
         assert b"200 OK" in answer or b"503 Service Unavailable" in answer
         sock.close()
@@ -207,7 +209,8 @@ def test_sse_client_disconnect_frees_the_stream(workspace, serve):
     def stream_opens():
         try:
             conn = http.client.HTTPConnection(*host.split(":"), timeout=5)
-            conn.request("GET", "/api/job_runs/%s/logs/stdout?follow=true" % run_id)
+            conn.request("GET", "/api/job_runs/%s/logs/stdout?follow=true" % run_id,
+                         headers={"Authorization": "Bearer " + server.token})
             ok = conn.getresponse().status == 200
             conn.close()
             return ok
@@ -228,7 +231,7 @@ def test_metrics_parse_with_the_reference_parser(workspace, serve):
     settled(client, bad["want_id"])
     with pytest.raises(databuild.NotFound):
         client.get_want("nope")
-    status, headers, body = raw_request(server.url, path="/metrics",
+    status, headers, body = raw_request(server.url, token=server.token, path="/metrics",
                                         headers={"Host": server.url.split("//")[1]})
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
@@ -269,20 +272,28 @@ def test_openapi_document_is_valid_and_matches_the_routes(app_server):
 def test_cors_for_configured_origins_only(workspace, serve):
     server = serve(workspace)
     host = server.url.split("//")[1]
-    status, headers, _ = raw_request(server.url, path="/api/wants", headers={
+    status, headers, _ = raw_request(server.url, token=server.token, path="/api/wants", headers={
         "Host": host, "Origin": "http://localhost:3000"})
     assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
-    status, headers, _ = raw_request(server.url, method="OPTIONS", path="/api/wants", headers={
+    status, headers, _ = raw_request(server.url, token=server.token, method="OPTIONS", path="/api/wants", headers={
         "Host": host, "Origin": "http://localhost:3000",
         "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type"})
     assert status == 204
     assert headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
-    assert "POST" in headers["Access-Control-Allow-Methods"]
-    assert "DELETE" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Methods"] == "GET, OPTIONS, POST"
+    # Allow names the methods of the path asked about (the preflight needs no token).
+    for path, allow in (("/api/wants/x", "DELETE, GET, OPTIONS"),
+                        ("/api/job_runs/x/cancel", "OPTIONS, POST"),
+                        ("/health", "GET, OPTIONS")):
+        code, allowed, _ = raw_request(server.url, method="OPTIONS", path=path,
+                                       headers={"Host": host})
+        assert code == 204 and allowed["Allow"] == allow, (path, allowed)
+    assert raw_request(server.url, method="OPTIONS", path="/nowhere",
+                       headers={"Host": host})[0] == 404
     assert "Content-Type" in headers["Access-Control-Allow-Headers"]
     for method in ("GET", "OPTIONS"):
-        status, headers, _ = raw_request(server.url, method=method, path="/api/wants", headers={
+        status, headers, _ = raw_request(server.url, token=server.token, method=method, path="/api/wants", headers={
             "Host": host, "Origin": "http://evil.example",
             "Access-Control-Request-Method": "POST"})
         assert not any(k.lower().startswith("access-control") for k in headers), headers
@@ -293,23 +304,23 @@ def test_foreign_host_is_refused(workspace, serve):
     port = server.url.rsplit(":", 1)[1]
     for host in ("evil.example", "evil.example:%s" % port, "127.0.0.1:1",
                  "localhost.evil.example:%s" % port, ""):
-        status, headers, body = raw_request(server.url, path="/api/wants", headers={"Host": host}
-                                            if host else {})
+        status, headers, body = raw_request(server.url, path="/api/wants", token=server.token,
+                                            headers={"Host": host} if host else {})
         assert status == 400 and "Host" in json.loads(body)["error"], host
     body = json.dumps({"partitions": ["a"]}).encode()
-    status, _, _ = raw_request(server.url, "POST", "/api/wants", body=body, headers={
+    status, _, _ = raw_request(server.url, "POST", "/api/wants", token=server.token, body=body, headers={
         "Host": "evil.example:%s" % port, "Content-Type": "application/json"})
     assert status == 400
     assert server.client.list_wants()["total"] == 0  # refused: no trace
     for host in ("127.0.0.1:%s" % port, "localhost:%s" % port):
-        assert raw_request(server.url, path="/health", headers={"Host": host})[0] == 200
+        assert raw_request(server.url, token=server.token, path="/health", headers={"Host": host})[0] == 200
 
 
 def test_simple_cross_site_posts_are_refused(workspace, serve):
     server = serve(workspace)
     host = server.url.split("//")[1]
     for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
-        status, _, body = raw_request(server.url, "POST", "/api/wants",
+        status, _, body = raw_request(server.url, "POST", "/api/wants", token=server.token,
                                       body=b'{"partitions": ["a"]}',
                                       headers={"Host": host, "Content-Type": ctype,
                                                "Origin": "http://evil.example"})

@@ -114,18 +114,26 @@ def test_errors_are_one_line_with_the_right_exit_status(workspace, serve, tmp_pa
 
 def test_global_options_before_or_after_and_env_url(workspace, serve):
     server = serve(workspace)
-    after = cli("want", "list", "--json", "--server", server.url)
-    before = cli("--json", "--server", server.url, "want", "list")
-    by_env = cli("want", "list", "--json", env={"DATABUILD_URL": server.url})
-    assert after.returncode == before.returncode == by_env.returncode == 0
+    # The token: --token, else $DATABUILD_TOKEN, else the workspace's server.json.
+    after = cli("want", "list", "--json", "--server", server.url, "--token", server.token)
+    before = cli("--json", "--server", server.url, "--workspace", workspace, "want", "list")
+    by_env = cli("want", "list", "--json", env={"DATABUILD_URL": server.url,
+                                                 "DATABUILD_TOKEN": server.token})
+    assert after.returncode == before.returncode == by_env.returncode == 0, before.stderr
     assert json.loads(after.stdout)["total"] == 0 == json.loads(by_env.stdout)["total"]
+    for wrong in ({"DATABUILD_URL": server.url}, {"DATABUILD_URL": server.url,
+                                                   "DATABUILD_TOKEN": "guess"}):
+        r = cli("want", "create", "a", env=wrong)
+        assert r.returncode == 1 and "access token" in r.stderr and r.stderr.count("\n") == 1
+    assert server.client.list_wants()["total"] == 0
 
 
 def test_discovery_through_server_json(workspace, serve):
     server = serve(workspace)
     info = databuild.read_server_info(os.path.join(workspace, ".databuild"))
     assert info["url"] == server.url and info["pid"] == server.proc.pid
-    assert set(info) == {"pid", "url", "port", "host", "started_at", "workspace_root", "version"}
+    assert set(info) == {"pid", "url", "port", "host", "started_at", "workspace_root", "version",
+                         "token"}
     sub = os.path.join(workspace, "some", "folder")
     os.makedirs(sub)
     r = cli("want", "create", "a", "--json", cwd=sub)  # nearest workspace upward

@@ -184,7 +184,7 @@ def test_ref_no_job_produces_is_named(tmp_path):
                                                 {"label": "b", "partition_patterns": ["a/b.*"]}])
     server = databuild.Server(databuild.load_config(ws))
     try:
-        http = WSGIClient(server.app)
+        http = WSGIClient(server.app, server.token)
         r = http.call("POST", "/api/wants", {"partitions": ["zzz"]})
         assert r.status == 400 and r.json["ref"] == "zzz"
         r = http.call("POST", "/api/wants", {"partitions": ["a/bee"]})

@@ -197,7 +197,8 @@ def test_answers_go_out_whole_to_a_late_reader_and_to_many_writers(workspace, se
     sock.connect((host, int(port)))
     with sock:
         sock.sendall(("GET /api/job_runs/%s/logs/stdout HTTP/1.1\r\nHost: %s:%s\r\n"
-                      "Connection: close\r\n\r\n" % (run_id, host, port)).encode())
+                      "Authorization: Bearer %s\r\nConnection: close\r\n\r\n"
+                          % (run_id, host, port, server.token)).encode())
         time.sleep(0.3)  # the reader is late: the server's sends fill the buffers
         chunks = []
         while True:
@@ -209,7 +210,7 @@ def test_answers_go_out_whole_to_a_late_reader_and_to_many_writers(workspace, se
     assert head.startswith(b"HTTP/1.1 200") and body == big.encode() + b"\nbuilt big\n"
 
     def write(i):
-        client = databuild.Client(server.url, timeout=20)
+        client = databuild.Client(server.url, timeout=20, token=server.token)
         return [client.create_want(["big"], comment="w%d" % i)["status"] for _ in range(10)]
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -254,7 +255,7 @@ def test_crash_loop_loses_no_acknowledged_want(workspace):
         stop = threading.Event()
 
         def writer():
-            client = databuild.Client(server.url, timeout=5)
+            client = databuild.Client(server.url, timeout=5, token=server.token)
             i = 0
             while not stop.is_set():
                 want_id = "r%d-w%d" % (round_, i)
