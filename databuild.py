@@ -3850,6 +3850,11 @@ class _Gate:
                 return self._json(respond, "400 Bad Request", {
                     "error": "Host header not allowed (only this server's own address)",
                     "host": _shown(environ.get("HTTP_HOST") or "")})
+            try:  # PEP 3333 hands the path over as Latin-1; it must be UTF-8
+                path.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                return self._json(respond, "400 Bad Request",
+                                  {"error": "The path is not valid UTF-8"})
             if method == "OPTIONS":
                 allow = self._allow(environ)
                 if allow is None:

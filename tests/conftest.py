@@ -150,12 +150,16 @@ class WSGIClient:
         self.app = app
         self.token = token  # sent as a Bearer header unless the call gives Authorization
 
-    def call(self, method, path, body=None, headers=None, raw_body=None):
+    def call(self, method, path, body=None, headers=None, raw_body=None, environ=None):
         path, _, query = path.partition("?")
-        environ = {"REQUEST_METHOD": method, "PATH_INFO": urllib.parse.unquote(path),
+        extra_environ = environ
+        # PEP 3333: the path's bytes, as Latin-1 (what waitress hands over).
+        environ = {"REQUEST_METHOD": method,
+                   "PATH_INFO": urllib.parse.unquote_to_bytes(path).decode("latin-1"),
                    "QUERY_STRING": query}
         wsgiref.util.setup_testing_defaults(environ)
         environ.setdefault("REMOTE_ADDR", "127.0.0.1")
+        environ.update(extra_environ or {})
         data = raw_body if raw_body is not None else (
             b"" if body is None else json.dumps(body).encode())
         environ["wsgi.input"] = io.BytesIO(data)

@@ -334,3 +334,16 @@ def test_dashboard_is_self_contained_html(app_server):
     page = r.body.decode()
     assert "<table" in page and "/api/wants" in page
     assert not re.search(r"""(src|href)=["']https?://""", page)  # no external assets
+
+
+def test_jobs_get_the_token_and_can_call_the_api(workspace, serve):
+    server = serve(workspace)
+    want = server.client.create_want(["a"])
+    assert settled(server.client, want["want_id"])["status"] == "Successful"
+    with open(os.path.join(workspace, "built", "a")) as f:
+        env = json.load(f)["env"]
+    assert env["DATABUILD_TOKEN"] == server.token and env["DATABUILD_URL"] == server.url
+    job_client = databuild.Client(env["DATABUILD_URL"], token=env["DATABUILD_TOKEN"])
+    assert job_client.get_want(want["want_id"])["status"] == "Successful"
+    with pytest.raises(databuild.Unauthorized):
+        databuild.Client(server.url).list_wants()

@@ -1,5 +1,7 @@
 """The HTTP API in-process (the WSGI app with a running orchestrator)."""
+import json
 import time
+import urllib.parse
 
 import pytest
 
@@ -263,3 +265,217 @@ def test_orchestrator_timeout_is_503(app_server, monkeypatch):
     app_server.orchestrator._stop_requested = False  # stopped, but still accepting commands
     r = create(app_server, "a")
     assert r.status == 503
+
+
+# -- bad input is a 400 that names what is wrong, and leaves no trace (issue 9) --
+
+def _strict_json(body):
+    def refuse(name):
+        raise AssertionError("not JSON: %s" % name)
+    return json.loads(body.decode("utf-8"), parse_constant=refuse)  # strict UTF-8 too
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"partitions": ["x"], "comment": "\\ud800"}', "comment"),
+    (b'{"partitions": ["x"], "user": "a\\udfffb"}', "user"),
+    (b'{"partitions": ["x\\ud800"]}', "partitions"),
+    (b'{"partitions": [{"a": 1}]}', "partitions"),
+    (b'{"partitions": [["a"]]}', "partitions"),
+    (b'{"partitions": ["touch/../../../elsewhere/x"]}', "partitions"),
+    (b'{"partitions": ["./x"]}', "partitions"),
+    (b'{"partitions": ["x"], "ttl_seconds": NaN}', None),
+    (b'{"partitions": ["x"], "data_timestamp": Infinity}', None),
+    (b'{"partitions": ["x"], "sla_seconds": -Infinity}', None),
+    (b'[' * 50000 + b']' * 50000, None),
+    (b'{"partitions": ' + b'[' * 50000 + b']' * 50000 + b'}', None),
+])
+def test_hostile_bodies_are_400_with_valid_json_and_no_trace(app_server, raw, field):
+    r = app_server.http.call("POST", "/api/wants", raw_body=raw)
+    assert r.status == 400, r
+    body = _strict_json(r.body)
+    assert isinstance(body["error"], str)
+    if field:
+        assert body.get("field") == field, body
+    assert app_server.http.call("GET", "/health").json["latest_event_id"] == 0
+    # The server goes on writing.
+    assert create(app_server, "ok").status == 201
+
+
+def test_dot_segments_name_the_ref(app_server):
+    r = create(app_server, "good", "a/../b")
+    assert r.status == 400 and r.json["ref"] == "a/../b" and "'..'" in r.json["error"]
+    assert create(app_server, "a/..b/c.d/.e").status == 201  # dots inside names are fine
+
+
+def test_surrogates_in_a_taint_reason_and_in_paths(app_server):
+    http = app_server.http
+    want = create(app_server, "a").json["data"]
+    settle(app_server, want["want_id"])
+    r = http.call("POST", "/api/partitions/a/taint", raw_body=b'{"reason": "\\udc00"}')
+    assert r.status == 400 and r.json["field"] == "reason"
+    latest = http.call("GET", "/health").json["latest_event_id"]
+    for path in ("/api/partitions/%ED%A0%80", "/api/partitions/%ED%A0%80/taint",
+                 "/api/wants/%ED%A0%80", "/api/job_runs/%FF", "/api/partitions/a%FF/taint"):
+        for method in ("GET", "POST"):
+            r = http.call(method, path, body={})
+            assert r.status == 400 and "UTF-8" in r.json["error"], (path, r)
+            _strict_json(r.body)
+    assert http.call("GET", "/health").json["latest_event_id"] == latest
+
+
+@pytest.mark.parametrize("path", ["/api/wants", "/api/partitions", "/api/job_runs",
+                                  "/api/events"])
+def test_query_integers_are_bounded_and_plain(app_server, path):
+    http = app_server.http
+    names = ("since", "limit") if path == "/api/events" else ("offset", "limit", "as_of")
+    for name in names:
+        for value in (str(2 ** 63), str(2 ** 64 + 1), "9" * 400, "1_0", "+1", " 1", "١",
+                      "", "0x10", "1e3"):
+            r = http.call("GET", "%s?%s=%s" % (path, name, urllib.parse.quote(value)))
+            assert r.status == 400 and r.json["parameter"] == name, (name, value, r)
+    if path != "/api/events":
+        r = http.call("GET", path + "?status=")
+        assert r.status == 400 and r.json["parameter"] == "status"
+        assert http.call("GET", path + "?offset=%d" % (2 ** 53 - 1)).status == 200
+
+
+def test_paths_and_query_text_are_utf8(tmp_path):
+    from conftest import WSGIClient, write_workspace
+    import databuild
+    ws = write_workspace(tmp_path / "ws", jobs=[{"label": "any", "partition_patterns": [".+"]}])
+    server = databuild.Server(databuild.load_config(ws))
+    server.orchestrator.start()
+    try:
+        server.http = WSGIClient(server.app, server.token)
+        want = create(server, "café/α").json["data"]
+        settle(server, want["want_id"])
+        listing = server.http.call("GET", "/api/partitions?prefix=" +
+                                   urllib.parse.quote("café/")).json
+        assert [p["ref"] for p in listing["data"]] == ["café/α"]
+        part = server.http.call("GET", "/api/partitions/" + urllib.parse.quote("café/α"))
+        assert part.status == 200 and part.json["data"]["ref"] == "café/α"
+        assert server.http.call("GET", "/api/partitions?prefix=%FF").status == 400
+    finally:
+        server.orchestrator.stop()
+        server.close()
+
+
+def test_a_post_without_a_body_needs_no_content_type_with_the_token(app_server):
+    http = app_server.http
+    want = create(app_server, "a").json["data"]
+    settle(app_server, want["want_id"])
+    r = http.call("POST", "/api/partitions/a/taint", headers={"Content-Type": None})
+    assert r.status == 200 and r.json["data"]["status"] == "Tainted"
+    r = http.call("POST", "/api/partitions/a/taint", raw_body=b'{}',
+                  headers={"Content-Type": None})
+    assert r.status == 415  # a body must say what it is
+
+
+# -- access tokens (SPEC 12) --------------------------------------------------
+
+def _every_operation():
+    import databuild
+    for path, ops in databuild.openapi_document()["paths"].items():
+        concrete = path.replace("{want_id}", "w").replace("{ref}", "a/b").replace(
+            "{job_run_id}", "r").replace("{stream}", "stdout")
+        for method in ops:
+            yield method.upper(), concrete
+
+
+def test_every_request_but_health_and_preflights_needs_the_token(app_server):
+    http = app_server.http
+    for method, path in _every_operation():
+        for headers in ({"Authorization": None}, {"Authorization": "Bearer wrong"},
+                        {"Authorization": "Basic " + app_server.token},
+                        {"Authorization": None, "Cookie": "databuild_token=wrong"}):
+            r = http.call(method, path, body={} if method == "POST" else None, headers=headers)
+            if method == "GET" and path == "/health":
+                assert r.status == 200
+                continue
+            assert r.status == 401, (method, path, headers, r)
+            assert "token" in r.json["error"] and r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert http.call("OPTIONS", path, headers={"Authorization": None}).status == 204
+    assert app_server.stop_reason is None  # the unauthenticated shutdown did nothing
+    assert http.call("GET", "/health").json["latest_event_id"] == 0
+    # The cookie is as good as the header.
+    r = http.call("POST", "/api/wants", {"partitions": ["a"]}, headers={
+        "Authorization": None, "Cookie": "other=1; databuild_token=%s" % app_server.token})
+    assert r.status == 201
+
+
+def test_the_dashboard_url_sets_the_cookie(app_server):
+    http = app_server.http
+    r = http.call("GET", "/?token=" + app_server.token, headers={"Authorization": None})
+    assert r.status == 303 and r.headers["Location"] == "/"
+    cookie = r.headers["Set-Cookie"]
+    assert cookie.startswith("databuild_token=%s;" % app_server.token)
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    page = http.call("GET", "/", headers={"Authorization": None,
+                                          "Cookie": cookie.split(";")[0]})
+    assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
+    bad = http.call("GET", "/?token=guess", headers={"Authorization": None})
+    assert bad.status == 401 and "Set-Cookie" not in bad.headers
+
+
+def _server_with(tmp_path, **server_keys):
+    from conftest import WSGIClient, write_workspace
+    import databuild
+    ws = write_workspace(tmp_path / "ws", server=server_keys)
+    server = databuild.Server(databuild.load_config(ws))
+    server.http = WSGIClient(server.app, server.token)
+    return server
+
+
+def test_auth_none_is_for_loopback_only(tmp_path):
+    import databuild
+    server = _server_with(tmp_path, auth="none")
+    try:
+        assert server.token is None
+        assert server.http.call("GET", "/api/wants").status == 200
+        # Without a token, a body-less POST still needs its content type.
+        assert server.http.call("POST", "/api/shutdown",
+                                headers={"Content-Type": None}).status == 415
+    finally:
+        server.close()
+    for host in ("0.0.0.0", "192.0.2.7", "::"):
+        with pytest.raises(databuild.ConfigError) as e:
+            databuild.Server(databuild.load_config(str(tmp_path / "ws")), host=host)
+        assert "loopback" in e.value.message
+    with pytest.raises(databuild.ConfigError):
+        _server_with(tmp_path / "x", auth="maybe")
+
+
+def test_non_loopback_bind_takes_allowed_hosts_and_no_forged_loopback_host(tmp_path):
+    server = _server_with(tmp_path, host="0.0.0.0", allowed_hosts=["build.example"])
+    try:
+        http = server.http
+        remote = {"REMOTE_ADDR": "192.0.2.9"}
+
+        def status(host, peer):
+            return http.call("GET", "/api/wants", headers={"Host": host},
+                             environ=peer).status
+        assert status("build.example", remote) == 200
+        assert status("BUILD.example", remote) == 200
+        assert status("127.0.0.1", remote) == 400  # a forged loopback name
+        assert status("localhost", remote) == 400
+        assert status("127.0.0.1", {"REMOTE_ADDR": "127.0.0.1"}) == 200
+        assert status("evil.example", remote) == 400
+    finally:
+        server.close()
+
+
+def test_state_dir_and_server_json_are_private(tmp_path):
+    import os
+    import stat
+    server = _server_with(tmp_path)
+    try:
+        server.url, server.port = "http://127.0.0.1:1", 1
+        server._write_info()
+        state = server.config.state_dir
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+        path = os.path.join(state, "server.json")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with open(path) as f:
+            assert json.load(f)["token"] == server.token and len(server.token) >= 40
+    finally:
+        server.close()

@@ -345,3 +345,53 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(workspace, serve):
     assert r.returncode == 1
     assert r.stderr.startswith("databuild: error: Cannot listen on 127.0.0.1:%s" % port)
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_many_cli_commands_at_once_start_one_server_and_all_succeed(tmp_path):
+    for round_ in range(2):
+        ws = write_workspace(tmp_path / ("ws%d" % round_))
+        procs = [subprocess.Popen([sys.executable, MODULE, "--workspace", ws, "want", "list",
+                                   "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(16)]
+        results = [(p.wait(60), p.stdout.read(), p.stderr.read()) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        info = databuild.read_server_info(os.path.join(ws, ".databuild"))
+        try:
+            for code, out, err in results:
+                assert code == 0 and json.loads(out)["total"] == 0, err
+            starts = sum("Starting databuild server" in err for _, _, err in results)
+            assert starts == 1
+            with open(os.path.join(ws, ".databuild", "server.log")) as f:
+                assert f.read().count("Listening on ") == 1
+        finally:
+            os.kill(info["pid"], signal.SIGTERM)
+            wait_for(lambda: not pid_alive(info["pid"]), timeout=30)
+
+
+def test_a_lost_event_log_is_refused_not_started_anew(workspace, serve):
+    server = serve(workspace)
+    want = server.client.create_want(["a"])
+    wait_for(lambda: server.client.get_want(want["want_id"])["status"] == "Successful")
+    assert server.stop() == 0
+    db = os.path.join(workspace, ".databuild", "events.db")
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.unlink(db + suffix)
+    os.truncate(db, 0)
+    r = subprocess.run([sys.executable, MODULE, "serve", "--workspace", workspace, "--port", "0"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "events.db is empty (0 bytes)" in r.stderr
+    assert "logs of 1 job runs" in r.stderr and "backup" in r.stderr
+    assert os.path.getsize(db) == 0  # nothing was started over it
+
+
+def test_auto_start_with_a_bad_config_is_one_config_error(workspace):
+    with open(os.path.join(workspace, "databuild.toml"), "a") as f:
+        f.write("\n[server]\nport = 'x'\n")
+    r = cli("--workspace", workspace, "want", "list")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("databuild: error")]
+    assert len(errors) == 1 and "databuild.toml" in errors[0]

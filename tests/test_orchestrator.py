@@ -6,7 +6,7 @@ import time
 import pytest
 
 import databuild
-from conftest import built, run_count, write_workspace
+from conftest import built, run_count, set_plan, write_workspace
 from databuild import (CANCELED, DEP_MISS, EXPIRED, FAILED, QUEUED, RUNNING,
                        SUCCEEDED, SUCCESSFUL, UPSTREAM_FAILED, Conflict, NotFound)
 
@@ -318,3 +318,131 @@ def test_a_job_that_cannot_start_fails_its_run(tmp_path, driver_for):
     assert d.settle(want["want_id"]) == FAILED
     (run,) = d.full().job_runs.values()
     assert run.status == FAILED and run.error.startswith("cannot start job:")
+
+
+# -- a failed commit leaves the state as the log is (issue 9, item 1) --------
+
+class _FailingCommits:
+    """Makes the next ``n`` commits of an event log fail inside the transaction."""
+
+    def __init__(self, monkeypatch, log, n=1, error=None):
+        self.n = n
+        real = log._write_projection
+
+        def write(conn, changes, summary):
+            if self.n > 0:
+                self.n -= 1
+                raise error or databuild.sqlite3.OperationalError("injected failure")
+            return real(conn, changes, summary)
+        monkeypatch.setattr(log, "_write_projection", write)
+
+
+def _failed_want(d, *refs, **fields):
+    """Create a want in a step whose commit fails: the step raises, the command gets 503."""
+    cmd = d.orch.enqueue("create_want", request=dict(partitions=list(refs), **fields))
+    with pytest.raises(databuild.StorageError):
+        d.orch.step()
+    assert cmd.done.is_set() and isinstance(cmd.error, databuild.Unavailable)
+    return cmd.error
+
+
+def _same_as_replay(d):
+    full = d.full()
+    for want_id, want in d.state.wants.items():
+        assert full.wants[want_id].status == want.status
+    for run_id, run in d.state.job_runs.items():
+        assert full.job_runs[run_id].status == run.status
+    assert {r: p.status for r, p in full.partitions.items()} == \
+        {r: p.status for r, p in d.state.partitions.items()}
+    assert d.state.latest_event_id == full.latest_event_id == d.log.latest_event_id()
+
+
+@pytest.mark.parametrize("error", [None, UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogate"),
+                                   RuntimeError("a bug")])
+def test_a_failed_commit_answers_503_writes_nothing_and_the_next_write_works(
+        workspace, driver_for, monkeypatch, error):
+    d = driver_for(workspace)
+    d.want("first")
+    before = d.log.latest_event_id()
+    _FailingCommits(monkeypatch, d.log, error=error)
+    _failed_want(d, "second", want_id="second")
+    assert d.log.latest_event_id() == before  # nothing of it in the log
+    assert d.orch.find_want("second") is None
+    _same_as_replay(d)
+    # The same request again is a new, clean write, and work goes on.
+    want = d.want("second", want_id="second")
+    assert want["status"] == "Building"
+    assert d.settle("second") == SUCCESSFUL
+    _same_as_replay(d)
+    ids = [e.event_id for e in d.log.iter_events()]
+    assert ids == list(range(1, len(ids) + 1))
+
+
+def test_outcomes_of_a_step_whose_commit_failed_are_recorded_later(
+        workspace, driver_for, monkeypatch, caplog):
+    d = driver_for(workspace)
+    want = d.want("a")
+    (run_id,) = want["job_run_ids"]
+    d.until(lambda s: s.job_runs[run_id].status == RUNNING)
+    failing = _FailingCommits(monkeypatch, d.log, n=0)
+    # Fail the commit of the step that reaps the exit (and of one more).
+    while not d.orch._exited:
+        d.orch.wait(0.05)
+    failing.n = 2
+    for _ in range(2):
+        with pytest.raises(databuild.StorageError):
+            d.orch.step()
+        assert d.orch.find_job_run(run_id).status == RUNNING  # as in the log
+    assert d.settle(want["want_id"]) == SUCCESSFUL
+    assert run_count(workspace, "a") == 1  # recorded once, not run again
+    assert "KeyError" not in caplog.text
+    _same_as_replay(d)
+
+
+def test_a_run_started_in_a_failed_step_is_stopped_and_started_again(
+        tmp_path, driver_for, monkeypatch):
+    ws = write_workspace(tmp_path / "ws", plan={"a": {"sleep": 30}})
+    d = driver_for(ws)
+    _FailingCommits(monkeypatch, d.log)
+    _failed_want(d, "a", want_id="w")  # queued and started in the same step
+    assert not d.orch._processes  # the process the log never heard of is killed
+    (abandoned,) = d.orch._spawner._pidfds.values()
+    assert abandoned.abandoned
+    deadline = time.monotonic() + 10
+    while d.orch._spawner._pidfds:  # it exits at once (SIGKILL), and is not recorded
+        assert time.monotonic() < deadline
+        d.orch.wait(0.1)
+        d.orch.step()
+    assert d.log.latest_event_id() == 0
+    set_plan(ws, {})
+    d.orch._no_starts_until = 0  # no need to wait out the pause in a test
+    want = d.want("a", want_id="w")
+    assert d.settle(want["want_id"], timeout=20) == SUCCESSFUL
+    full = d.full()
+    assert [r.status for r in full.job_runs.values()] == [SUCCEEDED]
+
+
+def test_disk_full_says_so_writes_nothing_and_recovers_once_space_is_freed(
+        workspace, driver_for, caplog):
+    d = driver_for(workspace)
+    d.want("a")
+    conn = d.log._conn()  # the orchestrator's thread is this one
+    (pages,) = conn.execute("PRAGMA page_count").fetchone()
+    conn.execute("PRAGMA max_page_count = %d" % (pages + 1))
+    before = d.log.latest_event_id()
+    for i in range(50):
+        cmd = d.orch.enqueue("create_want", request={"partitions": ["b%d" % i],
+                                                     "comment": "x" * 4000})
+        try:
+            d.orch.step()
+        except databuild.StorageError:
+            break
+    error = cmd.error
+    assert "Disk full" in error.message and error.fields["reason"] == "disk full"
+    assert "no transaction is active" not in caplog.text and "KeyError" not in caplog.text
+    assert d.log.latest_event_id() == before + i * 3  # the earlier wants only, whole
+    d.orch._no_starts_until = 0  # no need to wait out the pause in a test
+    conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    want = d.want("c")
+    assert d.settle(want["want_id"]) == SUCCESSFUL
+    _same_as_replay(d)
