@@ -131,6 +131,9 @@ DEFAULTS = {
     "command_timeout_seconds": 30.0,  # an HTTP write waits this long for a reply
     "kill_grace_seconds": 3.0,  # SIGTERM -> SIGKILL for a job's process group
     "http_threads": 16,
+    # An answer's bytes that wait in memory for a slow reader before its worker
+    # waits too (waitress's outbuf_high_watermark; its default is 16 MiB).
+    "http_outbuf_bytes": 2 * 1024 * 1024,
     "list_limit": 100,
     "list_limit_max": 1000,
     "max_body_bytes": 1024 * 1024,
@@ -3175,6 +3178,21 @@ def _follow_log(path, job_run_id, read_model, server, poll=0.1, heartbeat=1.0):
         server.streams.release()
 
 
+def _file_chunks(f, start, length, chunk=1 << 16):
+    """``length`` bytes of an open file from ``start``, in chunks, then close it:
+    a log is streamed, never read whole into memory."""
+    try:
+        f.seek(start)
+        while length > 0:
+            data = f.read(min(chunk, length))
+            if not data:
+                return
+            length -= len(data)
+            yield data
+    finally:
+        f.close()
+
+
 def metrics_text(summary, http_requests, uptime):
     """Prometheus text exposition (format 0.0.4) of a state summary
     (``BuildState.summary()``) and request counts."""
@@ -3453,7 +3471,7 @@ def make_app(server):
 
     @app.get("/api/job_runs/<job_run_id>/logs/<stream>")
     def job_run_log(job_run_id, stream):
-        query(("follow",))
+        query(("follow", "tail"))
         with read_model.read() as view:
             if view.job_run(job_run_id) is None:
                 raise NotFound("Job run not found", job_run_id=job_run_id)
@@ -3469,13 +3487,17 @@ def make_app(server):
             response.content_type = "text/event-stream; charset=utf-8"
             response.set_header("Cache-Control", "no-cache")
             return _follow_log(path, job_run_id, read_model, server)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
+        tail = int_param("tail", None)
         response.content_type = "text/plain; charset=utf-8"
-        return data
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            response.set_header("Content-Length", "0")
+            return b""
+        size = os.fstat(f.fileno()).st_size
+        start = 0 if tail is None else max(0, size - tail)
+        response.set_header("Content-Length", str(size - start))
+        return _file_chunks(f, start, size - start)
 
     @app.get("/metrics")
     def metrics():
@@ -3544,7 +3566,7 @@ def openapi_document():
         return param("status", "query", {"type": "string", "enum": list(statuses)},
                      "only this status")
 
-    integer = {"type": "integer", "minimum": 0}
+    integer = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
     paging = [param("limit", "query", {"type": "integer", "minimum": 0, "maximum": 1000,
                                        "default": 100}, "page size"),
               param("offset", "query", integer, "items to skip"),
@@ -3644,7 +3666,9 @@ def openapi_document():
                                                             "enum": ["stdout", "stderr"]},
                                          "which stream"),
                                    param("follow", "query", {"type": "boolean"},
-                                         "stream until the run ends")],
+                                         "stream until the run ends"),
+                                   param("tail", "query", integer,
+                                         "only the last N bytes (without follow)")],
                     "responses": {"200": {"description": "The log",
                                           "content": {"text/plain": {"schema": {"type": "string"}},
                                                       "text/event-stream": {"schema": {
@@ -4130,7 +4154,7 @@ class Server:
             self._wsgi_server = waitress.create_server(
                 self.app, host=self.host, port=self.port, threads=DEFAULTS["http_threads"],
                 ident="databuild", channel_timeout=30, connection_limit=200,
-                expose_tracebacks=False)
+                expose_tracebacks=False, outbuf_high_watermark=DEFAULTS["http_outbuf_bytes"])
         except OSError as e:
             raise DatabuildError("Cannot listen on %s:%s: %s" % (self.host, self.port,
                                                                  e.strerror or e)) from None
@@ -4335,10 +4359,10 @@ class Client:
         """POST /api/job_runs/<id>/cancel; returns the job run."""
         return self.request("POST", "/api/job_runs/%s/cancel" % job_run_id)["data"]
 
-    def logs(self, job_run_id, stream="stdout"):
-        """GET /api/job_runs/<id>/logs/<stream> as text."""
+    def logs(self, job_run_id, stream="stdout", tail=None):
+        """GET /api/job_runs/<id>/logs/<stream> as text (``tail``: the last N bytes)."""
         return self.request("GET", "/api/job_runs/%s/logs/%s" % (job_run_id, stream),
-                            raw=True).decode("utf-8", "replace")
+                            params={"tail": tail}, raw=True).decode("utf-8", "replace")
 
     def follow_logs(self, job_run_id, stream="stdout"):
         """Follow a job run's log live: yields ``("log", line)`` per line as the
@@ -4493,6 +4517,8 @@ def _build_parser():
     p.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
     p.add_argument("--follow", "-f", action="store_true",
                    help="print lines as the job writes them, until the run ends")
+    p.add_argument("--tail", type=int, metavar="BYTES",
+                   help="print only the last BYTES bytes of the log")
 
     p = command(commands, "taint", "mark partitions Tainted (rebuilt when wanted)", _cmd_taint)
     p.add_argument("refs", nargs="+", metavar="REF")
@@ -4842,7 +4868,7 @@ def _cmd_logs(args):
                                                               data["exit_code"]),
                           file=sys.stderr)
         return 0
-    text = _connect(args).logs(args.job_run_id, stream)
+    text = _connect(args).logs(args.job_run_id, stream, tail=args.tail)
     if _opt(args, "json"):
         _out(args, {"job_run_id": args.job_run_id, "text": text}, "")
     else:

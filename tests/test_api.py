@@ -347,3 +347,48 @@ def test_jobs_get_the_token_and_can_call_the_api(workspace, serve):
     assert job_client.get_want(want["want_id"])["status"] == "Successful"
     with pytest.raises(databuild.Unauthorized):
         databuild.Client(server.url).list_wants()
+
+
+def _peak_rss_kb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+
+
+def test_log_downloads_are_streamed_and_tail_reads_the_end(workspace, serve):
+    server = serve(workspace)
+    want = server.client.create_want(["a"])
+    (run_id,) = settled(server.client, want["want_id"])["job_run_ids"]
+    log = os.path.join(workspace, ".databuild", "logs", run_id, "stdout.log")
+    size = 60 * 1024 * 1024
+    with open(log, "r+b") as f:
+        f.truncate(size)  # 60 MB (sparse: fast to make, as long to send)
+        f.seek(size - 10)
+        f.write(b"last line\n")
+    before = _peak_rss_kb(server.proc.pid)
+
+    def download():
+        host, port = server.url.split("//")[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("GET", "/api/job_runs/%s/logs/stdout" % run_id,
+                     headers={"Authorization": "Bearer " + server.token})
+        resp = conn.getresponse()
+        total = 0
+        while True:
+            chunk = resp.read(1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+        conn.close()
+        return resp.status, resp.getheader("Content-Length"), total
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: download(), range(4)))
+    assert results == [(200, str(size), size)] * 4
+    growth_mb = (_peak_rss_kb(server.proc.pid) - before) / 1024
+    print("peak RSS growth: %.1f MB" % growth_mb)
+    assert growth_mb < 50, growth_mb  # read whole, it was > 240 MB
+    assert server.client.logs(run_id, tail=10) == "last line\n"
+    assert server.client.logs(run_id, tail=10 ** 12).endswith("last line\n")
+    assert server.cli("logs", run_id, "--tail", "5", check=0).stdout == "line\n"
