@@ -1893,6 +1893,53 @@ def _signal_group(pgid, sig):
         pass
 
 
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper():
+    """Make this process the reaper of its orphaned descendants (Linux).
+
+    A process that a job started and that left the job's process group
+    (``setsid``) becomes this process's child once its parent exits, so the
+    orchestrator can find and stop it (``Orchestrator.adopt_orphans``).
+    Returns False where the kernel does not offer it.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children():
+    """The pids of this process's children (every thread's), or [] where unknown."""
+    pids = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open("/proc/self/task/%s/children" % task) as f:
+                pids.extend(int(p) for p in f.read().split())
+    except (OSError, ValueError):
+        pass
+    return pids
+
+
+def _job_run_of(pid):
+    """``(job run id or None, is a zombie)`` of a process, from its environment."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                return None, True
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            environ = f.read()
+    except (OSError, IndexError):
+        return None, False
+    for item in environ.split(b"\0"):
+        if item.startswith(b"DATABUILD_JOB_RUN_ID="):
+            return item[len(b"DATABUILD_JOB_RUN_ID="):].decode("ascii", "replace"), False
+    return None, False
+
+
 class _Wakeup:
     """How the orchestrator thread sleeps: one ``poll()`` on a self-pipe and on
     the pidfds of its job processes.
@@ -2201,6 +2248,10 @@ class Orchestrator:
         self._deadlines = []  # heap of (when, kind, want_id): "ttl" and "sla"
         self._stop_requested = False
         self._no_starts_until = 0.0  # after a failed commit: start no job run before this
+        #: True where this process is its jobs' subreaper (``serve``): then
+        #: descendants that a finished run left outside its group are stopped.
+        self.adopt_orphans = False
+        self._sweep_at = float("inf")  # the next sweep for orphans, if one is due
         self._stopped = threading.Event()
         self._thread = None
         self._current_command = None  # the command a _cmd_ handler is answering
@@ -2326,7 +2377,7 @@ class Orchestrator:
             self._exited.extend(self._spawner.reap(ready))
 
     def _sleep_seconds(self, now):
-        when = now + DEFAULTS["orchestrator_tick_seconds"]
+        when = min(now + DEFAULTS["orchestrator_tick_seconds"], self._sweep_at)
         if self._deadlines:
             when = min(when, self._deadlines[0][0])
         for proc in self._processes.values():
@@ -2362,6 +2413,8 @@ class Orchestrator:
             if cmd.error is not None:
                 cmd.done.set()
         reaped = self._reap(now)
+        if self.adopt_orphans and (reaped or now >= self._sweep_at):
+            self._sweep_orphans(now)
         self._enforce_deadlines(now)
         self._expire(now)
         self._schedule(now)
@@ -2552,8 +2605,7 @@ class Orchestrator:
             if proc.abandoned:  # started in a step whose commit failed: no run to record
                 continue
             self._processes.pop(proc.job_run_id, None)
-            if proc.stop_reason is not None:
-                proc.kill()  # whatever the job left behind in its group
+            proc.kill()  # whatever the job left behind in its group, however it ended
             self._record_outcome(proc, now)
             reaped.append(proc)
             waiting = self._waiting_cancels.pop(proc.job_run_id, ())
@@ -2645,6 +2697,39 @@ class Orchestrator:
                         return [dep] + path[::-1] + [dep]
                     path.append(upstream[0])
         return None
+
+    def _sweep_orphans(self, now):
+        # A run's end kills its process group (_reap); what left the group
+        # (setsid) becomes our child once its parent exits (become_subreaper).
+        # Every child that is not a job process of ours is such an orphan:
+        # stopped unless it still belongs to a running run, and reaped.
+        known = {proc.pid for proc in self._processes.values()}
+        known.update(proc.pid for proc in self._exited)
+        if self._spawner is not None:
+            known.update(proc.pid for proc in self._spawner._pidfds.values())
+        self._sweep_at = float("inf")
+        own_group = os.getpgrp()
+        for pid in _children():
+            if pid in known:
+                continue
+            run_id, zombie = _job_run_of(pid)
+            if run_id in self._processes:
+                continue  # its run goes on: stopped when that run ends
+            if not zombie:
+                logger.info("Stopping pid %d, left behind by job run %s", pid, run_id or "?")
+                try:
+                    pgid = os.getpgid(pid)
+                    if pgid != own_group:
+                        _signal_group(pgid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            # Its own children become ours when it dies, and it must be reaped.
+            self._sweep_at = now + 0.1
 
     def _enforce_deadlines(self, now):
         for proc in self._processes.values():
@@ -2764,6 +2849,8 @@ class Orchestrator:
                     proc.kill()
             self.wait(0.05)
             self._reap(self.clock())
+        if self.adopt_orphans:
+            self._sweep_orphans(now)
         for run_id in list(self.state.job_runs_by_status[QUEUED]):
             self._emit(JOB_RUN_CANCEL, {"job_run_id": run_id,
                                         "reason": REASON_SERVER_SHUTDOWN}, self.clock())
@@ -4717,6 +4804,7 @@ def _cmd_serve(args):
     finally:
         gc.enable()
     gc.freeze()
+    server.orchestrator.adopt_orphans = become_subreaper()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: server.request_stop(
             "signal %s" % signal.Signals(signum).name))

@@ -13,6 +13,8 @@ import threading
 import time
 
 
+import pytest
+
 import databuild
 from conftest import MODULE, ServeProcess, built, run_count, set_plan, wait_for, write_workspace
 
@@ -395,3 +397,60 @@ def test_auto_start_with_a_bad_config_is_one_config_error(workspace):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("databuild: error")]
     assert len(errors) == 1 and "databuild.toml" in errors[0]
+
+
+# -- no process outlives its run (issue 9, item 8) -----------------------------
+
+def _left_pid(workspace, ref):
+    path = os.path.join(workspace, "runs", ref + ".left")
+    wait_for(lambda: os.path.exists(path) and open(path).read().endswith("\n"))
+    with open(path) as f:
+        return int(f.read())
+
+
+@pytest.mark.parametrize("setsid", [False, True])
+def test_what_a_finished_run_leaves_behind_is_stopped(workspace, serve, setsid):
+    set_plan(workspace, {"a": {"leave": {"argv": ["sleep", "300"], "setsid": setsid}}})
+    server = serve(workspace)
+    want = server.client.create_want(["a"])
+    wait_for(lambda: server.client.get_want(want["want_id"])["status"] == "Successful")
+    left = _left_pid(workspace, "a")
+    wait_for(lambda: not pid_alive(left), timeout=10)
+
+
+def test_cancel_stops_a_child_that_left_the_group(workspace, serve):
+    set_plan(workspace, {"a": {"sleep": 300, "leave": {
+        "argv": ["sh", "-c", "sleep 300 & sleep 300"], "setsid": True}}})
+    server = serve(workspace)
+    want = server.client.create_want(["a"])
+    left = _left_pid(workspace, "a")
+    (run_id,) = server.client.get_want(want["want_id"])["job_run_ids"]
+    assert pid_alive(left)  # a running run's helpers are left alone
+    server.client.cancel_job_run(run_id)
+    wait_for(lambda: server.client.get_job_run(run_id)["status"] == "Canceled")
+    wait_for(lambda: not pid_alive(left), timeout=10)
+    # The grandchild (sleep 300 &, in the escaped group) went with it.
+    wait_for(lambda: not any(
+        "sleep 300" in _cmdline(pid) for pid in _descendants_of_sessions({left})), timeout=10)
+
+
+def _cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _descendants_of_sessions(sids):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) in sids and fields[0] != "Z":
+                found.append(int(entry))
+    return found

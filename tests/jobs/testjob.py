@@ -2,7 +2,9 @@
 
 ``python testjob.py REF...`` runs in the workspace.  ``plan.json`` maps a ref
 to ``{"deps": [...], "exit": N, "sleep": S, "sleep_times": N, "fail_times": N,
-"stdout": "...", "ignore_term": true}`` (every key optional; an unplanned ref
+"stdout": "...", "ignore_term": true, "leave": {"argv": [...], "setsid": true}}``
+(every key optional; ``leave`` starts a process that outlives the job, its pid
+in ``runs/<ref>.left``; an unplanned ref
 just succeeds; ``sleep_times`` limits the sleep to the first N invocations).  A ref is "built" when
 ``built/<ref>`` exists.  Each invocation appends a line to ``runs/<ref>``.
 """
@@ -44,6 +46,15 @@ def main(refs):
     if missing:
         print("DATABUILD_MISSING_DEPS_JSON: " + json.dumps({"missing_deps": missing}), flush=True)
         return 0
+    for ref in refs:
+        leave = plan.get(ref, {}).get("leave")
+        if leave:
+            import subprocess
+            child = subprocess.Popen(leave["argv"], start_new_session=leave.get("setsid", False),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+            with open(os.path.join("runs", fname(ref) + ".left"), "w") as f:
+                f.write("%d\n" % child.pid)
     if any(plan.get(ref, {}).get("ignore_term") for ref in refs):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with open(os.path.join("runs", "pids"), "a") as f:
