@@ -4287,10 +4287,16 @@ class Server:
         self.stopping = True
         self.idle_timer.stop()
         server = self._wsgi_server
-        try:
-            server.close()  # stop accepting connections
-        except Exception:
-            logger.exception("Closing the listening socket failed")
+        from waitress.server import BaseWSGIServer
+        # Stop accepting connections: close the listening sockets only.  The
+        # trigger (waitress's wake-up pipe, which BaseWSGIServer.close would
+        # close too) stays open until no worker can pull it any more.
+        for listener in {server, *socket_map.values()}:
+            if isinstance(listener, BaseWSGIServer):
+                try:
+                    wasyncore.dispatcher.close(listener)
+                except Exception:
+                    logger.exception("Closing the listening socket failed")
         # Let in-flight requests finish and their answers go out.
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
@@ -4301,8 +4307,8 @@ class Server:
                 break
             wasyncore.loop(timeout=0.05, map=socket_map, count=1)
         self.orchestrator.stop()
-        wasyncore.close_all(socket_map)
-        server.task_dispatcher.shutdown(timeout=2)
+        server.task_dispatcher.shutdown(timeout=2)  # the workers end first,
+        wasyncore.close_all(socket_map)  # then the channels and the trigger
         self.close()
         logger.info("Shutdown complete")
 
