@@ -148,6 +148,8 @@ DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
 STATE_DIR = ".databuild"
 CONFIG_FILE = "databuild.toml"
 MISSING_DEPS_MARKER = "DATABUILD_MISSING_DEPS_JSON:"
+TOKEN_COOKIE = "databuild_token"  # the dashboard's copy of the access token (SPEC 12)
+LOOPBACK_HOSTS = frozenset(("127.0.0.1", "localhost", "::1"))
 
 # Want statuses (SPEC 5).
 IDLE = "Idle"
@@ -3640,10 +3642,12 @@ def openapi_document():
             r["content"] = {media: {"schema": s}}
         return r
 
+    error_text = {400: "Bad input", 401: "Missing or wrong access token", 404: "Not found",
+                  409: "Conflict", 413: "Body too large", 415: "Body is not application/json",
+                  503: "Shutting down or busy"}
+
     def errors(*codes):
-        text = {400: "Bad input", 404: "Not found", 409: "Conflict", 413: "Body too large",
-                415: "Body is not application/json", 503: "Shutting down or busy"}
-        return {str(c): answer(text[c], schema("Error")) for c in codes}
+        return {str(c): answer(error_text[c], schema("Error")) for c in codes}
 
     def param(name, where, s, description, required=False):
         return {"name": name, "in": where, "required": required or where == "path",
@@ -3661,6 +3665,7 @@ def openapi_document():
     as_of = [paging[2]]
     nullable_str = {"type": "string", "nullable": True}
     nullable_num = {"type": "number", "nullable": True}
+    positive_num = {"type": "number", "nullable": True, "minimum": 0, "exclusiveMinimum": True}
     str_list = {"type": "array", "items": {"type": "string"}}
 
     def envelope(item):
@@ -3759,7 +3764,11 @@ def openapi_document():
                     "responses": {"200": {"description": "The log",
                                           "content": {"text/plain": {"schema": {"type": "string"}},
                                                       "text/event-stream": {"schema": {
-                                                          "type": "string"}}}},
+                                                          "type": "object", "properties": {
+                                                              "event": {"type": "string",
+                                                                        "enum": ["log",
+                                                                                 "complete"]},
+                                                              "data": {"type": "string"}}}}}},
                                   **errors(400, 404, 503)}}},
         "/api/events": {
             "get": {"summary": "Events after an id, oldest first", "operationId": "listEvents",
@@ -3782,10 +3791,16 @@ def openapi_document():
                                   "pid": integer}},
         "WantRequest": {"type": "object", "required": ["partitions"], "additionalProperties": False,
                         "properties": {"partitions": {"type": "array", "minItems": 1,
-                                                      "items": {"type": "string"}},
-                                       "want_id": {"type": "string"},
-                                       "data_timestamp": {"type": "number", "minimum": 0},
-                                       "ttl_seconds": nullable_num, "sla_seconds": nullable_num,
+                                                      "maxItems": DEFAULTS[
+                                                          "max_partitions_per_want"],
+                                                      "items": {"type": "string", "minLength": 1,
+                                                                "maxLength": 1024}},
+                                       "want_id": {"type": "string", "pattern": _ID_RE.pattern,
+                                                   "minLength": 1, "maxLength": 128,
+                                                   "nullable": True},
+                                       "data_timestamp": {"type": "number", "minimum": 0,
+                                                          "nullable": True},
+                                       "ttl_seconds": positive_num, "sla_seconds": positive_num,
                                        "comment": nullable_str, "user": nullable_str}},
         "TaintRequest": {"type": "object", "additionalProperties": False,
                          "properties": {"reason": nullable_str}},
@@ -3821,11 +3836,28 @@ def openapi_document():
             "data": {"type": "array", "items": schema("Event")}, "total": integer,
             "limit": integer, "since": integer, "latest_event_id": integer}},
     }
+    # SPEC 12: every operation but /health needs the token (and may answer
+    # 401); every one that reads a body or a query may answer 400.
+    for path, operations in paths.items():
+        for method, op in operations.items():
+            if path == "/health":
+                op["security"] = []
+                continue
+            op["responses"].update(errors(401))
+            if method == "post" or op.get("parameters"):
+                op["responses"].setdefault("400", errors(400)["400"])
     return {"openapi": "3.0.3",
             "info": {"title": "databuild.py API", "version": __version__,
                      "description": "A want-driven data build system. Errors are JSON "
-                                    "{\"error\": message, ...fields}."},
-            "paths": paths, "components": {"schemas": schemas}}
+                                    "{\"error\": message, ...fields}. Every request but "
+                                    "GET /health needs the server's token (in "
+                                    ".databuild/server.json) as a Bearer header or the "
+                                    "databuild_token cookie."},
+            "security": [{"bearer": []}, {"cookie": []}],
+            "paths": paths,
+            "components": {"schemas": schemas, "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": TOKEN_COOKIE}}}}
 
 
 _DASHBOARD_HTML = """<!doctype html>
@@ -3865,10 +3897,6 @@ function refresh(){Promise.all([get("/health"),get("/api/wants?limit=20"),
 refresh();setInterval(refresh,2000);
 </script></body></html>
 """
-
-
-LOOPBACK_HOSTS = frozenset(("127.0.0.1", "localhost", "::1"))
-TOKEN_COOKIE = "databuild_token"
 
 
 def is_loopback(host):
