@@ -131,6 +131,10 @@ def build_log(workspace, n_events, seed=1):
     return want_ids
 
 
+#: (host, port) -> the access token of a server started by Serve.
+TOKENS = {}
+
+
 class Serve:
     """``databuild.py serve`` as a subprocess; ``started`` seconds until it listened."""
 
@@ -146,6 +150,10 @@ class Serve:
         self.host, port = self.url.split("//")[1].split(":")
         self.port = int(port)
         self.started = time.perf_counter() - t0
+        info = databuild.read_server_info(os.path.join(workspace, ".databuild")) or {}
+        self.token = info.get("token")
+        TOKENS[(self.host, self.port)] = self.token  # for load()
+        self.client = databuild.Client(self.url, token=self.token)
 
     def rss_mb(self):
         with open("/proc/%d/status" % self.proc.pid) as f:
@@ -164,7 +172,7 @@ class Serve:
 
 
 def _load_worker(args):
-    host, port, requests, seconds, threads = args
+    host, port, requests, seconds, threads, token = args
     counts = [0] * threads
     errors = [0] * threads
     deadline = time.perf_counter() + seconds
@@ -175,6 +183,8 @@ def _load_worker(args):
         while time.perf_counter() < deadline:
             method, path, body = requests[(k + n * threads) % len(requests)]
             headers = {"Content-Type": "application/json"} if body is not None else {}
+            if token:
+                headers["Authorization"] = "Bearer " + token
             try:
                 conn.request(method, path, body=body, headers=headers)
                 resp = conn.getresponse()
@@ -203,7 +213,8 @@ def load(host, port, requests, seconds=3.0, clients=16, processes=2):
     ``processes`` client processes; returns (requests per second, errors)."""
     per = clients // processes
     with multiprocessing.get_context("fork").Pool(processes) as pool:
-        results = pool.map(_load_worker, [(host, port, requests, seconds, per)] * processes)
+        results = pool.map(_load_worker, [(host, port, requests, seconds, per,
+                                           TOKENS.get((host, port)))] * processes)
     done = sum(r[0] for r in results)
     errors = sum(r[1] for r in results)
     elapsed = max(r[2] for r in results)

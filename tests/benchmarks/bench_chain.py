@@ -44,7 +44,7 @@ def run_once(n):
     os.makedirs(os.path.join(ws, "built"))
     server = w.Serve(ws)
     try:
-        client = databuild.Client(server.url)
+        client = server.client
         want = client.create_want(["chain/%d" % n])
         while client.get_want(want["want_id"])["status"] not in databuild.TERMINAL_WANT_STATUSES:
             time.sleep(0.05)

@@ -95,7 +95,7 @@ def main():
     server = w.Serve(ws)
     rows = []
     try:
-        client = databuild.Client(server.url)
+        client = server.client
         for rep in range(repeat):
             base = pool_time(n)
             floor_dir = os.path.join(tmp, "floor-%d" % rep)

@@ -65,7 +65,7 @@ def run_databuild(n, batch):
             f.write(text)
     server = w.Serve(ws)
     try:
-        client = databuild.Client(server.url)
+        client = server.client
         t0 = time.perf_counter()
         want = client.create_want(["out/date=%s" % d for d in dates(n)])
         delay = 0.01

@@ -25,7 +25,7 @@ def main():
         t0 = time.perf_counter()
         server = w.Serve(ws)
         try:
-            client = databuild.Client(server.url)
+            client = server.client
             health = client.health()
             first_health = time.perf_counter() - t0
             rss = server.rss_mb()

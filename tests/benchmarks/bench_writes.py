@@ -23,7 +23,7 @@ def main():
     ws = w.make_workspace(tempfile.mkdtemp(prefix="bench-writes-") + "/ws")
     server = w.Serve(ws)
     try:
-        client = databuild.Client(server.url)
+        client = server.client
         refs = ["raw/date=2025-01-%02d/n=1" % d for d in range(1, 9)]
         want = client.create_want(refs)
         while client.get_want(want["want_id"])["status"] != "Successful":
