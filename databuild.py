@@ -4651,6 +4651,9 @@ def _build_parser():
 
     command(commands, "status", "show the workspace's server and what it holds", _cmd_status)
     command(commands, "stop", "stop the workspace's server gracefully", _cmd_stop)
+    p = command(commands, "dashboard", "print the dashboard's URL (it carries the access "
+                "token, which the page then keeps in a cookie)", _cmd_dashboard)
+    p.add_argument("--open", action="store_true", help="also open it in a web browser")
     return parser
 
 
@@ -5029,6 +5032,18 @@ def _cmd_status(args):
         shown = ", ".join("%d %s" % (n, s) for s, n in by_status.items() if n) or "none"
         lines.append("%s  %s" % ((noun + ":").ljust(16), shown))
     _out(args, info, "\n".join(lines))
+    return 0
+
+
+def _cmd_dashboard(args):
+    client = _connect(args)
+    url = client.url + "/"
+    if client.token:
+        url += "?token=" + urllib.parse.quote(client.token, safe="")
+    _out(args, {"url": url}, url)
+    if args.open:
+        import webbrowser
+        webbrowser.open(url)
     return 0
 
 

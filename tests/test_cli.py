@@ -1,5 +1,6 @@
 """End to end: `serve` as a subprocess on port 0, driven by the CLI and the client."""
 import json
+import urllib.error
 import os
 import re
 import shutil
@@ -193,3 +194,20 @@ def test_a_server_gone_mid_answer_is_unreachable_not_a_traceback(tmp_path):
         databuild.Client("http://127.0.0.1:%d" % port, timeout=5).health()
     t.join(5)
     listener.close()
+
+
+def test_dashboard_prints_the_url_that_sets_the_cookie(workspace, serve):
+    server = serve(workspace)
+    r = cli("--workspace", workspace, "dashboard")
+    assert r.returncode == 0, r.stderr
+    url = r.stdout.strip()
+    assert url == "%s/?token=%s" % (server.url, server.token)
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args):
+            return None
+    opener = urllib.request.build_opener(NoRedirect)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        opener.open(url)
+    assert e.value.code == 303 and "databuild_token=" in e.value.headers["Set-Cookie"]
