@@ -4013,7 +4013,8 @@ class _Gate:
                 if not self._authorized(given):
                     return self._json(respond, "401 Unauthorized", {
                         "error": "Missing or wrong access token: send 'Authorization: Bearer "
-                                 "<token>' (the token is in .databuild/server.json)"},
+                                 "<token>' with the token in .databuild/server.json (for the "
+                                 "dashboard, open the URL `databuild.py dashboard` prints)"},
                         [("WWW-Authenticate", 'Bearer realm="databuild"')])
                 environ["databuild.bearer"] = bearer
             elif self._token is None:
