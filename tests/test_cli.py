@@ -1,6 +1,7 @@
 """End to end: `serve` as a subprocess on port 0, driven by the CLI and the client."""
 import json
 import urllib.error
+import urllib.request
 import os
 import re
 import shutil
@@ -202,7 +203,6 @@ def test_dashboard_prints_the_url_that_sets_the_cookie(workspace, serve):
     assert r.returncode == 0, r.stderr
     url = r.stdout.strip()
     assert url == "%s/?token=%s" % (server.url, server.token)
-    import urllib.request
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args):

@@ -3,7 +3,6 @@ workspace, CLI auto-start, status and stop (SPEC 7, 8)."""
 import concurrent.futures
 import json
 import os
-import random
 import signal
 import socket
 import sqlite3
@@ -251,47 +250,16 @@ def test_restart_after_sigkill_recovers_runs_and_stops_orphans(workspace, serve)
 
 def test_crash_loop_loses_no_acknowledged_want(workspace):
     """kill -9 at random moments under four writing threads, restart, again:
-    every acknowledged want is there, the events stay gapless, nothing is stuck."""
-    rng = random.Random(7)
-    acknowledged = []  # list.append is atomic: the writers share it
-    for round_ in range(4):
-        server = ServeProcess(workspace)
-        stop = threading.Event()
-
-        def writer(k):
-            client = databuild.Client(server.url, timeout=5, token=server.token)
-            i = 0
-            while not stop.is_set():
-                want_id = "r%d-t%d-w%d" % (round_, k, i)
-                try:
-                    client.create_want(["p/%d" % (i % 3)], want_id=want_id)
-                except databuild.DatabuildError:
-                    return  # the server died under us: this one was not acknowledged
-                acknowledged.append(want_id)
-                i += 1
-        threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(rng.uniform(0.1, 0.6))
-        server.proc.kill()
-        server.proc.wait()
-        stop.set()
-        for t in threads:
-            t.join(10)
-        server.stop()
-    assert len(acknowledged) > 20
-    final = ServeProcess(workspace)
+    every acknowledged want is there, the events stay gapless, nothing is stuck
+    (the loop of tests/benchmarks/bench_crash.py, shorter)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "benchmarks"))
     try:
-        client = final.client
-        for want_id in acknowledged:
-            assert client.get_want(want_id)["want_id"] == want_id
-        ids = [r[0] for r in events_of(workspace)]
-        assert ids == list(range(1, len(ids) + 1))  # still gapless
-        # Nothing is stuck: every want finishes.
-        wait_for(lambda: client.list_wants(status="Successful", limit=0)["total"]
-                 == client.list_wants(limit=0)["total"], timeout=60)
+        from bench_crash import crash_loop
     finally:
-        final.stop()
+        sys.path.pop(0)
+    _, figures = crash_loop(workspace, kills=4, writers=4, seed=7, pause=(0.1, 0.6))
+    assert figures["acknowledged"] > 20
+    assert figures["lost"] == 0 and figures["gapless"] and figures["unfinished_wants"] == 0
 
 
 def test_second_server_is_refused(workspace, serve):

@@ -20,7 +20,6 @@ import tempfile
 import time
 
 import _workload as w
-import databuild
 
 TOML = """
 [server]

@@ -22,7 +22,7 @@ def main():
     try:
         client = server.client
         refs = ["raw/date=2025-01-%02d/n=1" % d for d in range(1, 9)]
-        want = client.create_want(refs, want_id="seed")
+        client.create_want(refs, want_id="seed")
         while client.get_want("seed")["status"] != "Successful":
             time.sleep(0.05)
         run_id = client.get_want("seed")["job_run_ids"][0]

@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import _workload as w
-import databuild
 
 RAW = r'''
 mkdir -p data/raw

@@ -13,7 +13,6 @@ import tempfile
 import time
 
 import _workload as w
-import databuild
 
 
 def main():
