@@ -1914,16 +1914,19 @@ def become_subreaper():
         return False
 
 
-def _children():
-    """The pids of this process's children (every thread's), or [] where unknown."""
-    pids = []
+def _orphans_adopted():
+    """The pids of the main thread's children, or [] where unknown.
+
+    A subreaper adopts orphans in its main thread (the kernel's
+    ``find_new_reaper`` takes the first live thread of the group); the job
+    processes themselves are the orchestrator thread's children.  One small
+    file read, not one per thread.
+    """
     try:
-        for task in os.listdir("/proc/self/task"):
-            with open("/proc/self/task/%s/children" % task) as f:
-                pids.extend(int(p) for p in f.read().split())
+        with open("/proc/self/task/%d/children" % os.getpid()) as f:
+            return [int(p) for p in f.read().split()]
     except (OSError, ValueError):
-        pass
-    return pids
+        return []
 
 
 def _job_run_of(pid):
@@ -2711,7 +2714,7 @@ class Orchestrator:
             known.update(proc.pid for proc in self._spawner._pidfds.values())
         self._sweep_at = float("inf")
         own_group = os.getpgrp()
-        for pid in _children():
+        for pid in _orphans_adopted():
             if pid in known:
                 continue
             run_id, zombie = _job_run_of(pid)
