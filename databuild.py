@@ -44,6 +44,7 @@ __all__ = [
     "Client",
     "Config",
     "ConfigError",
+    "ConfigWatcher",
     "Conflict",
     "DatabuildError",
     "Event",
@@ -60,14 +61,19 @@ __all__ = [
     "ServerUnreachable",
     "StorageError",
     "StoreView",
-    "Unavailable",
     "Unauthorized",
+    "Unavailable",
     "UnsupportedMediaType",
+    "WaitTimeout",
+    "check_ref",
+    "describe_error",
+    "is_loopback",
     "load_config",
     "main",
     "make_app",
     "metrics_text",
     "openapi_document",
+    "parse_json_body",
     "parse_want_request",
 ]
 
@@ -268,6 +274,10 @@ class ServerUnreachable(DatabuildError):
     """The client could not reach a server."""
 
 
+class WaitTimeout(DatabuildError):
+    """A client waited for something (``Client.wait_want``) longer than it was told to."""
+
+
 ###############################################################################
 # Utilities ###################################################################
 ###############################################################################
@@ -319,6 +329,26 @@ def check_ref(ref):
         raise InvalidRequest("Invalid partition ref %r: '.' and '..' are not allowed as "
                              "path segments" % ref, ref=ref)
     return ref
+
+
+#: The shortest prefix of a want or job run id that stands for the id (as in git).
+MIN_ID_PREFIX = 4
+
+
+def unique_id(key, candidates, noun):
+    """``key`` itself if it is among ``candidates`` (ids starting with ``key``,
+    at most a few), else the one candidate it is a prefix of; None if none.
+    InvalidRequest if the prefix is ambiguous."""
+    candidates = list(candidates)
+    if key in candidates:
+        return key
+    if len(key) < MIN_ID_PREFIX or not candidates:
+        return None
+    if len(candidates) > 1:
+        raise InvalidRequest("%r is the start of more than one %s id (%s): give more of it"
+                             % (key, noun, ", ".join(candidates[:3]) + (", ..." if len(
+                                 candidates) > 3 else "")), prefix=key, matches=candidates[:3])
+    return candidates[0]
 
 
 def _shown(value, limit=200):
@@ -463,6 +493,7 @@ class Want(_Entity):
             "derivative_want_ids": list(self.derivative_want_ids),
             "job_run_ids": list(self.job_run_ids), "comment": self.comment,
             "created_at": isoformat(self.created_at), "updated_at": isoformat(self.updated_at),
+            "terminal": self.status in TERMINAL_WANT_STATUSES,
         }
 
 
@@ -547,7 +578,7 @@ class _Tally:
 
 
 #: Bumped when the projection's rows change shape: an older projection is rebuilt.
-PROJECTION_VERSION = 3
+PROJECTION_VERSION = 4
 
 
 class BuildState:
@@ -589,6 +620,7 @@ class BuildState:
         self.duration_sum = 0.0
         self.duration_count = 0
         self.seqs = {"wants": 0, "partitions": 0, "job_runs": 0}  # creation counters
+        self.job_runs_by_job = {}  # job label -> {status: how many job runs}
 
         def bucket(status, live):
             return {} if live or not working_set else _Tally()
@@ -647,7 +679,7 @@ class BuildState:
         """Counters and ids a projection stores beside the rows (``restore`` reads it)."""
         return {"version": PROJECTION_VERSION, "event_id": self.latest_event_id,
                 "seqs": self.seqs, "event_counts": dict(self.event_counts),
-                "sla_breaches": self.sla_breaches,
+                "sla_breaches": self.sla_breaches, "job_runs_by_job": self.job_runs_by_job,
                 "durations": [self.duration_buckets, self.duration_sum, self.duration_count],
                 "counts": {"wants": {k: len(v) for k, v in self.wants_by_status.items()},
                            "partitions": {k: len(v) for k, v in self.partitions_by_status.items()},
@@ -663,6 +695,8 @@ class BuildState:
         state.seqs = dict(summary["seqs"])
         state.event_counts.update(summary["event_counts"])
         state.sla_breaches = summary["sla_breaches"]
+        state.job_runs_by_job = {label: dict(counts) for label, counts
+                                 in summary["job_runs_by_job"].items()}
         state.duration_buckets, state.duration_sum, state.duration_count = summary["durations"]
         for kind, index in (("wants", state.wants_by_status),
                             ("job_runs", state.job_runs_by_status)):
@@ -806,6 +840,7 @@ class BuildState:
         self.seqs["job_runs"] += 1
         self.job_runs[run.job_run_id] = run
         self.job_runs_by_status[QUEUED][run.job_run_id] = None
+        self._count_run(run, None, QUEUED)
         self._touch("job_runs", run.job_run_id, run)
         for ref in run.partitions:
             part = self.partitions.get(ref)
@@ -838,6 +873,7 @@ class BuildState:
     def _on_job_run_start(self, p, ts):
         run = self.job_runs[p["job_run_id"]]
         self._move(self.job_runs_by_status, run.job_run_id, run.status, RUNNING)
+        self._count_run(run, run.status, RUNNING)
         run.status = RUNNING
         run.started_at = ts
         run.pid = p.get("pid")
@@ -847,6 +883,7 @@ class BuildState:
     def _finish_run(self, p, status, ts):
         run = self.job_runs[p["job_run_id"]]
         self._move(self.job_runs_by_status, run.job_run_id, run.status, status)
+        self._count_run(run, run.status, status)
         run.status = status
         run.finished_at = ts
         run.exit_code = p.get("exit_code")
@@ -928,6 +965,12 @@ class BuildState:
         if old is not None:
             index[old].pop(key, None)
         index[new][key] = None
+
+    def _count_run(self, run, old, new):
+        counts = self.job_runs_by_job.setdefault(run.job_label or "", {})
+        if old is not None:
+            counts[old] -= 1
+        counts[new] = counts.get(new, 0) + 1
 
     def _status_of(self, ref):
         part = self.partitions.get(ref)
@@ -1586,6 +1629,17 @@ class StoreView:
             return self.conn.execute("SELECT COUNT(*) FROM %s%s" % (table, clause),
                                      args).fetchone()[0]
 
+    def resolve(self, kind, key):
+        """The full id of the want (``kind`` "wants") or job run ("job_runs") that
+        ``key`` names, itself or as a unique prefix of at least MIN_ID_PREFIX
+        characters (an index range); None if none."""
+        column = {"wants": "want_id", "job_runs": "job_run_id"}[kind]
+        with self.log._errors():
+            rows = self.conn.execute(
+                "SELECT %s FROM %s WHERE %s >= ? AND %s < ? ORDER BY %s LIMIT 4"
+                % (column, kind, column, column, column), (key, key + "\U0010ffff")).fetchall()
+        return unique_id(key, [r[0] for r in rows], kind[:-1].replace("_", " "))
+
     def job_run(self, job_run_id):
         """One job run as a dict, or None."""
         return self._cached("job_runs", job_run_id, "SELECT row, %s FROM job_runs "
@@ -1717,6 +1771,52 @@ class Config:
         return jobs[0]
 
 
+class ConfigWatcher:
+    """A workspace's config, reloaded when databuild.toml changes.
+
+    ``current()`` costs one ``stat`` of the file; when its mtime, size or
+    inode changed, the file is loaded again.  A valid new config replaces
+    the old one for all new work; an invalid one keeps the old config, and
+    ``error`` says why until the file loads again (never a crash).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.error = None  # why the last reload failed; None while the file loads
+        self._lock = threading.Lock()  # one reload at a time; guards _stamp
+        self._stamp = self._stat()
+
+    def _stat(self):
+        if self.config.path is None:
+            return None
+        try:
+            st = os.stat(self.config.path)
+        except OSError:
+            return "missing"
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def current(self):
+        """The config in force, reloaded first if the file changed."""
+        if self.config.path is not None and self._stat() != self._stamp:
+            with self._lock:
+                stamp = self._stat()
+                if stamp != self._stamp:
+                    self._stamp = stamp
+                    self._reload()
+        return self.config
+
+    def _reload(self):
+        try:
+            config = load_config(self.config.root)
+        except ConfigError as e:
+            self.error = e.message
+            logger.error("%s changed but does not load; the previous config stays in force: "
+                         "%s", CONFIG_FILE, e.message)
+            return
+        self.config, self.error = config, None
+        logger.info("Reloaded %s: %d jobs", config.path, len(config.jobs))
+
+
 def _config_value(where, key, value, kind, minimum=None):
     def bad(what):
         raise ConfigError("%s %s: %s" % (where, key, what))
@@ -1787,6 +1887,7 @@ def _parse_config(root, data, path):
         raise ConfigError("jobs: must be an array of tables ([[jobs]])")
     jobs = []
     labels = set()
+    pattern_owner = {}  # pattern -> label: one job per ref, so no pattern twice
     for i, job in enumerate(jobs_data):
         where = "[[jobs]] #%d" % (i + 1)
         if not isinstance(job, dict):
@@ -1823,6 +1924,11 @@ def _parse_config(root, data, path):
             except re.error as e:
                 raise ConfigError("%s partition_patterns: bad regex %r: %s"
                                   % (where, pattern, e)) from None
+            if pattern_owner.get(pattern, label) != label:
+                raise ConfigError("%s partition_patterns: %r is also a pattern of job %r, and "
+                                  "a ref is produced by one job only"
+                                  % (where, pattern, pattern_owner[pattern]))
+            pattern_owner[pattern] = label
         environment = job.get("environment", {})
         if not isinstance(environment, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in environment.items()):
@@ -2236,8 +2342,9 @@ class Orchestrator:
     thread (or to the test driving ``step``); nothing else may touch them.
     """
 
-    def __init__(self, config, log, url=None, clock=time.time):
+    def __init__(self, config, log, url=None, clock=time.time, watcher=None):
         self.config = config
+        self.watcher = watcher  # a ConfigWatcher: each step runs on the config in force
         self.log = log
         self.url = url
         self.token = None  # the server's access token, given to jobs (SPEC 12)
@@ -2400,6 +2507,8 @@ class Orchestrator:
         fsync: inline, or by the syncer thread when the loop runs).
         """
         now = self.clock() if now is None else now
+        if self.watcher is not None:
+            self._use_config(self.watcher.current())
         commands = []
         while self._inbox:
             commands.append(self._inbox.popleft())
@@ -2594,6 +2703,15 @@ class Orchestrator:
         # Runs in a waiter thread (no pidfds): hand over and wake the orchestrator.
         self._exited.append(proc)
         self._wake.set()
+
+    def _use_config(self, config):
+        # Runs already started keep what they started with (argv, env,
+        # timeout); everything decided from now on follows the new config.
+        if config is not self.config:
+            self.config = config
+            if self._spawner is not None:
+                self._spawner.config = config
+                self._spawner._templates.clear()
 
     def _launcher(self):
         if self._spawner is None:
@@ -2979,6 +3097,14 @@ class MemoryView:
         want = self.state.wants.get(want_id)
         return want.to_dict(self.state) if want is not None else None
 
+    def resolve(self, kind, key):
+        """As ``StoreView.resolve`` (a scan: the past is a replay anyway)."""
+        ids = self.state.wants if kind == "wants" else self.state.job_runs
+        if key in ids:
+            return key
+        return unique_id(key, sorted(i for i in ids if i.startswith(key))[:4],
+                         kind[:-1].replace("_", " "))
+
     def wants(self, status, offset, limit):
         """``(page, total)`` of wants, newest first."""
         index = None if status is None else self.state.wants_by_status[status]
@@ -3270,6 +3396,16 @@ def _follow_log(path, job_run_id, read_model, server, poll=0.1, heartbeat=1.0):
         server.streams.release()
 
 
+def job_to_dict(job, run_counts):
+    """A configured job as ``GET /api/jobs`` shows it, with its job runs by status."""
+    return {"label": job.label, "partition_patterns": list(job.partition_patterns),
+            "entrypoint": list(job.entrypoint), "executor": "local",
+            "environment_keys": sorted(job.environment),
+            "max_partitions_per_run": job.max_partitions_per_run,
+            "max_retries": job.max_retries, "timeout_seconds": job.timeout_seconds,
+            "job_runs": {s: n for s, n in run_counts.items() if n}}
+
+
 def _file_chunks(f, start, length, chunk=1 << 16):
     """``length`` bytes of an open file from ``start``, in chunks, then close it:
     a log is streamed, never read whole into memory."""
@@ -3331,16 +3467,15 @@ def metrics_text(summary, http_requests, uptime):
 
 def make_app(server):
     """Build the Bottle application for ``server`` (a Server, or anything with
-    its attributes: ``config``, ``read_model``, ``orchestrator``, ``started_at``,
-    ``stopping``, ``stop_event``, ``streams``, ``http_requests`` and
-    ``request_stop(reason)``).  Routes validate input, make one call into the
-    domain and return a dict.  ``Server`` puts ``_Gate`` (Host check, CORS,
-    request counts) in front of it.
+    its attributes: ``config``, ``config_watcher``, ``read_model``,
+    ``orchestrator``, ``started_at``, ``stopping``, ``stop_event``, ``streams``,
+    ``http_requests`` and ``request_stop(reason)``).  Routes validate input,
+    make one call into the domain and return a dict.  ``Server`` puts
+    ``_Gate`` (Host check, token, CORS, request counts) in front of it.
     """
     bottle = _import_bottle()
     app = bottle.Bottle(catchall=True)
     request, response = bottle.request, bottle.response
-    config = server.config
     read_model = server.read_model
     max_body = DEFAULTS["max_body_bytes"]
 
@@ -3460,6 +3595,23 @@ def make_app(server):
         return {"data": page, "total": total, "limit": limit, "offset": offset,
                 "latest_event_id": view.latest_event_id}
 
+    def entity(view, kind, key):
+        # (full id, dict) of a want or job run named by its id or a unique prefix.
+        get = view.want if kind == "wants" else view.job_run
+        found = get(key)
+        if found is None:
+            full = view.resolve(kind, key)
+            found = get(full) if full is not None else None
+        if found is None:
+            if kind == "wants":
+                raise NotFound("Want not found", want_id=_shown(key))
+            raise NotFound("Job run not found", job_run_id=_shown(key))
+        return found["want_id" if kind == "wants" else "job_run_id"], found
+
+    def full_id(kind, key):
+        with read_model.read() as view:
+            return entity(view, kind, key)[0]
+
     def orchestrator():
         if server.orchestrator is None:
             raise Unavailable("This server does not accept writes")
@@ -3470,10 +3622,11 @@ def make_app(server):
     @app.get("/health")
     def health():
         query(())
+        server.config_watcher.current()  # a changed databuild.toml: reloaded, or its error known
         return {"status": "ok", "version": __version__,
                 "latest_event_id": server.read_model.log.latest_event_id(),
                 "uptime_seconds": round(time.time() - server.started_at, 3),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "config_error": server.config_watcher.error}
 
     @app.get("/api/wants")
     def list_wants():
@@ -3487,7 +3640,7 @@ def make_app(server):
     @app.post("/api/wants")
     def create_want():
         query(())
-        want_request = parse_want_request(body_json(), config)
+        want_request = parse_want_request(body_json(), server.config)
         created, want = orchestrator().submit("create_want", request=want_request)
         response.status = 201 if created else 200
         return {"data": want}
@@ -3496,15 +3649,12 @@ def make_app(server):
     def get_want(want_id):
         query(("as_of",))
         with read_model.read(as_of()) as view:
-            want = view.want(want_id)
-        if want is None:
-            raise NotFound("Want not found", want_id=want_id)
-        return {"data": want}
+            return {"data": entity(view, "wants", want_id)[1]}
 
     @app.delete("/api/wants/<want_id>")
     def cancel_want(want_id):
         query(())
-        return {"data": orchestrator().submit("cancel_want", want_id=want_id)}
+        return {"data": orchestrator().submit("cancel_want", want_id=full_id("wants", want_id))}
 
     @app.get("/api/partitions")
     def list_partitions():
@@ -3550,25 +3700,21 @@ def make_app(server):
     def get_job_run(job_run_id):
         query(("as_of",))
         with read_model.read(as_of()) as view:
-            run = view.job_run(job_run_id)
-        if run is None:
-            raise NotFound("Job run not found", job_run_id=job_run_id)
-        return {"data": run}
+            return {"data": entity(view, "job_runs", job_run_id)[1]}
 
     @app.post("/api/job_runs/<job_run_id>/cancel")
     def cancel_job_run(job_run_id):
         query(())
         body_json()
-        return {"data": orchestrator().submit("cancel_job_run", job_run_id=job_run_id)}
+        return {"data": orchestrator().submit("cancel_job_run",
+                                              job_run_id=full_id("job_runs", job_run_id))}
 
     @app.get("/api/job_runs/<job_run_id>/logs/<stream>")
     def job_run_log(job_run_id, stream):
         query(("follow", "tail"))
-        with read_model.read() as view:
-            if view.job_run(job_run_id) is None:
-                raise NotFound("Job run not found", job_run_id=job_run_id)
+        job_run_id = full_id("job_runs", job_run_id)
         # The path is built from a known job run id, never from user input.
-        path = job_run_log_path(config.state_dir, job_run_id, stream)
+        path = job_run_log_path(server.config.state_dir, job_run_id, stream)
         follow = (text_param("follow", empty_ok=False) or "false").lower()
         if follow not in ("true", "false", "1", "0"):
             raise InvalidRequest("follow must be true or false", parameter="follow", value=follow)
@@ -3590,6 +3736,16 @@ def make_app(server):
         start = 0 if tail is None else max(0, size - tail)
         response.set_header("Content-Length", str(size - start))
         return _file_chunks(f, start, size - start)
+
+    @app.get("/api/jobs")
+    def list_jobs():
+        query(("as_of",))
+        with read_model.read(as_of()) as view:
+            counts = view.summary["job_runs_by_job"]
+            jobs = [job_to_dict(job, counts.get(job.label, {}))
+                    for job in server.config.jobs]
+            return {"data": jobs, "total": len(jobs), "limit": len(jobs), "offset": 0,
+                    "latest_event_id": view.latest_event_id}
 
     @app.get("/metrics")
     def metrics():
@@ -3773,6 +3929,10 @@ def openapi_document():
                                                                                  "complete"]},
                                                               "data": {"type": "string"}}}}}},
                                   **errors(400, 404, 503)}}},
+        "/api/jobs": {
+            "get": {"summary": "The configured jobs, with their job runs by status",
+                    "operationId": "listJobs", "parameters": as_of,
+                    "responses": {"200": answer("Jobs", envelope("Job"))}}},
         "/api/events": {
             "get": {"summary": "Events after an id, oldest first", "operationId": "listEvents",
                     "parameters": [param("since", "query", integer, "events with a larger id"),
@@ -3791,7 +3951,7 @@ def openapi_document():
                                                   "uptime_seconds"],
                    "properties": {"status": {"type": "string"}, "version": {"type": "string"},
                                   "latest_event_id": integer, "uptime_seconds": {"type": "number"},
-                                  "pid": integer}},
+                                  "pid": integer, "config_error": nullable_str}},
         "WantRequest": {"type": "object", "required": ["partitions"], "additionalProperties": False,
                         "properties": {"partitions": {"type": "array", "minItems": 1,
                                                       "maxItems": DEFAULTS[
@@ -3815,7 +3975,7 @@ def openapi_document():
             "sla_seconds": nullable_num, "sla_breached": {"type": "boolean"},
             "source": {"type": "object"}, "parent_want_id": nullable_str,
             "root_want_id": {"type": "string"}, "derivative_want_ids": str_list,
-            "job_run_ids": str_list, "comment": nullable_str,
+            "job_run_ids": str_list, "comment": nullable_str, "terminal": {"type": "boolean"},
             "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"}}},
         "Partition": {"type": "object", "properties": {
@@ -3835,6 +3995,12 @@ def openapi_document():
         "Event": {"type": "object", "properties": {
             "event_id": integer, "timestamp": {"type": "string", "format": "date-time"},
             "type": {"type": "string"}, "payload": {"type": "object"}}},
+        "Job": {"type": "object", "properties": {
+            "label": {"type": "string"}, "partition_patterns": str_list,
+            "entrypoint": str_list, "executor": {"type": "string"},
+            "environment_keys": str_list, "max_partitions_per_run": integer,
+            "max_retries": integer, "timeout_seconds": {"type": "number"},
+            "job_runs": {"type": "object", "additionalProperties": integer}}},
         "EventList": {"type": "object", "properties": {
             "data": {"type": "array", "items": schema("Event")}, "total": integer,
             "limit": integer, "since": integer, "latest_event_id": integer}},
@@ -4195,7 +4361,7 @@ class Server:
     """
 
     def __init__(self, config, host=None, port=None, idle_timeout=None):
-        self.config = config
+        self.config_watcher = ConfigWatcher(config)
         self.host = host or config.host
         self.port = config.port if port is None else port
         self.idle_timeout = config.idle_timeout_seconds if idle_timeout is None else idle_timeout
@@ -4215,7 +4381,7 @@ class Server:
             _check_log_not_lost(config.state_dir)
             self.log = EventLog(os.path.join(config.state_dir, "events.db"))
             self.read_model = ReadModel(self.log)
-            self.orchestrator = Orchestrator(config, self.log)
+            self.orchestrator = Orchestrator(config, self.log, watcher=self.config_watcher)
         except BaseException:
             self._lock_file.close()
             raise
@@ -4228,6 +4394,12 @@ class Server:
         self.bottle_app = make_app(self)
         self.app = _Gate(self.bottle_app, self)
         self._wsgi_server = None
+
+    @property
+    def config(self):
+        """The workspace's config in force (reloaded when databuild.toml changes).
+        ``host``, ``port``, ``auth`` and ``idle_timeout_seconds`` are read at start."""
+        return self.config_watcher.current()
 
     def _take_lock(self):
         path = os.path.join(self.config.state_dir, "server.lock")
@@ -4388,6 +4560,46 @@ class Client:
         self.timeout = timeout
         self.token = token
 
+    @classmethod
+    def for_workspace(cls, path=None, start=True, timeout=60.0):
+        """A client of a workspace's server, found as the CLI finds it: the
+        workspace at or above ``path`` (default: the current folder), its
+        ``.databuild/server.json`` (URL and token); if no server answers and
+        ``start``, one is started in the background first.
+
+        Raises ConfigError if there is no workspace, ServerUnreachable if no
+        server runs (and ``start`` is false) or it does not come up.
+        """
+        workspace = find_workspace(path)
+        if workspace is None:
+            raise ConfigError("No %s in %s or above" % (CONFIG_FILE, os.path.abspath(
+                path or os.getcwd())))
+        state_dir = os.path.join(workspace, STATE_DIR)
+        info = read_server_info(state_dir)
+        if not (info and info.get("url") and _server_alive(info["url"])):
+            if not start:
+                raise ServerUnreachable("No server is running for workspace %s" % workspace,
+                                        workspace=workspace)
+            info = _start_server(workspace)
+        return cls(info["url"], timeout=timeout, token=info.get("token"))
+
+    def wait_want(self, want_id, timeout=None, poll=0.1):
+        """Poll a want until it is terminal and return it.  WaitTimeout if it
+        is not within ``timeout`` seconds (None: wait as long as it takes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(poll, 0.05)
+        while True:
+            want = self.get_want(want_id)
+            if want["status"] in TERMINAL_WANT_STATUSES:
+                return want
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout("Want %s is still %s after %s seconds"
+                                  % (want["want_id"], want["status"], timeout),
+                                  want_id=want["want_id"], status=want["status"])
+            time.sleep(delay if deadline is None else
+                       max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(poll * 5, delay * 1.5)
+
     def _headers(self, accept):
         headers = {"Accept": accept}
         if self.token:
@@ -4519,6 +4731,10 @@ class Client:
                     yield event, text
                     event, data = None, []
 
+    def list_jobs(self, as_of=None):
+        """GET /api/jobs: the configured jobs (list envelope)."""
+        return self.request("GET", "/api/jobs", params={"as_of": as_of})
+
     def events(self, since=0, limit=None):
         """GET /api/events: events after ``since``, oldest first."""
         return self.request("GET", "/api/events", params={"since": since, "limit": limit})
@@ -4528,187 +4744,12 @@ class Client:
         return self.request("POST", "/api/shutdown")
 
 
-###############################################################################
-# CLI #########################################################################
-###############################################################################
-
-_CLI_DESCRIPTION = """\
-databuild: declare the data you want; the server builds it.
-
-A workspace is a folder holding databuild.toml.  Commands other than `serve`
-talk to the workspace's server over HTTP; if none is running, they start one
-in the background (see --no-start).
-
-examples:
-  databuild.py serve --workspace examples/reviews
-  databuild.py build 'report/weekly/week=2025-01-06' --wait
-  databuild.py want list --status Building
-  databuild.py job-runs list --job daily_aggregates
-  databuild.py logs JOB_RUN_ID --stderr
-"""
-
-
-def _add_global_options(parser, suppress):
-    default = argparse.SUPPRESS if suppress else None
-    group = parser.add_argument_group("global options (before or after the command)")
-    group.add_argument("--server", metavar="URL", default=default,
-                       help="server URL (default: $DATABUILD_URL, else the workspace's server)")
-    group.add_argument("--workspace", metavar="DIR", default=default,
-                       help="workspace folder (default: nearest folder upward with databuild.toml)")
-    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress
-                       else False, help="machine-readable JSON output")
-    group.add_argument("--no-start", action="store_true", default=argparse.SUPPRESS if suppress
-                       else False, help="do not start a server if none is running")
-    group.add_argument("--token", metavar="TOKEN", default=default,
-                       help="the server's access token (default: $DATABUILD_TOKEN, else the "
-                            "workspace's .databuild/server.json)")
-
-
-def _build_parser():
-    parser = argparse.ArgumentParser(
-        prog="databuild.py", description=_CLI_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version="databuild " + __version__)
-    _add_global_options(parser, suppress=False)
-    common = argparse.ArgumentParser(add_help=False)
-    _add_global_options(common, suppress=True)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
-
-    def command(parent, name, help_text, func, **kw):
-        sub = parent.add_parser(name, help=help_text, description=help_text,
-                                parents=[common], **kw)
-        sub.set_defaults(func=func)
-        return sub
-
-    p = command(commands, "serve", "run the server for a workspace (in the foreground)",
-                _cmd_serve)
-    p.add_argument("--host", help="address to listen on (default: [server] host, 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default: [server] port; 0 = any free port)")
-    p.add_argument("--idle-timeout", type=float, metavar="S",
-                   help="stop after S idle seconds (default: [server] idle_timeout_seconds; 0 = never)")
-
-    p = command(commands, "build", "want partitions built (and optionally wait for them)",
-                _cmd_build)
-    p.add_argument("refs", nargs="+", metavar="REF")
-    p.add_argument("--wait", action="store_true",
-                   help="follow the want until it ends; exit 0 only if Successful")
-    p.add_argument("--comment", help="a note stored with the want")
-
-    want = commands.add_parser("want", help="create, list, show and cancel wants",
-                               parents=[common]).add_subparsers(dest="want_command",
-                                                                metavar="ACTION")
-    want.required = True
-    p = command(want, "create", "create a want for partitions", _cmd_build)
-    p.add_argument("refs", nargs="+", metavar="REF")
-    p.add_argument("--comment", help="a note stored with the want")
-    p.add_argument("--ttl", type=float, metavar="S", help="expire after S seconds")
-    p.add_argument("--sla", type=float, metavar="S", help="flag as breached after S seconds")
-    p.set_defaults(wait=False)
-    p = command(want, "list", "list wants, newest first", _cmd_want_list)
-    p.add_argument("--status", choices=WANT_STATUSES)
-    p.add_argument("--limit", type=int, default=DEFAULTS["list_limit"])
-    p = command(want, "get", "show one want", _cmd_want_get)
-    p.add_argument("want_id", metavar="ID")
-    p = command(want, "cancel", "cancel a want (and the work only it needs)", _cmd_want_cancel)
-    p.add_argument("want_id", metavar="ID")
-
-    parts = commands.add_parser("partitions", help="list and show partitions",
-                                parents=[common]).add_subparsers(dest="partitions_command",
-                                                                 metavar="ACTION")
-    parts.required = True
-    p = command(parts, "list", "list partitions, newest first", _cmd_partitions_list)
-    p.add_argument("--status", choices=PARTITION_STATUSES)
-    p.add_argument("--prefix", help="only refs starting with this")
-    p.add_argument("--limit", type=int, default=DEFAULTS["list_limit"])
-    p = command(parts, "get", "show one partition", _cmd_partitions_get)
-    p.add_argument("ref", metavar="REF")
-
-    runs = commands.add_parser("job-runs", help="list and show job runs",
-                               parents=[common]).add_subparsers(dest="job_runs_command",
-                                                                metavar="ACTION")
-    runs.required = True
-    p = command(runs, "list", "list job runs, newest first", _cmd_job_runs_list)
-    p.add_argument("--status", choices=JOB_RUN_STATUSES)
-    p.add_argument("--job", metavar="LABEL", help="only runs of this job")
-    p.add_argument("--want", metavar="WANT_ID", help="only runs for this want")
-    p.add_argument("--limit", type=int, default=DEFAULTS["list_limit"])
-    p = command(runs, "get", "show one job run", _cmd_job_runs_get)
-    p.add_argument("job_run_id", metavar="ID")
-
-    p = command(commands, "logs", "print a job run's stdout (or stderr), or follow it live",
-                _cmd_logs)
-    p.add_argument("job_run_id", metavar="JOB_RUN_ID")
-    p.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
-    p.add_argument("--follow", "-f", action="store_true",
-                   help="print lines as the job writes them, until the run ends")
-    p.add_argument("--tail", type=int, metavar="BYTES",
-                   help="print only the last BYTES bytes of the log")
-
-    p = command(commands, "taint", "mark partitions Tainted (rebuilt when wanted)", _cmd_taint)
-    p.add_argument("refs", nargs="+", metavar="REF")
-    p.add_argument("--reason", help="why (stored in the event)")
-
-    p = command(commands, "events", "print events of the build event log", _cmd_events)
-    p.add_argument("--since", type=int, default=0, metavar="N", help="events after id N")
-    p.add_argument("--limit", type=int, default=DEFAULTS["list_limit_max"])
-
-    command(commands, "status", "show the workspace's server and what it holds", _cmd_status)
-    command(commands, "stop", "stop the workspace's server gracefully", _cmd_stop)
-    p = command(commands, "dashboard", "print the dashboard's URL (it carries the access "
-                "token, which the page then keeps in a cookie)", _cmd_dashboard)
-    p.add_argument("--open", action="store_true", help="also open it in a web browser")
-    return parser
-
-
-def _opt(args, name, default=None):
-    return getattr(args, name, default)
-
-
-def _workspace(args):
-    workspace = _opt(args, "workspace")
-    if workspace:
-        if not os.path.isfile(os.path.join(workspace, CONFIG_FILE)):
-            raise ConfigError("%s holds no %s" % (os.path.abspath(workspace), CONFIG_FILE))
-        return os.path.abspath(workspace)
-    found = find_workspace()
-    if found is None:
-        raise ConfigError("No %s in this folder or above: use --workspace DIR or --server URL"
-                          % CONFIG_FILE)
-    return found
-
-
 def _server_alive(url):
     try:
         Client(url, timeout=2).health()
         return True
     except DatabuildError:
         return False
-
-
-def _connect(args):
-    """A Client for the server: --server, $DATABUILD_URL, or the workspace's own.
-
-    The token (SPEC 12): --token, else $DATABUILD_TOKEN, else the one in the
-    workspace's server.json.
-    """
-    token = _opt(args, "token") or os.environ.get("DATABUILD_TOKEN") or None
-    url = _opt(args, "server") or os.environ.get("DATABUILD_URL")
-    if url:
-        if token is None:
-            workspace = _opt(args, "workspace") or find_workspace()
-            info = read_server_info(os.path.join(workspace, STATE_DIR)) if workspace else None
-            token = (info or {}).get("token")
-        return Client(url, token=token)
-    workspace = _workspace(args)
-    state_dir = os.path.join(workspace, STATE_DIR)
-    info = read_server_info(state_dir)
-    if not (info and info.get("url") and _server_alive(info["url"])):
-        if _opt(args, "no_start"):
-            raise ServerUnreachable("No server is running for workspace %s (--no-start given)"
-                                    % workspace)
-        info = _start_server(workspace)
-    return Client(info["url"], token=token or info.get("token"))
 
 
 def _start_server(workspace):
@@ -4775,6 +4816,228 @@ def _last_line(path):
         return ""
 
 
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+_CLI_DESCRIPTION = """\
+databuild: declare the data you want; the server builds it.
+
+A workspace is a folder holding databuild.toml.  Commands other than `serve`
+talk to the workspace's server over HTTP; if none is running, they start one
+in the background (see --no-start).  IDs of wants and job runs may be given
+by any unique prefix of 4 or more characters, as in git.
+
+examples:
+  %(prog)s serve --workspace examples/reviews
+  %(prog)s build 'report/weekly/week=2025-01-06' --wait
+  %(prog)s want list --status building
+  %(prog)s job-runs list --job daily_aggregates
+  %(prog)s logs 3f2a --stderr --follow
+  %(prog)s events --limit 50
+"""
+
+
+def _add_global_options(parser, suppress):
+    default = argparse.SUPPRESS if suppress else None
+    flag = argparse.SUPPRESS if suppress else False
+    group = parser.add_argument_group("global options (before or after the command)")
+    group.add_argument("--server", metavar="URL", default=default,
+                       help="server URL (default: $DATABUILD_URL, else the workspace's server)")
+    group.add_argument("--workspace", metavar="DIR", default=default,
+                       help="workspace folder (default: nearest folder upward with databuild.toml)")
+    group.add_argument("--token", metavar="TOKEN", default=default,
+                       help="the server's access token (default: $DATABUILD_TOKEN, else the "
+                            "workspace's .databuild/server.json)")
+    group.add_argument("--json", action="store_true", default=flag,
+                       help="machine-readable JSON output")
+    group.add_argument("--no-start", action="store_true", default=flag,
+                       help="do not start a server if none is running")
+
+
+def _choice(values, what):
+    """An argparse type: one of ``values``, in any letter case (``--status live``)."""
+    by_lower = {v.lower(): v for v in values}
+
+    def parse(text):
+        try:
+            return by_lower[text.lower()]
+        except KeyError:
+            raise argparse.ArgumentTypeError("%r is not a %s (one of %s)"
+                                             % (text, what, ", ".join(values))) from None
+    parse.__name__ = what
+    return parse
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(
+        description=_CLI_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="databuild " + __version__)
+    _add_global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, suppress=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def command(parent, name, help_text, func, parents=(common,), **kw):
+        sub = parent.add_parser(name, help=help_text, description=help_text,
+                                parents=list(parents), **kw)
+        sub.set_defaults(func=func)
+        return sub
+
+    def group(name, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  parents=[common]).add_subparsers(
+            dest=name.replace("-", "_") + "_command", metavar="ACTION")
+        sub.required = True
+        return sub
+
+    def refs(p, what):
+        p.add_argument("refs", nargs="+", metavar="REF", help=what)
+
+    def want_fields(p):
+        p.add_argument("--comment", metavar="TEXT", help="a note stored with the want")
+        p.add_argument("--ttl", type=float, metavar="S",
+                       help="expire the want if it is not done S seconds after its data time")
+        p.add_argument("--sla", type=float, metavar="S",
+                       help="flag the want as breached if it is not done after S seconds")
+
+    def listing(p, statuses, noun):
+        p.add_argument("--status", type=_choice(statuses, "status"), metavar="STATUS",
+                       help="only %s in this status, any case (%s)" % (noun, ", ".join(statuses)))
+        p.add_argument("--limit", type=int, default=DEFAULTS["list_limit"], metavar="N",
+                       help="show at most N (default %d, at most %d)"
+                            % (DEFAULTS["list_limit"], DEFAULTS["list_limit_max"]))
+
+    # serve takes only what applies to it: no server to reach, no output format.
+    serve_options = argparse.ArgumentParser(add_help=False)
+    serve_options.add_argument("--workspace", metavar="DIR", default=argparse.SUPPRESS,
+                               help="workspace folder (default: nearest folder upward with "
+                                    "databuild.toml)")
+    p = command(commands, "serve", "run the server for a workspace (in the foreground)",
+                _cmd_serve, parents=(serve_options,))
+    p.add_argument("--host", help="address to listen on (default: [server] host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: [server] port; 0 = any free port)")
+    p.add_argument("--idle-timeout", type=float, metavar="S",
+                   help="stop after S idle seconds (default: [server] idle_timeout_seconds; "
+                        "0 = never)")
+
+    p = command(commands, "build", "want partitions built (and optionally wait for them)",
+                _cmd_build)
+    refs(p, "a partition to build, e.g. 'raw/reviews/date=2025-01-01'")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the want until it ends; exit 0 only if Successful")
+    want_fields(p)
+
+    want = group("want", "create, list, show, cancel and retry wants")
+    p = command(want, "create", "create a want for partitions (without waiting)", _cmd_build)
+    refs(p, "a partition the want asks for")
+    want_fields(p)
+    p.set_defaults(wait=False)
+    p = command(want, "list", "list wants, newest first", _cmd_want_list)
+    listing(p, WANT_STATUSES, "wants")
+    p = command(want, "get", "show one want", _cmd_want_get)
+    p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
+    p = command(want, "cancel", "cancel a want (and the work only it needs)", _cmd_want_cancel)
+    p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
+    p = command(want, "retry", "want the Failed (and UpstreamFailed) partitions of a want "
+                "again, as a new want", _cmd_want_retry)
+    p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the new want until it ends; exit 0 only if Successful")
+
+    parts = group("partitions", "list and show partitions")
+    p = command(parts, "list", "list partitions, newest first", _cmd_partitions_list)
+    listing(p, PARTITION_STATUSES, "partitions")
+    p.add_argument("--prefix", metavar="P", help="only refs starting with P")
+    p = command(parts, "get", "show one partition", _cmd_partitions_get)
+    p.add_argument("ref", metavar="REF", help="the partition's ref")
+
+    runs = group("job-runs", "list, show and cancel job runs")
+    p = command(runs, "list", "list job runs, newest first", _cmd_job_runs_list)
+    listing(p, JOB_RUN_STATUSES, "job runs")
+    p.add_argument("--job", metavar="LABEL", help="only runs of this job")
+    p.add_argument("--want", metavar="WANT_ID", help="only runs for this want")
+    p = command(runs, "get", "show one job run", _cmd_job_runs_get)
+    p.add_argument("job_run_id", metavar="ID", help="the job run's id, or a unique prefix of it")
+    p = command(runs, "cancel", "stop one job run (its partitions are rebuilt if still "
+                "wanted; to stop building, cancel the want)", _cmd_job_runs_cancel)
+    p.add_argument("job_run_id", metavar="ID", help="the job run's id, or a unique prefix of it")
+
+    command(commands, "jobs", "list the configured jobs, with their job runs by status",
+            _cmd_jobs)
+
+    p = command(commands, "logs", "print a job run's stdout (or stderr), or follow it live",
+                _cmd_logs)
+    p.add_argument("job_run_id", metavar="JOB_RUN_ID",
+                   help="the job run's id, or a unique prefix of it")
+    p.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="print lines as the job writes them, until the run ends")
+    p.add_argument("--tail", type=int, metavar="BYTES",
+                   help="print only the last BYTES bytes of the log")
+
+    p = command(commands, "taint", "mark partitions Tainted (rebuilt when wanted)", _cmd_taint)
+    refs(p, "a partition to taint")
+    p.add_argument("--reason", metavar="TEXT", help="why (stored in the event)")
+
+    p = command(commands, "events", "print events of the build event log (the newest, "
+                "oldest first, unless --since)", _cmd_events)
+    p.add_argument("--since", type=int, metavar="N",
+                   help="the events after event N, oldest first (default: the newest)")
+    p.add_argument("--limit", type=int, default=20, metavar="N",
+                   help="show at most N events (default 20, at most %d)"
+                        % DEFAULTS["list_limit_max"])
+
+    p = command(commands, "status", "show the workspace's server and what it holds (exit 1 "
+                "if none is running)", _cmd_status)
+    p.add_argument("--start", action="store_true",
+                   help="start the server if none is running, then show it")
+    command(commands, "stop", "stop the workspace's server gracefully", _cmd_stop)
+    p = command(commands, "dashboard", "print the dashboard's URL (it carries the access "
+                "token, which the page then keeps in a cookie)", _cmd_dashboard)
+    p.add_argument("--open", action="store_true", help="also open it in a web browser")
+    return parser
+
+
+def _opt(args, name, default=None):
+    return getattr(args, name, default)
+
+
+def _workspace(args):
+    workspace = _opt(args, "workspace")
+    if workspace:
+        if not os.path.isdir(workspace):
+            raise ConfigError("--workspace %s: no such folder" % os.path.abspath(workspace))
+        if not os.path.isfile(os.path.join(workspace, CONFIG_FILE)):
+            raise ConfigError("%s holds no %s" % (os.path.abspath(workspace), CONFIG_FILE))
+        return os.path.abspath(workspace)
+    found = find_workspace()
+    if found is None:
+        raise ConfigError("No %s in this folder or above: use --workspace DIR or --server URL"
+                          % CONFIG_FILE)
+    return found
+
+
+def _connect(args):
+    """A Client for the server: --server, $DATABUILD_URL, or the workspace's own.
+
+    The token (SPEC 12): --token, else $DATABUILD_TOKEN, else the one in the
+    workspace's server.json.
+    """
+    token = _opt(args, "token") or os.environ.get("DATABUILD_TOKEN") or None
+    url = _opt(args, "server") or os.environ.get("DATABUILD_URL")
+    if url:
+        if token is None:
+            workspace = _opt(args, "workspace") or find_workspace()
+            info = read_server_info(os.path.join(workspace, STATE_DIR)) if workspace else None
+            token = (info or {}).get("token")
+        return Client(url, token=token)
+    client = Client.for_workspace(_workspace(args), start=not _opt(args, "no_start"))
+    client.token = token or client.token
+    return client
+
+
 def _out(args, obj, text):
     if _opt(args, "json"):
         print(json.dumps(obj, indent=2, ensure_ascii=False))
@@ -4805,6 +5068,8 @@ def format_object(obj, keys=None):
             value = ", ".join(str(v) for v in value) or "-"
         elif value is None:
             value = "-"
+        elif key == "data_timestamp":
+            value = "%s (%s)" % (value, _date(value))
         lines.append("%s  %s" % ((key + ":").ljust(width + 1), value))
     return "\n".join(lines)
 
@@ -4822,9 +5087,17 @@ def _listing(args, envelope, columns, noun):
     return 0
 
 
+def _date(ts):
+    """Epoch seconds as ``2025-01-01 00:00Z`` (a data time, for people)."""
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%MZ", time.gmtime(ts))
+
+
 _WANT_COLUMNS = [("WANT_ID", "want_id"), ("STATUS", "status"),
                  ("PARTITIONS", lambda w: _refs_cell(w["partitions"])),
-                 ("SOURCE", lambda w: w["source"].get("type")), ("CREATED", "created_at")]
+                 ("SOURCE", lambda w: w["source"].get("type")),
+                 ("DATA_TIME", lambda w: _date(w["data_timestamp"])), ("CREATED", "created_at")]
 _PARTITION_COLUMNS = [("REF", "ref"), ("STATUS", "status"), ("JOB", "job_label"),
                       ("UPDATED", "updated_at")]
 _JOB_RUN_COLUMNS = [("JOB_RUN_ID", "job_run_id"), ("STATUS", "status"), ("JOB", "job_label"),
@@ -4852,6 +5125,9 @@ def _cmd_serve(args):
     url = server.bind()
     logger.info("Workspace %s, event log at event %d", config.root,
                 server.orchestrator.state.latest_event_id)
+    if not config.jobs:
+        logger.warning("%s has no [[jobs]]: every want is refused until you add one "
+                       "(the server reloads the file when it changes)", config.path)
     print("Listening on %s" % url, flush=True)
     server.serve()
     return 0
@@ -4861,13 +5137,23 @@ def _cmd_build(args):
     client = _connect(args)
     fields = {"comment": args.comment, "user": _user(),
               "ttl_seconds": _opt(args, "ttl"), "sla_seconds": _opt(args, "sla")}
+    return _create_and_follow(args, client, args.refs, fields)
+
+
+def _create_and_follow(args, client, refs, fields):
     cursor = client.health()["latest_event_id"] if args.wait else 0
-    want = client.create_want(args.refs, **fields)
+    want = client.create_want(refs, **fields)
     if not args.wait:
         _out(args, want, "Want %s: %s" % (want["want_id"], want["status"]))
         return 0
-    print("Want %s: %s" % (want["want_id"], want["status"]), file=sys.stderr)
-    want = _follow_want(client, want, cursor)
+    try:
+        print("Want %s: %s" % (want["want_id"], want["status"]), file=sys.stderr)
+        want = _follow_want(client, want, cursor)
+    except KeyboardInterrupt:
+        print("\nStopped following. Want %s goes on building; cancel it with: "
+              "%s want cancel %s" % (want["want_id"], _prog(), want["want_id"]),
+              file=sys.stderr)
+        return 130
     if _opt(args, "json"):
         _out(args, want, "")
     else:
@@ -4876,6 +5162,46 @@ def _cmd_build(args):
     if want["status"] != SUCCESSFUL:
         _explain_failure(client, want)
         return 1
+    return 0
+
+
+def _prog():
+    return os.path.basename(sys.argv[0] or "databuild.py")
+
+
+def _cmd_want_retry(args):
+    client = _connect(args)
+    want = client.get_want(args.want_id)
+    failed = [ref for ref, status in want["partition_statuses"].items()
+              if status in (FAILED, UPSTREAM_FAILED)]
+    if not failed:
+        raise Conflict("Want %s has no Failed or UpstreamFailed partition (it is %s)"
+                       % (want["want_id"], want["status"]), want_id=want["want_id"])
+    fields = {"comment": "retry of want %s" % want["want_id"], "user": _user(),
+              "ttl_seconds": want["ttl_seconds"], "sla_seconds": want["sla_seconds"]}
+    return _create_and_follow(args, client, failed, fields)
+
+
+def _cmd_job_runs_cancel(args):
+    run = _connect(args).cancel_job_run(args.job_run_id)
+    _out(args, run, "Job run %s: %s" % (run["job_run_id"], run["status"]))
+    return 0
+
+
+def _cmd_jobs(args):
+    envelope = _connect(args).list_jobs()
+    columns = [("JOB", "label"), ("EXECUTOR", "executor"),
+               ("PATTERNS", lambda j: " ".join(j["partition_patterns"])),
+               ("BATCH", "max_partitions_per_run"), ("RETRIES", "max_retries"),
+               ("TIMEOUT", lambda j: "%gs" % j["timeout_seconds"] if j["timeout_seconds"]
+                else "-"),
+               ("JOB_RUNS", lambda j: ", ".join("%d %s" % (n, s) for s, n in sorted(
+                   j["job_runs"].items())) or "none")]
+    if envelope["data"]:
+        text = format_table(envelope["data"], columns)
+    else:
+        text = "No jobs: add [[jobs]] to %s" % CONFIG_FILE
+    _out(args, envelope, text)
     return 0
 
 
@@ -5014,24 +5340,73 @@ def _cmd_taint(args):
 
 
 def _cmd_events(args):
-    envelope = _connect(args).events(since=args.since, limit=args.limit)
-    columns = [("EVENT_ID", "event_id"), ("TIMESTAMP", "timestamp"), ("TYPE", "type"),
-               ("PAYLOAD", lambda e: dumps(e["payload"])[:100])]
-    text = format_table(envelope["data"], columns) if envelope["data"] else "No events."
+    client = _connect(args)
+    limit = max(0, min(args.limit, DEFAULTS["list_limit_max"]))
+    since = args.since
+    if since is None:  # the newest events, still shown oldest first (newest last)
+        since = max(0, client.health()["latest_event_id"] - limit)
+    envelope = client.events(since=since, limit=limit)
+    events = envelope["data"]
+    columns = [("EVENT_ID", "event_id"), ("TIME", lambda e: e["timestamp"][:19] + "Z"),
+               ("TYPE", "type"), ("WHAT", lambda e: _summarise_payload(e["payload"]))]
+    text = format_table(events, columns) if events else "No events."
+    if envelope["total"] > len(events) or since:
+        first = events[0]["event_id"] if events else since + 1
+        text += "\n(%d of %d events shown: %d to %d; use --since N and --limit N, or --json)" % (
+            len(events), envelope["latest_event_id"], first,
+            events[-1]["event_id"] if events else since)
     _out(args, envelope, text)
     return 0
 
 
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _summarise_payload(payload, width=60):
+    """An event's payload as one readable line: ``key=value`` pairs, long lists
+    as their first item and a count, long text shortened -- never JSON cut in
+    the middle."""
+    parts = []
+    for key, value in payload.items():
+        if value is None or value == [] or value == {} or key in ("counted", "pid_start_time"):
+            continue
+        if isinstance(value, str) and _UUID_RE.fullmatch(value):
+            value = value[:8]  # as the CLI takes it: a unique prefix
+        if isinstance(value, list):
+            first = value[0][:8] if isinstance(value[0], str) and _UUID_RE.fullmatch(
+                value[0]) else value[0]
+            shown = str(first) + (" (+%d more)" % (len(value) - 1) if len(value) > 1 else "")
+        elif isinstance(value, dict):
+            shown = ",".join("%s:%s" % kv for kv in value.items())
+        else:
+            shown = str(value)
+        if len(shown) > width:
+            shown = shown[:width - 3] + "..."
+        parts.append("%s=%s" % (key, shown))
+    return " ".join(parts)
+
+
 def _cmd_status(args):
-    client = _connect(args)
-    health = client.health()
+    if not args.start:
+        args.no_start = True  # report on the server; do not start one to do it
+    try:
+        client = _connect(args)
+        health = client.health()
+    except ServerUnreachable as e:
+        where = _opt(args, "server") or os.environ.get("DATABUILD_URL") or _workspace(args)
+        _out(args, {"running": False, "error": e.message},
+             "No server is running for %s (start one with `status --start` or any command)"
+             % where)
+        return 1
     counts = {}
     for noun, method, statuses in (("wants", client.list_wants, WANT_STATUSES),
                                    ("job runs", client.list_job_runs, JOB_RUN_STATUSES)):
         counts[noun] = {s: method(status=s, limit=0)["total"] for s in statuses}
     info = {"url": client.url, **health, "counts": counts}
-    lines = [format_object(info, ["url", "pid", "status", "version", "uptime_seconds",
-                                  "latest_event_id"])]
+    keys = ["url", "pid", "status", "version", "uptime_seconds", "latest_event_id"]
+    if info.get("config_error"):
+        keys.append("config_error")  # an edit of databuild.toml that does not load
+    lines = [format_object(info, keys)]
     for noun, by_status in counts.items():
         shown = ", ".join("%d %s" % (n, s) for s, n in by_status.items() if n) or "none"
         lines.append("%s  %s" % ((noun + ":").ljust(16), shown))
@@ -5075,6 +5450,20 @@ def _cmd_stop(args):
     return 0
 
 
+def describe_error(error):
+    """An error as one line that names what it is about: the message, then
+    those of its fields (``ref``, ``want_id``, ...) the message does not
+    already show, e.g. ``Partition not found (ref: raw/x)``."""
+    extra = []
+    for key, value in error.fields.items():
+        if key in ("status",) or value is None:
+            continue
+        text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        if not isinstance(value, dict) and text and text not in error.message:
+            extra.append("%s: %s" % (key, text))
+    return error.message + (" (%s)" % "; ".join(extra) if extra else "")
+
+
 def main(argv=None):
     """Command-line entry point; returns the exit status (SPEC 7)."""
     parser = _build_parser()
@@ -5085,10 +5474,10 @@ def main(argv=None):
     try:
         return args.func(args)
     except ConfigError as e:
-        print("databuild: error: %s" % e.message, file=sys.stderr)
+        print("databuild: error: %s" % describe_error(e), file=sys.stderr)
         return 2
     except DatabuildError as e:
-        print("databuild: error: %s" % e.message, file=sys.stderr)
+        print("databuild: error: %s" % describe_error(e), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("databuild: interrupted", file=sys.stderr)

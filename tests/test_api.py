@@ -60,8 +60,8 @@ def test_event_feed_with_a_cursor(workspace, serve):
         with pytest.raises(databuild.InvalidRequest):
             client.request("GET", "/api/events", params=bad)
     out = server.cli("events", "--since", str(len(seen) - 1), check=0).stdout.splitlines()
-    assert out[0].split() == ["EVENT_ID", "TIMESTAMP", "TYPE", "PAYLOAD"]
-    assert len(out) == 2 and out[1].startswith(str(len(seen)))
+    assert out[0].split() == ["EVENT_ID", "TIME", "TYPE", "WHAT"]
+    assert out[1].startswith(str(len(seen))) and out[2].startswith("(1 of %d events" % len(seen))
 
 
 def test_time_travel_on_every_read_endpoint(workspace, serve):

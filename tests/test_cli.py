@@ -1,17 +1,20 @@
 """End to end: `serve` as a subprocess on port 0, driven by the CLI and the client."""
+import argparse
 import json
-import urllib.error
-import urllib.request
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
 import databuild
-from conftest import MODULE, REVIEWS, set_plan, wait_for
+from conftest import MODULE, REVIEWS, set_plan, wait_for, write_workspace
 
 
 def cli(*args, cwd=None, env=None, timeout=120):
@@ -77,7 +80,8 @@ def test_want_commands_tables_and_json(workspace, serve):
     want_id = created["want_id"]
     assert created["comment"] == "note" and created["source"]["type"] == "manual"
     table = server.cli("want", "list", check=0).stdout.splitlines()
-    assert table[0].split() == ["WANT_ID", "STATUS", "PARTITIONS", "SOURCE", "CREATED"]
+    assert table[0].split() == ["WANT_ID", "STATUS", "PARTITIONS", "SOURCE", "DATA_TIME",
+                                "CREATED"]
     assert want_id in table[1]
     # Columns are aligned: every row has STATUS at the same offset.
     assert table[1].index(created["status"]) == table[0].index("STATUS")
@@ -97,9 +101,13 @@ def test_want_commands_tables_and_json(workspace, serve):
 def test_errors_are_one_line_with_the_right_exit_status(workspace, serve, tmp_path):
     server = serve(workspace)
     missing = server.cli("want", "get", "nope")
-    assert missing.returncode == 1 and missing.stderr == "databuild: error: Want not found\n"
-    bad_ref = server.cli("build", "has space")
-    assert bad_ref.returncode == 1 and "Invalid partition ref" in bad_ref.stderr
+    # Every error names what it is about.
+    assert missing.returncode == 1
+    assert missing.stderr == "databuild: error: Want not found (want_id: nope)\n"
+    part = server.cli("partitions", "get", "raw/x")
+    assert part.stderr == "databuild: error: Partition not found (ref: raw/x)\n"
+    bad_ref = server.cli("build", "good", "has space")
+    assert bad_ref.returncode == 1 and "Invalid partition ref 'has space'" in bad_ref.stderr
     usage = server.cli("want", "list", "--status", "Done")
     assert usage.returncode == 2
     nothing = server.cli("frobnicate")
@@ -211,3 +219,173 @@ def test_dashboard_prints_the_url_that_sets_the_cookie(workspace, serve):
     with pytest.raises(urllib.error.HTTPError) as e:
         opener.open(url)
     assert e.value.code == 303 and "databuild_token=" in e.value.headers["Set-Cookie"]
+
+
+# -- what a new user tripped on (issue 15) -------------------------------------
+
+def test_events_show_the_newest_last_with_a_note_and_readable_payloads(workspace, serve):
+    server = serve(workspace)
+    for i in range(4):
+        want = server.client.create_want(["e%d" % i], comment="x" * 300)
+        wait_for(lambda: server.client.get_want(want["want_id"])["terminal"])
+    latest = server.client.health()["latest_event_id"]
+    r = server.cli("events", "--limit", "5", check=0)
+    lines = r.stdout.splitlines()
+    ids = [int(line.split()[0]) for line in lines[1:6]]
+    assert ids == list(range(latest - 4, latest + 1))  # the newest, newest last
+    assert "(5 of %d events shown" % latest in r.stdout
+    assert all(len(line) < 250 for line in lines)  # long payloads are summarised
+    assert "comment=xxx" in r.stdout and "..." in r.stdout and '{"' not in r.stdout
+    since = server.cli("events", "--since", "2", "--limit", "3", check=0)
+    assert [int(line.split()[0]) for line in since.stdout.splitlines()[1:4]] == [3, 4, 5]
+    as_json = json.loads(server.cli("events", "--json", "--limit", "2", check=0).stdout)
+    assert [e["event_id"] for e in as_json["data"]] == [latest - 1, latest]
+
+
+def test_ids_by_unique_prefix(workspace, serve):
+    set_plan(workspace, {"slow": {"sleep": 30}})
+    server = serve(workspace)
+    server.client.create_want(["a"], want_id="abcd-1")
+    server.client.create_want(["b"], want_id="abcd-2")
+    want = server.client.create_want(["slow"])
+    wid = want["want_id"]
+    r = server.cli("want", "get", wid[:6], "--json", check=0)
+    assert json.loads(r.stdout)["want_id"] == wid
+    ambiguous = server.cli("want", "get", "abcd")
+    assert ambiguous.returncode == 1 and "more than one want id" in ambiguous.stderr
+    assert "abcd-1" in ambiguous.stderr and ambiguous.stderr.count("\n") == 1
+    assert server.cli("want", "get", "abc").returncode == 1  # too short to stand for an id
+    (run_id,) = server.client.get_want(wid)["job_run_ids"]
+    r = server.cli("job-runs", "get", run_id[:5], "--json", check=0)
+    assert json.loads(r.stdout)["job_run_id"] == run_id
+    assert server.cli("logs", run_id[:5], check=0).returncode == 0
+    r = server.cli("job-runs", "cancel", run_id[:5], check=0)
+    assert "Canceled" in r.stdout
+    r = server.cli("want", "cancel", wid[:8], check=0)
+    assert "Canceled" in r.stdout
+
+
+def test_jobs_and_want_retry(tmp_path, serve):
+    ws = write_workspace(tmp_path / "ws", plan={"bad": {"exit": 3}}, jobs=[
+        {"label": "t", "partition_patterns": ["[a-z]+"], "max_retries": 1,
+         "environment": {"SECRET_NAME": "value"}}])
+    server = serve(ws)
+    r = server.cli("build", "ok", "bad", "--wait")
+    assert r.returncode == 1
+    (want_id,) = [w["want_id"] for w in server.client.list_wants()["data"]]
+    jobs = json.loads(server.cli("jobs", "--json", check=0).stdout)["data"]
+    assert jobs == [{"label": "t", "partition_patterns": ["[a-z]+"],
+                     "entrypoint": jobs[0]["entrypoint"], "executor": "local",
+                     "environment_keys": ["SECRET_NAME"], "max_partitions_per_run": 1,
+                     "max_retries": 1, "timeout_seconds": 0,
+                     "job_runs": {"Succeeded": 1, "Failed": 2}}]
+    table = server.cli("jobs", check=0).stdout
+    assert "JOB" in table and "1 Succeeded" in table and "2 Failed" in table
+    set_plan(ws, {})
+    r = server.cli("want", "retry", want_id[:6], "--wait")
+    assert r.returncode == 0, r.stderr
+    retry = server.client.list_wants()["data"][0]
+    assert retry["partitions"] == ["bad"] and retry["status"] == "Successful"
+    assert retry["comment"] == "retry of want %s" % want_id
+    again = server.cli("want", "retry", retry["want_id"])
+    assert again.returncode == 1 and "no Failed" in again.stderr
+
+
+def test_status_does_not_start_a_server(workspace):
+    r = cli("--workspace", workspace, "status")
+    assert r.returncode == 1 and "No server is running" in r.stdout
+    assert not os.path.exists(os.path.join(workspace, ".databuild", "server.json"))
+    r = cli("--workspace", workspace, "status", "--start")
+    info = databuild.read_server_info(os.path.join(workspace, ".databuild"))
+    try:
+        assert r.returncode == 0 and info["url"] in r.stdout
+    finally:
+        cli("--workspace", workspace, "stop")
+
+
+def test_help_describes_everything_and_says_the_program_name():
+    parser = databuild._build_parser()
+    undescribed = []
+
+    def walk(p, path):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif not action.help:
+                undescribed.append((" ".join(path), action.dest))
+    walk(parser, [])
+    assert undescribed == []
+    serve_help = cli("serve", "--help").stdout
+    assert "--server" not in serve_help and "--json" not in serve_help
+    assert "--workspace" in serve_help and "--idle-timeout" in serve_help
+    assert cli("--help").stdout.startswith("usage: databuild.py ")
+
+
+def test_small_things(workspace, serve, tmp_path):
+    server = serve(workspace)
+    r = server.cli("want", "create", "a", "--json", check=0)
+    want = json.loads(r.stdout)
+    listed = server.cli("want", "list", "--status", "building", check=0).stdout + \
+        server.cli("want", "list", "--status", "SUCCESSFUL", check=0).stdout
+    assert want["want_id"] in listed and "DATA_TIME" in listed
+    day = time.strftime("%Y-%m-%d", time.gmtime(want["data_timestamp"]))
+    assert day in listed
+    nowhere = cli("--workspace", str(tmp_path / "missing"), "want", "list")
+    assert nowhere.returncode == 2 and "no such folder" in nowhere.stderr
+
+
+def test_ctrl_c_in_build_wait_says_the_want_goes_on(workspace, serve):
+    set_plan(workspace, {"slow": {"sleep": 30}})
+    server = serve(workspace)
+    proc = subprocess.Popen([sys.executable, MODULE, "--server", server.url, "build", "slow",
+                             "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, DATABUILD_TOKEN=server.token))
+    first = proc.stderr.readline()  # "Want <id>: Building": it follows the want now
+    assert first.startswith("Want ")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    (want,) = server.client.list_wants()["data"]
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert "goes on building" in err and "want cancel %s" % want["want_id"] in err
+    assert want["status"] == "Building"
+
+
+def test_overlapping_patterns_are_refused_and_no_jobs_is_warned(tmp_path, serve):
+    ws = write_workspace(tmp_path / "ws", jobs=[
+        {"label": "a", "partition_patterns": ["x/.*"]},
+        {"label": "b", "partition_patterns": ["y/.*", "x/.*"]}])
+    r = subprocess.run([sys.executable, MODULE, "serve", "--workspace", ws],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "'x/.*' is also a pattern of job 'a'" in r.stderr
+    empty = write_workspace(tmp_path / "empty", jobs=[])
+    server = serve(empty)
+    server.stop()
+    assert "has no [[jobs]]" in server.stderr
+
+
+def test_client_for_workspace_and_wait_want(workspace):
+    here = os.getcwd()
+    os.chdir(os.path.join(workspace))
+    try:
+        with pytest.raises(databuild.ServerUnreachable):
+            databuild.Client.for_workspace(start=False)
+        client = databuild.Client.for_workspace()
+    finally:
+        os.chdir(here)
+    try:
+        assert client.token and client.health()["status"] == "ok"
+        want = client.create_want(["a"])
+        assert want["terminal"] is False
+        done = client.wait_want(want["want_id"][:8], timeout=20)
+        assert done["status"] == "Successful" and done["terminal"] is True
+        set_plan(workspace, {"slow": {"sleep": 30}})
+        slow = client.create_want(["slow"])
+        with pytest.raises(databuild.WaitTimeout) as e:
+            client.wait_want(slow["want_id"], timeout=0.3)
+        assert e.value.fields["status"] == "Building"
+        with pytest.raises(databuild.NotFound) as e:
+            client.get_want("nope")
+        assert e.value.fields == {"want_id": "nope"} and e.value.message == "Want not found"
+    finally:
+        client.shutdown()

@@ -1,4 +1,5 @@
 """databuild.toml: parsing, defaults, and one clear line per error."""
+import json
 import os
 import subprocess
 import sys
@@ -123,3 +124,51 @@ def test_serve_with_bad_config_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1, result.stderr
     assert "databuild.toml: [server] port: must be an integer" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+# -- a running server follows edits of databuild.toml (issue 15) --------------
+
+def test_watcher_reloads_a_valid_edit_and_keeps_the_old_config_on_a_bad_one(tmp_path):
+    import databuild
+    ws = write(tmp_path, GOOD)
+    watcher = databuild.ConfigWatcher(load_config(ws))
+    first = watcher.current()
+    assert watcher.current() is first  # unchanged: one stat, no reload
+    (tmp_path / "databuild.toml").write_text(GOOD + '''
+[[jobs]]
+label = "extra"
+entrypoint = ["true"]
+partition_patterns = ['extra/.*']
+''')
+    second = watcher.current()
+    assert second is not first and second.job_for("extra/x").label == "extra"
+    assert watcher.error is None
+    (tmp_path / "databuild.toml").write_text("[[jobs]\nbroken")
+    assert watcher.current() is second  # the old config stays in force
+    assert "databuild.toml" in watcher.error
+    (tmp_path / "databuild.toml").write_text(GOOD)
+    assert "extra" not in watcher.current().jobs_by_label and watcher.error is None
+
+
+def test_a_running_server_builds_a_job_added_to_its_config(tmp_path, serve):
+    from conftest import write_workspace
+    ws = write_workspace(tmp_path / "ws", jobs=[{"label": "a", "partition_patterns": ["a/.*"]}])
+    server = serve(ws)
+    r = server.cli("build", "b/1")
+    assert r.returncode == 1 and "No job produces partition 'b/1'" in r.stderr
+    with open(os.path.join(ws, "databuild.toml"), "a") as f:
+        f.write('\n[[jobs]]\nlabel = "b"\nentrypoint = %s\npartition_patterns = ["b/.*"]\n'
+                % json.dumps([sys.executable, os.path.join(os.path.dirname(MODULE), "tests",
+                                                           "jobs", "testjob.py")]))
+    r = server.cli("build", "b/1", "--wait")
+    assert r.returncode == 0, r.stderr
+    assert server.client.get_partition("b/1")["job_label"] == "b"
+    # A broken edit: the server says so and goes on with what it had.
+    with open(os.path.join(ws, "databuild.toml"), "a") as f:
+        f.write("\n[[jobs]]\nlabel = 'c'\n")
+    health = server.client.health()
+    assert "entrypoint: missing" in health["config_error"]
+    status = server.cli("status", check=0)
+    assert "config_error:" in status.stdout and "entrypoint: missing" in status.stdout
+    assert server.cli("build", "a/1", "--wait").returncode == 0
+    assert server.proc.poll() is None

@@ -38,7 +38,8 @@ def test_create_get_list_want(app_server):
     assert set(want) == {"want_id", "partitions", "status", "partition_statuses",
                          "data_timestamp", "ttl_seconds", "sla_seconds", "sla_breached",
                          "source", "parent_want_id", "root_want_id", "derivative_want_ids",
-                         "job_run_ids", "comment", "created_at", "updated_at"}
+                         "job_run_ids", "comment", "created_at", "updated_at", "terminal"}
+    assert want["terminal"] is False
     assert want["source"] == {"type": "manual", "user": "alice"}
     assert want["comment"] == "hi" and want["data_timestamp"] == stamp
     assert want["root_want_id"] == want["want_id"] and want["parent_want_id"] is None
