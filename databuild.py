@@ -144,6 +144,7 @@ DEFAULTS = {
     "list_limit_max": 1000,
     "max_body_bytes": 1024 * 1024,
     "max_partitions_per_want": 10000,
+    "lineage_depth_max": 50,
     "cli_start_timeout_seconds": 15.0,
     "commit_retry_seconds": 2.0,  # after a failed commit, no job run starts for this long
 }
@@ -154,6 +155,7 @@ DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
 STATE_DIR = ".databuild"
 CONFIG_FILE = "databuild.toml"
 MISSING_DEPS_MARKER = "DATABUILD_MISSING_DEPS_JSON:"
+READ_DEPS_MARKER = "DATABUILD_READ_DEPS_JSON:"  # lineage: what a job read (SPEC 13)
 TOKEN_COOKIE = "databuild_token"  # the dashboard's copy of the access token (SPEC 12)
 LOOPBACK_HOSTS = frozenset(("127.0.0.1", "localhost", "::1"))
 
@@ -502,10 +504,14 @@ class Partition(_Entity):
 
     ``waiting_on`` holds the missing deps not yet Live while UpstreamBuilding;
     ``retries`` counts plain failures since the last success (for max_retries).
+    ``upstream`` (SPEC 13) are the refs its last successful run read: the ones
+    that run printed (``DATABUILD_READ_DEPS_JSON``) and the ones the runs for
+    it reported missing since the success before (``reported_deps``).
     """
 
     __slots__ = ("ref", "status", "job_label", "last_job_run_id", "built_by_job_run_id",
-                 "want_ids", "missing_deps", "updated_at", "waiting_on", "retries", "seq")
+                 "want_ids", "missing_deps", "updated_at", "waiting_on", "retries",
+                 "upstream", "reported_deps", "seq")
     #: ``want_ids`` grows without bound: a link table holds it, not the row.
     ROW = tuple(f for f in __slots__ if f != "want_ids")
 
@@ -515,7 +521,7 @@ class Partition(_Entity):
         part = cls()
         (part.ref, part.status, part.job_label, part.last_job_run_id,
          part.built_by_job_run_id, part.missing_deps, part.updated_at, waiting_on,
-         part.retries, part.seq) = values
+         part.retries, part.upstream, part.reported_deps, part.seq) = values
         part.waiting_on = set(waiting_on) if waiting_on else _NOTHING
         part.want_ids = []
         return part
@@ -526,7 +532,7 @@ class Partition(_Entity):
                 "last_job_run_id": self.last_job_run_id,
                 "built_by_job_run_id": self.built_by_job_run_id,
                 "want_ids": list(self.want_ids), "missing_deps": list(self.missing_deps),
-                "updated_at": isoformat(self.updated_at)}
+                "upstream": list(self.upstream), "updated_at": isoformat(self.updated_at)}
 
 
 class JobRun(_Entity):
@@ -578,7 +584,7 @@ class _Tally:
 
 
 #: Bumped when the projection's rows change shape: an older projection is rebuilt.
-PROJECTION_VERSION = 4
+PROJECTION_VERSION = 5
 
 
 class BuildState:
@@ -621,6 +627,7 @@ class BuildState:
         self.duration_count = 0
         self.seqs = {"wants": 0, "partitions": 0, "job_runs": 0}  # creation counters
         self.job_runs_by_job = {}  # job label -> {status: how many job runs}
+        self.downstream = {}  # ref -> refs whose upstream holds it (SPEC 13)
 
         def bucket(status, live):
             return {} if live or not working_set else _Tally()
@@ -722,6 +729,8 @@ class BuildState:
             if part.status == UPSTREAM_BUILDING:
                 for dep in part.waiting_on:
                     state.waiters.setdefault(dep, set()).add(part.ref)
+            for dep in part.upstream:
+                state.downstream.setdefault(dep, set()).add(part.ref)
         for ref in itertools.chain(state.live_wants_by_ref, list(state.waiters)):
             state._refresh_pending(ref)
         return state
@@ -744,6 +753,10 @@ class BuildState:
             while self._todo:
                 action, ref, ts = self._todo.popleft()
                 action(self, ref, ts)
+            if self._changed is not None:
+                # The index of events by the refs they concern (``explain``).
+                for ref in self._refs_of(event):
+                    self._changed[("ref_events", (ref, event.event_id))] = (ref, event.event_id)
         self.latest_event_id = event.event_id
         self.event_counts[event.type] += 1
 
@@ -856,6 +869,8 @@ class BuildState:
                     self._link("partition_wants", ref, want_id, part.want_ids)
                 part.waiting_on = _NOTHING
                 part.retries = 0
+                part.upstream = []
+                part.reported_deps = []
                 part.seq = self.seqs["partitions"]
                 self.seqs["partitions"] += 1
                 self.partitions[ref] = part
@@ -901,11 +916,29 @@ class BuildState:
 
     def _on_job_run_success(self, p, ts):
         run = self._finish_run(p, SUCCEEDED, ts)
+        read = p.get("read_deps") or ()
         for ref in run.partitions:
             part = self.partitions[ref]
             part.built_by_job_run_id = run.job_run_id
             part.retries = 0
+            self._set_upstream(part, sorted(set(read).union(part.reported_deps) - {ref}))
+            part.reported_deps = []
             self._set_partition_status(part, LIVE, ts)
+
+    def _set_upstream(self, part, upstream):
+        if upstream == part.upstream:
+            return
+        for dep in part.upstream:
+            refs = self.downstream.get(dep)
+            if refs is not None:
+                refs.discard(part.ref)
+                if not refs:
+                    del self.downstream[dep]
+        for dep in upstream:
+            self.downstream.setdefault(dep, set()).add(part.ref)
+        part.upstream = upstream
+        if self._changed is not None:
+            self._changed[("upstream", part.ref)] = (part.ref, upstream)
 
     def _on_job_run_failure(self, p, ts):
         run = self._finish_run(p, FAILED, ts)
@@ -929,6 +962,7 @@ class BuildState:
         for ref in run.partitions:
             part = self.partitions[ref]
             part.missing_deps = deps
+            part.reported_deps = sorted(set(part.reported_deps).union(deps))
             if not unmet or not self.is_wanted(ref):
                 # Nothing to wait for, or nobody to wait for: a later want reruns it.
                 self._set_partition_status(part, UP_FOR_RETRY, ts)
@@ -965,6 +999,20 @@ class BuildState:
         if old is not None:
             index[old].pop(key, None)
         index[new][key] = None
+
+    def _refs_of(self, event):
+        p = event.payload
+        if "job_run_id" in p:
+            run = self.job_runs.get(p["job_run_id"])
+            return run.partitions if run is not None else ()
+        if event.type == WANT_CREATE:
+            return p["partitions"]
+        if event.type in (WANT_CANCEL, WANT_EXPIRE):
+            want = self.wants.get(p["want_id"])
+            return want.partitions if want is not None else ()
+        if event.type == PARTITION_TAINT:
+            return (p["ref"],)
+        return ()
 
     def _count_run(self, run, old, new):
         counts = self.job_runs_by_job.setdefault(run.job_label or "", {})
@@ -1129,11 +1177,18 @@ CREATE TABLE IF NOT EXISTS links (      -- a partition's wants, a want's job run
     seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL, member TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS links_by_owner ON links (kind, owner, seq);
 CREATE TABLE IF NOT EXISTS projection (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Lineage (SPEC 13): a partition's upstream refs, and each ref's events.
+CREATE TABLE IF NOT EXISTS upstream (ref TEXT NOT NULL, dep TEXT NOT NULL,
+                                     PRIMARY KEY (ref, dep)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS upstream_by_dep ON upstream (dep, ref);
+CREATE TABLE IF NOT EXISTS ref_events (ref TEXT NOT NULL, event_id INTEGER NOT NULL,
+                                       PRIMARY KEY (ref, event_id)) WITHOUT ROWID;
 """
 # Upserts, not INSERT OR REPLACE: an update touches only the indexes whose
 # columns changed (status), where a replace deletes and re-inserts every entry.
 _ROW_SQL = {
     "links": "INSERT INTO links (kind, owner, member) VALUES (?, ?, ?)",
+    "ref_events": "INSERT OR IGNORE INTO ref_events (ref, event_id) VALUES (?, ?)",
     "wants": "INSERT INTO wants (want_id, seq, status, row) VALUES (?, ?, ?, ?) "
              "ON CONFLICT (want_id) DO UPDATE SET status = excluded.status, row = excluded.row",
     "partitions": "INSERT INTO partitions (ref, seq, status, row) VALUES (?, ?, ?, ?) "
@@ -1302,10 +1357,13 @@ class EventLog:
 
     @staticmethod
     def _write_projection(conn, changes, summary):
-        rows = {"wants": [], "partitions": [], "job_runs": [], "links": []}
+        rows = {"wants": [], "partitions": [], "job_runs": [], "links": [], "ref_events": []}
+        upstream = []
         for kind, entity in changes:
-            if kind == "links":
+            if kind in ("links", "ref_events"):
                 rows[kind].append(entity)
+            elif kind == "upstream":
+                upstream.append(entity)
             elif kind == "job_runs":
                 rows[kind].append((entity.job_run_id, entity.seq, entity.status,
                                    entity.job_label, entity.to_row()))
@@ -1315,6 +1373,10 @@ class EventLog:
         for kind, values in rows.items():
             if values:
                 conn.executemany(_ROW_SQL[kind], values)
+        if upstream:
+            conn.executemany("DELETE FROM upstream WHERE ref = ?", [(r,) for r, _ in upstream])
+            conn.executemany("INSERT INTO upstream (ref, dep) VALUES (?, ?)",
+                             [(r, d) for r, deps in upstream for d in deps])
         conn.executemany("INSERT OR REPLACE INTO projection (key, value) VALUES (?, ?)",
                          (("summary", dumps(summary)), ("event_id", summary["event_id"])))
 
@@ -1326,7 +1388,8 @@ class EventLog:
     def clear_projection(self):
         """Drop every projection row (before a rebuild)."""
         with self.transaction() as conn:
-            for table in ("wants", "partitions", "job_runs", "links", "projection"):
+            for table in ("wants", "partitions", "job_runs", "links", "projection", "upstream",
+                          "ref_events"):
                 conn.execute("DELETE FROM %s" % table)
 
     def load_projection(self):
@@ -1596,6 +1659,43 @@ class StoreView:
         total = (self.summary["seqs"]["wants"] if status is None
                  else self.summary["counts"]["wants"].get(status, 0))
         return [self._want_of(*values) for values in rows], total
+
+    def lineage(self, ref, depth):
+        """``ref``'s lineage both ways to ``depth`` (see ``lineage_tree``), or None.
+        One indexed query per level and direction."""
+        return lineage_tree(ref, depth, self._nodes, self._downstream_of)
+
+    def _nodes(self, refs):
+        found = {}
+        with self.log._errors():
+            for chunk in _chunks(refs):
+                for ref, status, upstream in self.conn.execute(
+                        "SELECT ref, status, json_extract(row, '$[%d]') FROM partitions "
+                        "WHERE ref IN (%s)" % (Partition.ROW.index("upstream"),
+                                               ",".join("?" * len(chunk))), chunk):
+                    found[ref] = (status, json.loads(upstream) if upstream else [])
+        return found
+
+    def _downstream_of(self, refs):
+        found = {}
+        with self.log._errors():
+            for chunk in _chunks(refs):
+                for dep, ref in self.conn.execute(
+                        "SELECT dep, ref FROM upstream WHERE dep IN (%s) ORDER BY dep, ref"
+                        % ",".join("?" * len(chunk)), chunk):
+                    found.setdefault(dep, []).append(ref)
+        return found
+
+    def partition_events(self, ref):
+        """The events that concern ``ref`` (its wants, its job runs, its taints),
+        oldest first: an index range, never a scan of the log."""
+        with self.log._errors():
+            rows = self.conn.execute(
+                "SELECT e.event_id, e.timestamp, e.type, e.payload FROM ref_events r "
+                "JOIN events e ON e.event_id = r.event_id WHERE r.ref = ? "
+                "AND r.event_id <= ? ORDER BY r.event_id",
+                (ref, self.log.durable_event_id)).fetchall()
+        return [EventLog._event(r) for r in rows]
 
     def partition(self, ref):
         """One partition as a dict, or None."""
@@ -2278,27 +2378,37 @@ class _JobProcess:
         _signal_group(self.pid, signal.SIGKILL)
 
     def outcome(self):
-        """Read the run's stdout for a dep-miss line: ``(missing_deps or None, problem)``."""
-        missing, problem = None, None
+        """Read the run's stdout for its protocol lines: ``(missing_deps or None,
+        read_deps, problem)`` -- the deps it reported missing, the deps it said
+        it read (SPEC 13), and what was wrong with a line, if anything."""
+        found = {MISSING_DEPS_MARKER: None, READ_DEPS_MARKER: None}
+        keys = {MISSING_DEPS_MARKER: "missing_deps", READ_DEPS_MARKER: "read_deps"}
+        problem = None
         try:
             if os.stat(self.stdout_path).st_size == 0:  # a silent job: nothing to read
-                return missing, problem
+                return None, [], None
             with open(self.stdout_path, "rb") as f:
                 for raw in f:
-                    if not raw.startswith(MISSING_DEPS_MARKER.encode()):
+                    if not raw.startswith(b"DATABUILD_"):
                         continue
-                    text = raw[len(MISSING_DEPS_MARKER):].decode("utf-8", "replace")
+                    for marker in found:
+                        if raw.startswith(marker.encode()):
+                            break
+                    else:
+                        continue
+                    text = raw[len(marker):].decode("utf-8", "replace")
                     try:
-                        deps = json.loads(text)["missing_deps"]
+                        deps = json.loads(text)[keys[marker]]
                         if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
                             raise ValueError
                     except (ValueError, KeyError, TypeError):
-                        problem = "unreadable %s line: %s" % (MISSING_DEPS_MARKER, text.strip()[:200])
+                        problem = "unreadable %s line: %s" % (marker, text.strip()[:200])
                         continue
-                    missing = (missing or []) + [d for d in deps if d not in (missing or [])]
+                    seen = found[marker] or []
+                    found[marker] = seen + [d for d in deps if d not in seen]
         except OSError as e:
             problem = "cannot read stdout log: %s" % e
-        return missing, problem
+        return found[MISSING_DEPS_MARKER], found[READ_DEPS_MARKER] or [], problem
 
     def stderr_tail(self, lines=10):
         """The last lines the job wrote to stderr."""
@@ -2656,20 +2766,65 @@ class Orchestrator:
         self._drop_unneeded_runs(now, "want canceled")
         return self._want_reply(want_id)
 
-    def _cmd_taint(self, now, ref, reason=None):
+    def _cmd_taint(self, now, ref, reason=None, downstream=False, dry_run=False):
         part = self.state.partitions.get(ref)
         if part is None:
             raise NotFound("Partition not found", ref=ref)
         if ref in self.state.active_run_by_ref:
             raise Conflict("Partition is being built", ref=ref,
                            job_run_id=self.state.active_run_by_ref[ref])
+        below = self._built_from(ref) if downstream else []
+        if dry_run:
+            answer = part.to_dict()
+            answer["want_ids"] = self.log.links("partition_wants", ref)
+            return {"partition": answer, "tainted": [ref] + below, "dry_run": True}
+        # One event each, in dependency order, in this step's one commit.
         self._emit(PARTITION_TAINT, {"ref": ref, "reason": reason}, now)
+        for other in below:
+            self._emit(PARTITION_TAINT, {"ref": other, "reason": reason, "upstream_of": ref}, now)
         # Answer with the partition as the taint left it (SPEC 6: "now Tainted"),
         # even if this same step already queues its rebuild.
         answer = self.state.partitions[ref].to_dict()
         answer["want_ids"] = self.log.links("partition_wants", ref) + \
             self.state.pending_links("partition_wants", ref)
-        return answer
+        return {"partition": answer, "tainted": [ref] + below, "dry_run": False}
+
+    def _built_from(self, ref):
+        # SPEC 13: the Live partitions built, directly or transitively, from
+        # ref (not those being built: their runs end as they end), upstream
+        # first.  The walk goes through partitions that are not Live: what
+        # was built from them may be.
+        state, order, seen = self.state, [], {ref}
+        frontier = [ref]
+        while frontier:
+            nxt = []
+            for dep in frontier:
+                for other in sorted(state.downstream.get(dep, ())):
+                    if other not in seen:
+                        seen.add(other)
+                        nxt.append(other)
+            order.extend(nxt)
+            frontier = nxt
+        # Breadth first is not enough where paths differ in length: order the
+        # set so that each partition comes after its upstream ones in it.
+        members = set(order)
+        waiting = {r: sum(1 for d in state.partitions[r].upstream if d in members)
+                   for r in order}
+        ready = collections.deque(r for r in order if not waiting[r])
+        result = []
+        while ready:
+            r = ready.popleft()
+            result.append(r)
+            for other in sorted(state.downstream.get(r, ())):
+                if other in waiting:
+                    waiting[other] -= 1
+                    if not waiting[other]:
+                        ready.append(other)
+        if len(result) < len(order):  # a cycle in recorded reads: the rest as found
+            done = set(result)
+            result += [r for r in order if r not in done]
+        return [r for r in result if state.partitions[r].status == LIVE
+                and r not in state.active_run_by_ref]
 
     def _cmd_cancel_job_run(self, now, job_run_id, reason="canceled by user"):
         run = self.find_job_run(job_run_id)
@@ -2758,13 +2913,16 @@ class Orchestrator:
             self._emit(JOB_RUN_CANCEL, {"job_run_id": run.job_run_id,
                                         "reason": proc.stop_reason, "exit_code": code}, now)
             return
-        missing, problem = proc.outcome()
+        missing, read_deps, problem = proc.outcome()
         if problem is not None and missing is None:
             self._fail(run, now, problem, False, exit_code=code)
         elif missing is not None:
             self._record_dep_miss(run, missing, code, now)
         elif code == 0:
-            self._emit(JOB_RUN_SUCCESS, {"job_run_id": run.job_run_id, "exit_code": 0}, now)
+            payload = {"job_run_id": run.job_run_id, "exit_code": 0}
+            if read_deps:
+                payload["read_deps"] = read_deps
+            self._emit(JOB_RUN_SUCCESS, payload, now)
         else:
             tail = proc.stderr_tail()
             error = "exit code %d" % code if code >= 0 else "killed by signal %d" % -code
@@ -2881,6 +3039,8 @@ class Orchestrator:
             return
         by_job = {}
         for ref in list(state.pending_refs):
+            if self._rebuild_upstream_first(ref, now):
+                continue
             try:
                 job = self.config.job_for(ref)
             except InvalidRequest as e:  # the config changed under an old want
@@ -2903,6 +3063,39 @@ class Orchestrator:
                     "job_run_id": new_id(), "job_label": job.label, "partitions": chunk,
                     "want_ids": sorted(want_ids, key=lambda w: state.wants[w].seq),
                     "attempt": retries + 1}, now)
+
+    def _rebuild_upstream_first(self, ref, now):
+        # SPEC 13: a partition is rebuilt after the partitions it was built
+        # from (its recorded upstream) that are themselves to be rebuilt: it
+        # waits while they are pending or building, and a Tainted one that
+        # nothing wants any more is wanted for it (a derivative want, source
+        # "lineage").  Returns True while ``ref`` must wait.
+        state = self.state
+        part = state.partitions.get(ref)
+        if part is None or not part.upstream:
+            return False
+        wait, want = False, []
+        for dep in part.upstream:
+            if dep in state.pending_refs or dep in state.active_run_by_ref:
+                wait = True
+            elif state._status_of(dep) == TAINTED and not state.is_wanted(dep):
+                want.append(dep)
+        if want:
+            parents = sorted((state.wants[w] for w in state.live_wants_by_ref.get(ref, ())),
+                             key=lambda w: w.seq)
+            parent = parents[0] if parents else None
+            want_id = new_id()
+            self._emit(WANT_CREATE, {
+                "want_id": want_id, "partitions": want,
+                "data_timestamp": parent.data_timestamp if parent else now,
+                "ttl_seconds": parent.ttl_seconds if parent else None,
+                "sla_seconds": parent.sla_seconds if parent else None,
+                "source": {"type": "lineage", "ref": ref},
+                "parent_want_id": parent.want_id if parent else None,
+                "root_want_id": parent.root_want_id if parent else want_id,
+                "comment": None}, now)
+            wait = True
+        return wait
 
     def _start_queued(self, now):
         started = []
@@ -3116,6 +3309,14 @@ class MemoryView:
         part = self.state.partitions.get(ref)
         return part.to_dict() if part is not None else None
 
+    def lineage(self, ref, depth):
+        """As ``StoreView.lineage``, from the state in memory."""
+        parts = self.state.partitions
+        return lineage_tree(
+            ref, depth,
+            lambda refs: {r: (parts[r].status, parts[r].upstream) for r in refs if r in parts},
+            lambda refs: {r: sorted(self.state.downstream.get(r, ())) for r in refs})
+
     def partitions(self, status, prefix, offset, limit):
         """``(page, total)`` of partitions, newest first."""
         index = None if status is None else self.state.partitions_by_status[status]
@@ -3189,6 +3390,173 @@ class _Snapshot:
 
     def __exit__(self, *exc):
         return False
+
+
+def _chunks(items, size=500):
+    items = list(items)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def lineage_tree(ref, depth, nodes, downstream_of):
+    """``{"ref", "status", "upstream": [...], "downstream": [...]}`` of a ref
+    (None if it has no partition), each item ``{"ref", "status",
+    "upstream"|"downstream": [...]}`` to ``depth`` levels; an item whose
+    further lineage was cut by the depth says ``"truncated": true``.
+
+    ``nodes(refs)`` gives ``{ref: (status, upstream refs)}`` for the refs that
+    have a partition, ``downstream_of(refs)`` ``{ref: [refs built from it]}``:
+    the tree asks for one level at a time.
+    """
+    root = nodes([ref]).get(ref)
+    if root is None:
+        return None
+    statuses = {ref: root[0]}
+    answer = {"ref": ref, "status": root[0]}
+    for direction in ("upstream", "downstream"):
+        links, frontier = {}, [ref]
+        for _ in range(depth + 1):  # one level past the depth: to know what was cut
+            if not frontier:
+                break
+            if direction == "upstream":
+                found = nodes(frontier)
+                statuses.update((r, v[0]) for r, v in found.items())
+                level = {r: found[r][1] if r in found else [] for r in frontier}
+            else:
+                level = downstream_of(frontier)
+            asked, frontier = frontier, []
+            for r in asked:
+                links[r] = level.get(r, [])
+            for r in asked:
+                frontier.extend(c for c in links[r] if c not in links and c not in frontier)
+        missing = [r for refs in links.values() if refs for r in refs if r not in statuses]
+        statuses.update((r, v[0]) for r, v in nodes(missing).items())
+
+        def item(r, level, path):
+            node = {"ref": r, "status": statuses.get(r)}
+            children = links.get(r)
+            if level >= depth:
+                node[direction] = []
+                if children:
+                    node["truncated"] = True
+            else:
+                node[direction] = [item(c, level + 1, path | {r})
+                                   for c in (children or ()) if c not in path]
+            return node
+        answer[direction] = item(ref, 0, frozenset())[direction]
+    return answer
+
+
+def explain_partition(view, ref, job_for, depth=3):
+    """Why ``ref`` is in its state (SPEC 13): ``{"ref", "status", "summary",
+    "steps": [...], "upstream_failures": [...]}``.
+
+    ``steps`` are the events that concern the ref, oldest first, each with its
+    ``event_id``, ``timestamp``, ``type``, a sentence (``text``) and the ids it
+    names: the wants that asked (and who), the runs that built or failed it
+    (exit code, stderr tail), the dep misses and how their deps stand now,
+    the taints, the retries.  For an UpstreamFailed ref, ``upstream_failures``
+    explain the upstream refs that failed (to ``depth``).  A ref never built
+    is explained by the job that would build it.  ``view`` is a StoreView;
+    ``job_for(ref)`` the config's lookup.
+    """
+    part = view.partition(ref)
+    events = view.partition_events(ref)
+    status = part["status"] if part else None
+    runs = {}  # job_run_id -> its job_run_queue payload
+    steps = [_explain_step(event, view, runs) for event in events]
+    answer = {"ref": ref, "status": status, "steps": steps, "upstream_failures": []}
+    if part is None and not steps:
+        try:
+            job = job_for(ref)
+        except InvalidRequest as e:
+            answer["summary"] = "Never built: no job produces it (%s)" % e.message
+        else:
+            answer["summary"] = ("Never built: no want asked for it; it would be built by "
+                                 "job %r" % job.label)
+            answer["job_label"] = job.label
+        return answer
+    last = steps[-1] if steps else None
+    if status == UPSTREAM_FAILED and depth > 0:
+        for dep in part["missing_deps"]:
+            dep_part = view.partition(dep)
+            if dep_part is not None and dep_part["status"] in (FAILED, UPSTREAM_FAILED):
+                answer["upstream_failures"].append(
+                    explain_partition(view, dep, job_for, depth - 1))
+    answer["summary"] = _explain_summary(status, part, last, answer["upstream_failures"])
+    return answer
+
+
+def _explain_summary(status, part, last, upstream_failures):
+    said = last["text"] if last else "no events"
+    if status == UPSTREAM_FAILED and upstream_failures:
+        first = upstream_failures[0]
+        return "UpstreamFailed: upstream %s is %s -- %s" % (first["ref"], first["status"],
+                                                           first["summary"])
+    if status == UPSTREAM_BUILDING:
+        return "UpstreamBuilding: waiting for %s" % ", ".join(part["missing_deps"])
+    if status == LIVE:
+        return "Live: built by job run %s" % part["built_by_job_run_id"]
+    return "%s: %s" % (status, said)
+
+
+def _explain_step(event, view, runs):
+    p = event.payload
+    step = {"event_id": event.event_id, "timestamp": isoformat(event.timestamp),
+            "type": event.type}
+    run_id = p.get("job_run_id")
+    if run_id:
+        step["job_run_id"] = run_id
+    queued = runs.get(run_id, {})
+    run_name = "job run %s (job %s, attempt %s)" % (run_id, queued.get("job_label"),
+                                                   queued.get("attempt", 1))
+    if event.type == WANT_CREATE:
+        source = p.get("source") or {}
+        step["want_id"] = p["want_id"]
+        if source.get("type") == "job":
+            why = "as an upstream of job run %s (derivative of want %s)" % (
+                source.get("job_run_id"), p.get("parent_want_id"))
+        elif source.get("type") == "lineage":
+            why = "to rebuild it before %s, built from it (derivative of want %s)" % (
+                source.get("ref"), p.get("parent_want_id"))
+        else:
+            why = "by %s (%s)" % (source.get("user") or "someone", source.get("type", "manual"))
+        step["text"] = "want %s asked for it %s" % (p["want_id"], why)
+    elif event.type in (WANT_CANCEL, WANT_EXPIRE):
+        step["want_id"] = p["want_id"]
+        step["text"] = "want %s was %s" % (p["want_id"], "canceled" if event.type == WANT_CANCEL
+                                           else "expired (past its TTL)")
+    elif event.type == JOB_RUN_QUEUE:
+        runs[run_id] = p
+        step["text"] = "%s queued" % run_name
+    elif event.type == JOB_RUN_START:
+        step["text"] = "%s started" % run_name
+    elif event.type == JOB_RUN_SUCCESS:
+        read = p.get("read_deps") or []
+        step["text"] = "%s succeeded: Live%s" % (run_name, "; read %s" % ", ".join(read)
+                                                if read else "")
+    elif event.type == JOB_RUN_FAILURE:
+        step.update(exit_code=p.get("exit_code"), error=p.get("error"),
+                    stderr_tail=p.get("stderr_tail") or [])
+        step["text"] = "%s failed: %s%s" % (run_name, p.get("error"),
+                                           "; it will be retried" if p.get("retry") else "")
+    elif event.type == JOB_RUN_MISSING_DEPS:
+        deps = p["missing_deps"]
+        now = []
+        for dep in deps[:10]:
+            dep_part = view.partition(dep)
+            now.append("%s %s" % (dep, dep_part["status"] if dep_part else "not built"))
+        step["missing_deps"] = deps
+        step["text"] = "%s reported missing deps: %s (now: %s)" % (
+            run_name, ", ".join(deps), "; ".join(now) + (" ..." if len(deps) > 10 else ""))
+    elif event.type == JOB_RUN_CANCEL:
+        step["text"] = "%s canceled: %s" % (run_name, p.get("reason"))
+    elif event.type == PARTITION_TAINT:
+        via = p.get("upstream_of")
+        step["text"] = "tainted%s%s" % (": %s" % p["reason"] if p.get("reason") else "",
+                                        " (built from %s, tainted with it)" % via if via else "")
+    else:
+        step["text"] = event.type
+    return step
 
 
 def _newest_first(entities, index, offset, limit, keep=None):
@@ -3666,6 +4034,23 @@ def make_app(server):
             page, total = view.partitions(status, prefix, offset, limit)
             return listing(page, total, limit, offset, view)
 
+    @app.get("/api/partitions/<ref:path>/lineage")
+    def partition_lineage(ref):
+        query(("depth", "as_of"))
+        depth = int_param("depth", 3, 0, DEFAULTS["lineage_depth_max"])
+        with read_model.read(as_of()) as view:
+            tree = view.lineage(ref, depth)
+        if tree is None:
+            raise NotFound("Partition not found", ref=_shown(ref))
+        return {"data": tree}
+
+    @app.get("/api/partitions/<ref:path>/explain")
+    def partition_explain(ref):
+        query(())
+        check_ref(ref)
+        with read_model.read() as view:
+            return {"data": explain_partition(view, ref, server.config.job_for)}
+
     @app.get("/api/partitions/<ref:path>")
     def get_partition(ref):
         query(("as_of",))
@@ -3679,11 +4064,18 @@ def make_app(server):
     def taint_partition(ref):
         query(())
         body = body_json()
-        unknown = sorted(set(body) - {"reason"})
+        unknown = sorted(set(body) - {"reason", "downstream", "dry_run"})
         if unknown:
             raise InvalidRequest("Unknown field(s): %s" % ", ".join(unknown), fields=unknown)
         reason = _string(body, "reason", 10000)
-        return {"data": orchestrator().submit("taint", ref=ref, reason=reason)}
+        flags = {}
+        for name in ("downstream", "dry_run"):
+            flags[name] = body.get(name, False)
+            if not isinstance(flags[name], bool):
+                raise InvalidRequest("%s must be true or false" % name, field=name)
+        answer = orchestrator().submit("taint", ref=ref, reason=reason, **flags)
+        return {"data": answer["partition"], "tainted": answer["tainted"],
+                "dry_run": answer["dry_run"]}
 
     @app.get("/api/job_runs")
     def list_job_runs():
@@ -3889,8 +4281,25 @@ def openapi_document():
                      "parameters": [ref],
                      "requestBody": {"required": False,
                                      "content": json_body(schema("TaintRequest"))},
-                     "responses": {"200": answer("The tainted partition", single("Partition")),
+                     "responses": {"200": answer("The tainted partition, and every ref tainted "
+                                                 "(or, with dry_run, that would be)",
+                                                 schema("TaintAnswer")),
                                    **errors(400, 404, 409, 413, 415, 503)}}},
+        "/api/partitions/{ref}/lineage": {
+            "get": {"summary": "What a partition was built from, and what was built from it",
+                    "operationId": "partitionLineage",
+                    "parameters": [ref, param("depth", "query", {
+                        "type": "integer", "minimum": 0, "default": 3,
+                        "maximum": DEFAULTS["lineage_depth_max"]}, "levels each way")] + as_of,
+                    "responses": {"200": answer("The lineage", {
+                        "type": "object", "properties": {"data": schema("Lineage")}}),
+                        **errors(400, 404)}}},
+        "/api/partitions/{ref}/explain": {
+            "get": {"summary": "Why a partition is in its state: the events that led there",
+                    "operationId": "partitionExplain", "parameters": [ref],
+                    "responses": {"200": answer("The story", {
+                        "type": "object", "properties": {"data": schema("Explanation")}}),
+                        **errors(400)}}},
         "/api/job_runs": {
             "get": {"summary": "List job runs, newest first", "operationId": "listJobRuns",
                     "parameters": [status_param(JOB_RUN_STATUSES),
@@ -3966,7 +4375,22 @@ def openapi_document():
                                        "ttl_seconds": positive_num, "sla_seconds": positive_num,
                                        "comment": nullable_str, "user": nullable_str}},
         "TaintRequest": {"type": "object", "additionalProperties": False,
-                         "properties": {"reason": nullable_str}},
+                         "properties": {"reason": nullable_str, "downstream": {"type": "boolean"},
+                                        "dry_run": {"type": "boolean"}}},
+        "TaintAnswer": {"type": "object", "required": ["data", "tainted", "dry_run"],
+                        "properties": {"data": schema("Partition"), "tainted": str_list,
+                                       "dry_run": {"type": "boolean"}}},
+        "Lineage": {"type": "object", "required": ["ref", "upstream", "downstream"],
+                    "properties": {"ref": {"type": "string"}, "status": nullable_str,
+                                   "upstream": {"type": "array", "items": {"type": "object"}},
+                                   "downstream": {"type": "array",
+                                                  "items": {"type": "object"}}}},
+        "Explanation": {"type": "object", "required": ["ref", "summary", "steps"],
+                        "properties": {"ref": {"type": "string"}, "status": nullable_str,
+                                       "summary": {"type": "string"},
+                                       "steps": {"type": "array", "items": {"type": "object"}},
+                                       "upstream_failures": {"type": "array",
+                                                             "items": {"type": "object"}}}},
         "Want": {"type": "object", "properties": {
             "want_id": {"type": "string"}, "partitions": str_list,
             "status": {"type": "string", "enum": list(WANT_STATUSES)},
@@ -3983,6 +4407,7 @@ def openapi_document():
             "status": {"type": "string", "enum": list(PARTITION_STATUSES)},
             "job_label": nullable_str, "last_job_run_id": nullable_str,
             "built_by_job_run_id": nullable_str, "want_ids": str_list, "missing_deps": str_list,
+            "upstream": str_list,
             "updated_at": {"type": "string", "format": "date-time"}}},
         "JobRun": {"type": "object", "properties": {
             "job_run_id": {"type": "string"}, "job_label": nullable_str, "partitions": str_list,
@@ -4680,6 +5105,24 @@ class Client:
         """POST /api/partitions/<ref>/taint; returns the partition."""
         body = {"reason": reason} if reason is not None else {}
         return self.request("POST", "/api/partitions/%s/taint" % ref, body)["data"]
+
+    def taint_downstream(self, ref, reason=None, dry_run=False):
+        """Taint ``ref`` and every Live partition built from it (SPEC 13); returns
+        ``{"data": partition, "tainted": [refs, upstream first], "dry_run"}``.
+        With ``dry_run`` nothing is tainted: ``tainted`` says what would be."""
+        body = {"downstream": True, "dry_run": dry_run}
+        if reason is not None:
+            body["reason"] = reason
+        return self.request("POST", "/api/partitions/%s/taint" % ref, body)
+
+    def lineage(self, ref, depth=None, as_of=None):
+        """GET /api/partitions/<ref>/lineage: upstream and downstream trees."""
+        return self.request("GET", "/api/partitions/%s/lineage" % ref,
+                            params={"depth": depth, "as_of": as_of})["data"]
+
+    def explain(self, ref):
+        """GET /api/partitions/<ref>/explain: why the partition is in its state."""
+        return self.request("GET", "/api/partitions/%s/explain" % ref)["data"]
 
     def list_job_runs(self, status=None, job_label=None, want_id=None, limit=None,
                       offset=None, as_of=None):

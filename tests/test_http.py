@@ -102,7 +102,7 @@ def test_partitions_and_job_runs(app_server):
     assert part.status == 200
     assert set(part.json["data"]) == {"ref", "status", "job_label", "last_job_run_id",
                                       "built_by_job_run_id", "want_ids", "missing_deps",
-                                      "updated_at"}
+                                      "updated_at", "upstream"}
     assert part.json["data"]["status"] == "Live" and want["want_id"] in part.json["data"]["want_ids"]
     assert http.call("GET", "/api/partitions/raw/d=9").status == 404
     raw = http.call("GET", "/api/partitions?prefix=raw/").json

@@ -258,8 +258,8 @@ def test_taint_rebuilds_when_wanted(tmp_path, driver_for):
     d = driver_for(write_workspace(tmp_path / "ws"))
     want = d.want("a")
     d.settle(want["want_id"])
-    part = d.command("taint", ref="a", reason="bad rows")
-    assert part["status"] == "Tainted"
+    answer = d.command("taint", ref="a", reason="bad rows")
+    assert answer["partition"]["status"] == "Tainted" and answer["tainted"] == ["a"]
     again = d.want("a")
     assert d.settle(again["want_id"]) == SUCCESSFUL
     assert run_count(d.path, "a") == 2
