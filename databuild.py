@@ -3495,7 +3495,7 @@ def _explain_summary(status, part, last, upstream_failures):
     if status == UPSTREAM_BUILDING:
         return "UpstreamBuilding: waiting for %s" % ", ".join(part["missing_deps"])
     if status == LIVE:
-        return "Live: built by job run %s" % part["built_by_job_run_id"]
+        return "Live, built by run %s" % _short(part["built_by_job_run_id"])
     return "%s: %s" % (status, said)
 
 
@@ -3506,48 +3506,52 @@ def _explain_step(event, view, runs):
     run_id = p.get("job_run_id")
     if run_id:
         step["job_run_id"] = run_id
+    if event.type == JOB_RUN_QUEUE:
+        runs[run_id] = p
     queued = runs.get(run_id, {})
-    run_name = "job run %s (job %s, attempt %s)" % (run_id, queued.get("job_label"),
-                                                   queued.get("attempt", 1))
+    # Sentences for a terminal: ids cut to 8 characters (the CLI takes them as
+    # they are), lists to their first few; the fields beside hold them whole.
+    run_name = "run %s (%s, attempt %s)" % (_short(run_id), queued.get("job_label"),
+                                           queued.get("attempt", 1))
     if event.type == WANT_CREATE:
         source = p.get("source") or {}
         step["want_id"] = p["want_id"]
         if source.get("type") == "job":
-            why = "as an upstream of job run %s (derivative of want %s)" % (
-                source.get("job_run_id"), p.get("parent_want_id"))
+            why = "as a dep of run %s" % _short(source.get("job_run_id"))
         elif source.get("type") == "lineage":
-            why = "to rebuild it before %s, built from it (derivative of want %s)" % (
-                source.get("ref"), p.get("parent_want_id"))
+            why = "to rebuild it before %s, which was built from it" % source.get("ref")
         else:
-            why = "by %s (%s)" % (source.get("user") or "someone", source.get("type", "manual"))
-        step["text"] = "want %s asked for it %s" % (p["want_id"], why)
+            why = "(%s%s)" % (source.get("type", "manual"),
+                              ", by %s" % source["user"] if source.get("user") else "")
+        step["text"] = "want %s asked for it %s" % (_short(p["want_id"]), why)
     elif event.type in (WANT_CANCEL, WANT_EXPIRE):
         step["want_id"] = p["want_id"]
-        step["text"] = "want %s was %s" % (p["want_id"], "canceled" if event.type == WANT_CANCEL
-                                           else "expired (past its TTL)")
+        step["text"] = "want %s was %s" % (_short(p["want_id"]), "canceled" if event.type ==
+                                           WANT_CANCEL else "expired (past its TTL)")
     elif event.type == JOB_RUN_QUEUE:
-        runs[run_id] = p
         step["text"] = "%s queued" % run_name
     elif event.type == JOB_RUN_START:
         step["text"] = "%s started" % run_name
     elif event.type == JOB_RUN_SUCCESS:
         read = p.get("read_deps") or []
-        step["text"] = "%s succeeded: Live%s" % (run_name, "; read %s" % ", ".join(read)
-                                                if read else "")
+        step["read_deps"] = read
+        step["text"] = "%s succeeded%s" % (run_name, ", read %s" % _few(read) if read else "")
     elif event.type == JOB_RUN_FAILURE:
         step.update(exit_code=p.get("exit_code"), error=p.get("error"),
                     stderr_tail=p.get("stderr_tail") or [])
         step["text"] = "%s failed: %s%s" % (run_name, p.get("error"),
-                                           "; it will be retried" if p.get("retry") else "")
+                                           "; to be retried" if p.get("retry") else "")
     elif event.type == JOB_RUN_MISSING_DEPS:
         deps = p["missing_deps"]
-        now = []
-        for dep in deps[:10]:
+        now = {}
+        for dep in deps[:20]:
             dep_part = view.partition(dep)
-            now.append("%s %s" % (dep, dep_part["status"] if dep_part else "not built"))
+            now[dep] = dep_part["status"] if dep_part else "not built"
         step["missing_deps"] = deps
-        step["text"] = "%s reported missing deps: %s (now: %s)" % (
-            run_name, ", ".join(deps), "; ".join(now) + (" ..." if len(deps) > 10 else ""))
+        step["deps_now"] = now
+        unlive = ["%s %s" % (d, s) for d, s in now.items() if s != LIVE]
+        step["text"] = "%s reported missing %s; now %s" % (
+            run_name, _few(deps), _few(unlive) if unlive else "all Live")
     elif event.type == JOB_RUN_CANCEL:
         step["text"] = "%s canceled: %s" % (run_name, p.get("reason"))
     elif event.type == PARTITION_TAINT:
@@ -3557,6 +3561,15 @@ def _explain_step(event, view, runs):
     else:
         step["text"] = event.type
     return step
+
+
+def _short(some_id):
+    return some_id[:8] if isinstance(some_id, str) and len(some_id) == 36 else some_id
+
+
+def _few(items, n=3):
+    items = list(items)
+    return ", ".join(items[:n]) + (" (+%d more)" % (len(items) - n) if len(items) > n else "")
 
 
 def _newest_first(entities, index, offset, limit, keep=None):
@@ -5423,6 +5436,20 @@ def _build_parser():
     p = command(commands, "taint", "mark partitions Tainted (rebuilt when wanted)", _cmd_taint)
     refs(p, "a partition to taint")
     p.add_argument("--reason", metavar="TEXT", help="why (stored in the event)")
+    p.add_argument("--downstream", action="store_true",
+                   help="also taint every Live partition built from it, transitively")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only list what would be tainted")
+
+    p = command(commands, "lineage", "show what a partition was built from and what was "
+                "built from it", _cmd_lineage)
+    p.add_argument("ref", metavar="REF", help="the partition's ref")
+    p.add_argument("--depth", type=int, default=3, metavar="N",
+                   help="levels each way (default 3)")
+
+    p = command(commands, "explain", "say why a partition is in its state: the wants, "
+                "runs, dep misses, failures and taints that led there", _cmd_explain)
+    p.add_argument("ref", metavar="REF", help="the partition's ref")
 
     p = command(commands, "events", "print events of the build event log (the newest, "
                 "oldest first, unless --since)", _cmd_events)
@@ -5777,8 +5804,61 @@ def _cmd_logs(args):
 
 def _cmd_taint(args):
     client = _connect(args)
-    parts = [client.taint(ref, args.reason) for ref in args.refs]
-    _out(args, parts, "\n".join("%s: %s" % (p["ref"], p["status"]) for p in parts))
+    if not (args.downstream or args.dry_run):
+        parts = [client.taint(ref, args.reason) for ref in args.refs]
+        _out(args, parts, "\n".join("%s: %s" % (p["ref"], p["status"]) for p in parts))
+        return 0
+    answers = [client.request("POST", "/api/partitions/%s/taint" % ref, {
+        "reason": args.reason, "downstream": args.downstream, "dry_run": args.dry_run})
+        for ref in args.refs]
+    lines = []
+    for ref, answer in zip(args.refs, answers):
+        verb = "would taint" if args.dry_run else "tainted"
+        lines.append("%s: %s %d partition%s" % (ref, verb, len(answer["tainted"]),
+                                               "" if len(answer["tainted"]) == 1 else "s"))
+        lines.extend("  " + r for r in answer["tainted"])
+    _out(args, answers, "\n".join(lines))
+    return 0
+
+
+def _cmd_lineage(args):
+    tree = _connect(args).lineage(args.ref, depth=args.depth)
+    lines = ["%s  %s" % (tree["ref"], tree["status"])]
+
+    def walk(items, arrow, indent):
+        for item in items:
+            lines.append("%s%s %s  %s%s" % ("  " * indent, arrow, item["ref"],
+                                             item["status"] or "not built",
+                                             "  ..." if item.get("truncated") else ""))
+            walk(item.get("upstream", item.get("downstream", [])), arrow, indent + 1)
+    if tree["upstream"]:
+        lines.append("built from:")
+        walk(tree["upstream"], "<-", 1)
+    if tree["downstream"]:
+        lines.append("built into:")
+        walk(tree["downstream"], "->", 1)
+    if not tree["upstream"] and not tree["downstream"]:
+        lines.append("(no lineage recorded: jobs record it with %s, and by reporting "
+                     "missing deps)" % READ_DEPS_MARKER)
+    _out(args, tree, "\n".join(lines))
+    return 0
+
+
+def _cmd_explain(args):
+    story = _connect(args).explain(args.ref)
+    lines = ["%s: %s" % (story["ref"], story["summary"])]
+    for step in story["steps"]:
+        lines.append("  #%-6d %s  %s" % (step["event_id"], step["timestamp"][:19] + "Z",
+                                          step["text"]))
+        for line in step.get("stderr_tail", [])[-4:-1]:  # the last one is in the error
+            lines.append("           | %s" % line)
+    for upstream in story["upstream_failures"]:
+        lines.append("upstream %s: %s" % (upstream["ref"], upstream["summary"]))
+        failures = [s for s in upstream["steps"] if s["type"] == JOB_RUN_FAILURE]
+        for step in failures[-1:]:
+            lines.append("  #%-6d %s  %s" % (step["event_id"], step["timestamp"][:19] + "Z",
+                                              step["text"]))
+    _out(args, story, "\n".join(lines))
     return 0
 
 

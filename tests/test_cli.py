@@ -389,3 +389,31 @@ def test_client_for_workspace_and_wait_want(workspace):
         assert e.value.fields == {"want_id": "nope"} and e.value.message == "Want not found"
     finally:
         client.shutdown()
+
+
+def test_reviews_lineage_explain_and_taint_downstream(reviews, serve):
+    server = serve(reviews)
+    server.cli("build", "report/weekly/week=2025-01-06", "--wait", check=0)
+    report, daily, raw = ("report/weekly/week=2025-01-06", "agg/daily/date=2025-01-08",
+                          "raw/reviews/date=2025-01-08")
+    part = server.client.get_partition(report)
+    assert part["upstream"] == ["agg/daily/date=2025-01-%02d" % d for d in range(6, 13)]
+    assert server.client.get_partition(daily)["upstream"] == [raw]
+    tree = server.cli("lineage", raw, check=0).stdout
+    assert "built into:" in tree and "-> %s  Live" % daily in tree and report in tree
+    story = server.cli("explain", report, check=0).stdout.splitlines()
+    assert story[0].startswith(report + ": Live, built by run ")
+    assert any("reported missing agg/daily/date=2025-01-06" in line for line in story)
+    assert 5 <= len(story) <= 10  # a few lines for the common case
+    dry = server.cli("taint", raw, "--downstream", "--dry-run", check=0).stdout
+    assert dry.splitlines() == ["%s: would taint 3 partitions" % raw, "  " + raw,
+                                "  " + daily, "  " + report]
+    assert server.client.get_partition(report)["status"] == "Live"
+    server.cli("taint", raw, "--downstream", "--reason", "bad export", check=0)
+    for ref in (raw, daily, report):
+        assert server.client.get_partition(ref)["status"] == "Tainted"
+    r = server.cli("build", report, "--wait", check=0)  # rebuilt, upstream first
+    assert "Successful" in r.stdout
+    story = server.cli("explain", daily, check=0).stdout
+    assert "tainted: bad export (built from %s, tainted with it)" % raw in story
+    assert "to rebuild it before %s" % report in story

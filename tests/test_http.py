@@ -480,3 +480,60 @@ def test_state_dir_and_server_json_are_private(tmp_path):
             assert json.load(f)["token"] == server.token and len(server.token) >= 40
     finally:
         server.close()
+
+
+# -- lineage and explain (SPEC 13) ---------------------------------------------
+
+def test_lineage_both_ways_with_depth_and_as_of(app_server):
+    from conftest import set_plan
+    ws = app_server.config.root
+    set_plan(ws, {"c": {"deps": ["b"]}, "b": {"reads": ["a"]}})
+    http = app_server.http
+    settle(app_server, create(app_server, "a").json["data"]["want_id"])
+    settle(app_server, create(app_server, "c").json["data"]["want_id"])
+    r = http.call("GET", "/api/partitions/b/lineage")
+    assert r.status == 200
+    assert r.json["data"] == {
+        "ref": "b", "status": "Live",
+        "upstream": [{"ref": "a", "status": "Live", "upstream": []}],
+        "downstream": [{"ref": "c", "status": "Live", "downstream": []}]}
+    cut = http.call("GET", "/api/partitions/c/lineage?depth=1").json["data"]
+    assert cut["upstream"] == [{"ref": "b", "status": "Live", "upstream": [],
+                                "truncated": True}]
+    assert http.call("GET", "/api/partitions/c/lineage?depth=0").json["data"]["upstream"] == []
+    part = http.call("GET", "/api/partitions/c").json["data"]
+    assert part["upstream"] == ["b"]
+    # As of an event before c was rebuilt, b had no downstream yet.
+    events = http.call("GET", "/api/events?limit=1000").json["data"]
+    b_built = next(e["event_id"] for e in events if e["type"] == "job_run_success"
+                   and e["payload"].get("read_deps") == ["a"])
+    then = http.call("GET", "/api/partitions/b/lineage?as_of=%d" % b_built).json["data"]
+    assert then["upstream"][0]["ref"] == "a" and then["downstream"] == []
+    assert http.call("GET", "/api/partitions/zzz/lineage").status == 404
+    assert http.call("GET", "/api/partitions/a/lineage?depth=51").status == 400
+
+
+def test_explain_tells_the_story_oldest_first(app_server):
+    from conftest import set_plan
+    set_plan(app_server.config.root, {"top": {"deps": ["bad"]}, "bad": {"exit": 4}})
+    http = app_server.http
+    want = create(app_server, "top", user="alice").json["data"]
+    assert settle(app_server, want["want_id"])["status"] == "UpstreamFailed"
+    story = http.call("GET", "/api/partitions/top/explain").json["data"]
+    assert story["ref"] == "top" and story["status"] == "UpstreamFailed"
+    ids = [s["event_id"] for s in story["steps"]]
+    assert ids == sorted(ids) and len(ids) >= 4
+    types = [s["type"] for s in story["steps"]]
+    assert types[:2] == ["want_create", "job_run_queue"] and "job_run_missing_deps" in types
+    assert "alice" in story["steps"][0]["text"]
+    assert story["steps"][0]["want_id"] == want["want_id"]
+    (upstream,) = story["upstream_failures"]
+    assert upstream["ref"] == "bad" and upstream["status"] == "Failed"
+    failure = [s for s in upstream["steps"] if s["type"] == "job_run_failure"][-1]
+    assert failure["exit_code"] == 4 and "planned exit 4" in failure["stderr_tail"][-1]
+    assert "bad" in story["summary"] and "Failed" in story["summary"]
+    never = http.call("GET", "/api/partitions/some/new/ref/explain").json["data"]
+    assert never["steps"] == [] and "it would be built by job 'test'" in never["summary"]
+    nobody = http.call("GET", "/api/partitions/UPPER/explain").json["data"]
+    assert "no job produces it" in nobody["summary"]
+    assert http.call("GET", "/api/partitions/a%20b/explain").status == 400

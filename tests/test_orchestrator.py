@@ -446,3 +446,57 @@ def test_disk_full_says_so_writes_nothing_and_recovers_once_space_is_freed(
     want = d.want("c")
     assert d.settle(want["want_id"]) == SUCCESSFUL
     _same_as_replay(d)
+
+
+# -- lineage (SPEC 13) ---------------------------------------------------------
+
+def _chain(tmp_path, driver_for):
+    # c needs b (reported missing), b read a (said so), d read c.
+    ws = write_workspace(tmp_path / "ws", plan={
+        "c": {"deps": ["b"]}, "b": {"reads": ["a"]}, "d": {"reads": ["c"]}})
+    d = driver_for(ws)
+    for ref in ("a", "c", "d"):  # c's run reports b missing: b is built, then c again
+        assert d.settle(d.want(ref)["want_id"]) == SUCCESSFUL
+    return ws, d
+
+
+def test_upstream_is_what_was_read_and_what_was_reported_missing(tmp_path, driver_for):
+    ws, d = _chain(tmp_path, driver_for)
+    parts = d.full().partitions
+    assert parts["a"].upstream == [] and parts["b"].upstream == ["a"]
+    assert parts["c"].upstream == ["b"] and parts["d"].upstream == ["c"]
+    assert d.state.downstream == {"a": {"b"}, "b": {"c"}, "c": {"d"}}
+    # The working set restored from the projection has the same index.
+    summary, partitions, wants, runs = d.log.load_projection()
+    restored = databuild.BuildState.restore(summary, partitions, wants, runs)
+    assert restored.downstream == d.state.downstream
+
+
+def test_taint_downstream_in_one_commit_in_dependency_order(tmp_path, driver_for):
+    ws, d = _chain(tmp_path, driver_for)
+    before = d.log.latest_event_id()
+    dry = d.command("taint", ref="a", reason="bad", downstream=True, dry_run=True)
+    assert dry["tainted"] == ["a", "b", "c", "d"] and dry["dry_run"]
+    assert d.log.latest_event_id() == before  # a dry run leaves no trace
+    answer = d.command("taint", ref="a", reason="bad rows", downstream=True)
+    assert answer["tainted"] == ["a", "b", "c", "d"]
+    events = list(d.log.iter_events(since=before))
+    assert [(e.type, e.payload["ref"]) for e in events] == [
+        ("partition_taint", r) for r in "abcd"]
+    assert {e.payload["reason"] for e in events} == {"bad rows"}
+    assert [e.payload.get("upstream_of") for e in events] == [None, "a", "a", "a"]
+    assert {p.status for p in d.state.partitions.values()} == {"Tainted"}
+
+
+def test_a_wanted_tainted_partition_is_rebuilt_after_its_upstream(tmp_path, driver_for):
+    ws, d = _chain(tmp_path, driver_for)
+    d.command("taint", ref="a", downstream=True)
+    before = d.log.latest_event_id()
+    want = d.want("d")  # only d is wanted: a, b, c are rebuilt first, in order
+    assert d.settle(want["want_id"]) == SUCCESSFUL
+    built = [d.full().job_runs[e.payload["job_run_id"]].partitions[0]
+             for e in d.log.iter_events(since=before) if e.type == "job_run_success"]
+    assert built == ["a", "b", "c", "d"]
+    assert [run_count(ws, r) for r in "abcd"] == [2, 2, 3, 2]
+    lineage_wants = [w for w in d.full().wants.values() if w.source.get("type") == "lineage"]
+    assert lineage_wants and all(w.root_want_id == want["want_id"] for w in lineage_wants)

@@ -2,9 +2,10 @@
 
 ``python testjob.py REF...`` runs in the workspace.  ``plan.json`` maps a ref
 to ``{"deps": [...], "exit": N, "sleep": S, "sleep_times": N, "fail_times": N,
-"stdout": "...", "ignore_term": true, "leave": {"argv": [...], "setsid": true}}``
+"stdout": "...", "ignore_term": true, "leave": {"argv": [...], "setsid": true},
+"reads": [...]}``
 (every key optional; ``leave`` starts a process that outlives the job, its pid
-in ``runs/<ref>.left``; an unplanned ref
+in ``runs/<ref>.left``; ``reads`` are printed as the read-deps line; an unplanned ref
 just succeeds; ``sleep_times`` limits the sleep to the first N invocations).  A ref is "built" when
 ``built/<ref>`` exists.  Each invocation appends a line to ``runs/<ref>``.
 """
@@ -78,6 +79,9 @@ def main(refs):
                   "argv": sys.argv[1:], "cwd": os.getcwd(), "stdin": stdin, "fds": fds}
         with open(os.path.join("built", fname(ref)), "w") as f:
             f.write(json.dumps(record))
+    reads = [r for ref in refs for r in plan.get(ref, {}).get("reads", [])]
+    if reads:
+        print("DATABUILD_READ_DEPS_JSON: " + json.dumps({"read_deps": reads}), flush=True)
     print("built", " ".join(refs))
     return 0
 

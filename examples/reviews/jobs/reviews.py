@@ -3,7 +3,11 @@
 Invoked by databuild as ``python3 jobs/reviews.py STAGE REF...`` from the
 workspace root.  Each stage writes its partition under ``data/<ref>/`` and a
 ``_SUCCESS`` marker last; a stage whose inputs are not there yet prints the
-databuild missing-deps line and exits, and databuild builds them first.
+databuild missing-deps line and exits, and databuild builds them first.  A
+stage that built its partition prints the refs it read (the read-deps line),
+so databuild records the lineage: ``explain``, ``lineage`` and
+``taint --downstream`` then know that the report was built from the dailies,
+and each daily from its raw day.
 """
 import csv
 import datetime
@@ -42,6 +46,11 @@ def missing(refs):
     return bool(absent)
 
 
+def read(refs):
+    """Tell databuild which partitions this run read (its lineage)."""
+    print("DATABUILD_READ_DEPS_JSON: " + json.dumps({"read_deps": refs}), flush=True)
+
+
 def date_of(ref):
     return datetime.date.fromisoformat(ref.rsplit("=", 1)[1])
 
@@ -72,6 +81,7 @@ def daily(refs):
                    "average_rating": round(sum(ratings) / len(ratings), 3)}
         publish(ref, "summary.json", lambda f: json.dump(summary, f, indent=2))
         print("wrote", path(ref, "summary.json"), summary)
+        read([upstream])
 
 
 def weekly(refs):
@@ -94,6 +104,7 @@ def weekly(refs):
             f.write("\n%d reviews in the week.\n" % total)
         publish(ref, "report.md", write)
         print("wrote", path(ref, "report.md"), "with", total, "reviews")
+        read(days)
 
 
 if __name__ == "__main__":
