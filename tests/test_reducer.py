@@ -282,3 +282,23 @@ def test_unknown_event_types_are_skipped(log):
     log("something_new", x=1)
     assert log.state.latest_event_id == 1
     assert not log.state.wants
+
+
+def test_upstream_is_read_deps_plus_deps_reported_missing_since_the_last_success(log):
+    log.want("w", "c")
+    log.queue("r1", "c", want_ids=["w"])
+    log("job_run_missing_deps", job_run_id="r1", missing_deps=["b"], exit_code=0)
+    log.queue("r2", "c", want_ids=["w"])
+    log("job_run_success", job_run_id="r2", exit_code=0, read_deps=["x", "c"])
+    part = log.state.partitions["c"]
+    assert part.upstream == ["b", "x"]  # its own ref is not its upstream
+    assert part.reported_deps == [] and log.state.downstream == {"b": {"c"}, "x": {"c"}}
+    assert part.to_dict()["upstream"] == ["b", "x"]
+    # A rebuild that read something else replaces the edges.
+    log("partition_taint", ref="c", reason=None)
+    log.want("w2", "c")
+    log.queue("r3", "c", want_ids=["w2"])
+    log("job_run_success", job_run_id="r3", exit_code=0, read_deps=["y"])
+    assert part.upstream == ["y"] and log.state.downstream == {"y": {"c"}}
+    # The same events give the same lineage (replay).
+    assert BuildState.from_events(log.events).downstream == {"y": {"c"}}
