@@ -522,7 +522,7 @@ def test_explain_tells_the_story_oldest_first(app_server):
     story = http.call("GET", "/api/partitions/top/explain").json["data"]
     assert story["ref"] == "top" and story["status"] == "UpstreamFailed"
     ids = [s["event_id"] for s in story["steps"]]
-    assert ids == sorted(ids) and len(ids) >= 4
+    assert ids == sorted(ids) and len(ids) >= 3
     types = [s["type"] for s in story["steps"]]
     assert types[:2] == ["want_create", "job_run_queue"] and "job_run_missing_deps" in types
     assert "alice" in story["steps"][0]["text"]
