@@ -5003,7 +5003,7 @@ class Client:
         self.token = token
 
     @classmethod
-    def for_workspace(cls, path=None, start=True, timeout=60.0):
+    def for_workspace(cls, path=None, start=True, timeout=60.0, on_start=None):
         """A client of a workspace's server, found as the CLI finds it: the
         workspace at or above ``path`` (default: the current folder), its
         ``.databuild/server.json`` (URL and token); if no server answers and
@@ -5011,6 +5011,8 @@ class Client:
 
         Raises ConfigError if there is no workspace, ServerUnreachable if no
         server runs (and ``start`` is false) or it does not come up.
+        ``on_start(workspace)`` is called when a server is being started (the
+        CLI says so on stderr).
         """
         workspace = find_workspace(path)
         if workspace is None:
@@ -5022,7 +5024,7 @@ class Client:
             if not start:
                 raise ServerUnreachable("No server is running for workspace %s" % workspace,
                                         workspace=workspace)
-            info = _start_server(workspace)
+            info = _start_server(workspace, on_start)
         return cls(info["url"], timeout=timeout, token=info.get("token"))
 
     def wait_want(self, want_id, timeout=None, poll=0.1):
@@ -5212,7 +5214,7 @@ def _server_alive(url):
         return False
 
 
-def _start_server(workspace):
+def _start_server(workspace, on_start=None):
     """Start ``serve`` in the background, detached, logging to server.log; wait
     for it and return its server.json.
 
@@ -5244,7 +5246,8 @@ def _start_server(workspace):
                 [sys.executable, os.path.abspath(__file__), "serve", "--workspace", workspace],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=workspace)
-        print("Starting databuild server for %s ..." % workspace, file=sys.stderr)
+        if on_start is not None:
+            on_start(workspace)
         while time.monotonic() < deadline:
             info = read_server_info(state_dir)
             if info and info.get("pid") == proc.pid and _server_alive(info["url"]):
@@ -5507,7 +5510,9 @@ def _connect(args):
             info = read_server_info(os.path.join(workspace, STATE_DIR)) if workspace else None
             token = (info or {}).get("token")
         return Client(url, token=token)
-    client = Client.for_workspace(_workspace(args), start=not _opt(args, "no_start"))
+    client = Client.for_workspace(
+        _workspace(args), start=not _opt(args, "no_start"),
+        on_start=lambda ws: print("Starting databuild server for %s ..." % ws, file=sys.stderr))
     client.token = token or client.token
     return client
 
