@@ -469,7 +469,7 @@ class Want(_Entity):
     __slots__ = ("want_id", "partitions", "status", "data_timestamp", "ttl_seconds",
                  "sla_seconds", "sla_breached", "source", "parent_want_id",
                  "root_want_id", "derivative_want_ids", "job_run_ids", "comment",
-                 "created_at", "updated_at", "seq", "chain", "counts")
+                 "created_at", "updated_at", "seq", "chain", "counts", "priority")
     #: What a projection row holds: everything but the live-only ``counts`` and
     #: the lists that grow without bound (link rows instead).
     ROW = tuple(f for f in __slots__
@@ -495,7 +495,7 @@ class Want(_Entity):
             "derivative_want_ids": list(self.derivative_want_ids),
             "job_run_ids": list(self.job_run_ids), "comment": self.comment,
             "created_at": isoformat(self.created_at), "updated_at": isoformat(self.updated_at),
-            "terminal": self.status in TERMINAL_WANT_STATUSES,
+            "terminal": self.status in TERMINAL_WANT_STATUSES, "priority": self.priority,
         }
 
 
@@ -511,7 +511,7 @@ class Partition(_Entity):
 
     __slots__ = ("ref", "status", "job_label", "last_job_run_id", "built_by_job_run_id",
                  "want_ids", "missing_deps", "updated_at", "waiting_on", "retries",
-                 "upstream", "reported_deps", "seq")
+                 "upstream", "reported_deps", "retry_at", "seq")
     #: ``want_ids`` grows without bound: a link table holds it, not the row.
     ROW = tuple(f for f in __slots__ if f != "want_ids")
 
@@ -521,7 +521,7 @@ class Partition(_Entity):
         part = cls()
         (part.ref, part.status, part.job_label, part.last_job_run_id,
          part.built_by_job_run_id, part.missing_deps, part.updated_at, waiting_on,
-         part.retries, part.upstream, part.reported_deps, part.seq) = values
+         part.retries, part.upstream, part.reported_deps, part.retry_at, part.seq) = values
         part.waiting_on = set(waiting_on) if waiting_on else _NOTHING
         part.want_ids = []
         return part
@@ -532,7 +532,8 @@ class Partition(_Entity):
                 "last_job_run_id": self.last_job_run_id,
                 "built_by_job_run_id": self.built_by_job_run_id,
                 "want_ids": list(self.want_ids), "missing_deps": list(self.missing_deps),
-                "upstream": list(self.upstream), "updated_at": isoformat(self.updated_at)}
+                "upstream": list(self.upstream), "retry_at": isoformat(self.retry_at),
+                "updated_at": isoformat(self.updated_at)}
 
 
 class JobRun(_Entity):
@@ -584,7 +585,7 @@ class _Tally:
 
 
 #: Bumped when the projection's rows change shape: an older projection is rebuilt.
-PROJECTION_VERSION = 5
+PROJECTION_VERSION = 6
 
 
 class BuildState:
@@ -775,6 +776,7 @@ class BuildState:
         want.derivative_want_ids = []
         want.job_run_ids = []
         want.comment = p.get("comment")
+        want.priority = p.get("priority") or 0
         want.created_at = want.updated_at = ts
         want.seq = self.seqs["wants"]
         self.seqs["wants"] += 1
@@ -871,12 +873,14 @@ class BuildState:
                 part.retries = 0
                 part.upstream = []
                 part.reported_deps = []
+                part.retry_at = None
                 part.seq = self.seqs["partitions"]
                 self.seqs["partitions"] += 1
                 self.partitions[ref] = part
             elif part.status == UPSTREAM_BUILDING:
                 self._drop_waits(part, ts)
             part.last_job_run_id = run.job_run_id
+            part.retry_at = None
             part.missing_deps = []
             self.active_run_by_ref[ref] = run.job_run_id
             self._set_partition_status(part, BUILDING, ts)
@@ -945,6 +949,7 @@ class BuildState:
         status = UP_FOR_RETRY if p.get("retry") else FAILED
         for ref in run.partitions:
             part = self.partitions[ref]
+            part.retry_at = p.get("retry_at") if p.get("retry") else None  # SPEC 10 backoff
             if p.get("counted", True):
                 part.retries += 1
             self._set_partition_status(part, status, ts)
@@ -1817,14 +1822,17 @@ _LABEL_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _SERVER_KEYS = ("host", "port", "idle_timeout_seconds", "max_concurrent_job_runs",
                 "cors_origins", "auth", "allowed_hosts")
 _JOB_KEYS = ("label", "entrypoint", "partition_patterns", "environment",
-             "max_partitions_per_run", "max_retries", "timeout_seconds")
+             "max_partitions_per_run", "max_retries", "timeout_seconds", "max_concurrent_runs",
+             "retry_backoff_seconds", "retry_backoff_max_seconds")
 
 
 class JobConfig:
     """One ``[[jobs]]`` entry of databuild.toml."""
 
     def __init__(self, label, entrypoint, partition_patterns, environment=None,
-                 max_partitions_per_run=1, max_retries=0, timeout_seconds=0):
+                 max_partitions_per_run=1, max_retries=0, timeout_seconds=0,
+                 max_concurrent_runs=None, retry_backoff_seconds=0,
+                 retry_backoff_max_seconds=3600):
         self.label = label
         self.entrypoint = list(entrypoint)
         self.partition_patterns = list(partition_patterns)
@@ -1833,6 +1841,21 @@ class JobConfig:
         self.max_partitions_per_run = max_partitions_per_run
         self.max_retries = max_retries
         self.timeout_seconds = timeout_seconds
+        self.max_concurrent_runs = max_concurrent_runs  # None: only the server's limit
+        self.retry_backoff_seconds = retry_backoff_seconds
+        self.retry_backoff_max_seconds = retry_backoff_max_seconds
+
+    def retry_delay(self, attempt, rng=random.random):
+        """Seconds before retry ``attempt`` (2, 3, ...) may start (SPEC 10):
+        ``retry_backoff_seconds * 2**(n-1)`` for the n-th retry, capped by
+        ``retry_backoff_max_seconds``, plus up to 10 % of jitter (so that
+        runs that failed together do not all retry at the same instant)."""
+        if not self.retry_backoff_seconds:
+            return 0.0
+        retry = max(1, attempt - 1)
+        delay = min(self.retry_backoff_seconds * 2 ** min(retry - 1, 60),
+                    self.retry_backoff_max_seconds)
+        return delay * (1 + 0.1 * rng())
 
     def produces(self, ref):
         """True if one of this job's patterns fully matches ``ref``."""
@@ -2041,7 +2064,13 @@ def _parse_config(root, data, path):
             label, entrypoint, patterns, environment,
             _config_value(where, "max_partitions_per_run", job.get("max_partitions_per_run", 1), "int", 1),
             _config_value(where, "max_retries", job.get("max_retries", 0), "int", 0),
-            _config_value(where, "timeout_seconds", job.get("timeout_seconds", 0), "num", 0)))
+            _config_value(where, "timeout_seconds", job.get("timeout_seconds", 0), "num", 0),
+            _config_value(where, "max_concurrent_runs", job["max_concurrent_runs"], "int", 1)
+            if "max_concurrent_runs" in job else None,
+            _config_value(where, "retry_backoff_seconds", job.get("retry_backoff_seconds", 0),
+                          "num", 0),
+            _config_value(where, "retry_backoff_max_seconds",
+                          job.get("retry_backoff_max_seconds", 3600), "num", 0)))
     return Config(root, jobs, path=path, **server)
 
 
@@ -2472,6 +2501,13 @@ class Orchestrator:
         self._replies = []  # (command, result) to answer after the next commit
         self._waiting_cancels = {}  # job_run_id -> commands answered when it ends
         self._deadlines = []  # heap of (when, kind, want_id): "ttl" and "sla"
+        # SPEC 10.  Queued runs by (-priority, seq, id): the highest priority
+        # of the live wants needing a run, then the oldest, starts first.
+        # Entries are lazy: one whose run started, ended or changed priority
+        # is dropped (or pushed again) when it comes up.
+        self._queue = []
+        self._retry_waits = []  # heap of (retry_at, ref): partitions in backoff
+        self._retry_waiting = set()  # the refs in _retry_waits
         self._stop_requested = False
         self._no_starts_until = 0.0  # after a failed commit: start no job run before this
         #: True where this process is its jobs' subreaper (``serve``): then
@@ -2488,6 +2524,8 @@ class Orchestrator:
         for want in self.state.wants.values():  # the live wants: a working set
             self._push_deadlines(want)
         self._recover(now)
+        for run_id in self.state.job_runs_by_status[QUEUED]:
+            self._push_queued(self.state.job_runs[run_id])
 
     def _open_state(self):
         # The working set from the projection; if the projection does not
@@ -2604,6 +2642,8 @@ class Orchestrator:
 
     def _sleep_seconds(self, now):
         when = min(now + DEFAULTS["orchestrator_tick_seconds"], self._sweep_at)
+        if self._retry_waits:
+            when = min(when, self._retry_waits[0][0])
         if self._deadlines:
             when = min(when, self._deadlines[0][0])
         for proc in self._processes.values():
@@ -2666,6 +2706,9 @@ class Orchestrator:
                 self._processes.pop(proc.job_run_id, None)
             self._exited.extendleft(reversed(reaped))
             self._no_starts_until = now + DEFAULTS["commit_retry_seconds"]
+            self._queue = []  # the queued runs are the log's again
+            for run_id in self.state.job_runs_by_status[QUEUED]:
+                self._push_queued(self.state.job_runs[run_id])
             raise
 
     def _commit(self):
@@ -2720,7 +2763,23 @@ class Orchestrator:
         self._entries.append((type_, payload, now))
         self.state.apply(Event(self.state.latest_event_id + 1, now, type_, payload))
         if type_ == WANT_CREATE:
-            self._push_deadlines(self.state.wants[payload["want_id"]])
+            want = self.state.wants[payload["want_id"]]
+            self._push_deadlines(want)
+            if want.priority:  # it may raise the priority of queued runs it joined
+                for ref in want.partitions:
+                    run = self.state.job_runs.get(self.state.active_run_by_ref.get(ref, ""))
+                    if run is not None and run.status == QUEUED:
+                        self._push_queued(run)
+        elif type_ == JOB_RUN_QUEUE:
+            self._push_queued(self.state.job_runs[payload["job_run_id"]])
+
+    def _run_priority(self, run):
+        wants = self.state.wants
+        return max((wants[w].priority for w in run.want_ids if w in wants
+                    and wants[w].status not in TERMINAL_WANT_STATUSES), default=0)
+
+    def _push_queued(self, run):
+        heapq.heappush(self._queue, (-self._run_priority(run), run.seq, run.job_run_id))
 
     def _push_deadlines(self, want, ttl=True):
         if ttl and want.ttl_seconds:
@@ -2752,6 +2811,7 @@ class Orchestrator:
             "data_timestamp": now if data_timestamp is None else data_timestamp,
             "ttl_seconds": request.get("ttl_seconds"),
             "sla_seconds": request.get("sla_seconds"),
+            "priority": request.get("priority") or 0,
             "source": {"type": "manual", "user": request.get("user")},
             "parent_want_id": None, "root_want_id": want_id,
             "comment": request.get("comment"),
@@ -2899,6 +2959,10 @@ class Orchestrator:
     def _fail(self, run, now, error, retry, counted=True, exit_code=None, stderr_tail=None):
         payload = {"job_run_id": run.job_run_id, "exit_code": exit_code, "error": error,
                    "retry": bool(retry), "counted": counted}
+        job = self.config.jobs_by_label.get(run.job_label)
+        if retry and counted and job is not None and job.retry_backoff_seconds:
+            # In the log, so that a restart keeps the schedule of the retry.
+            payload["retry_at"] = now + job.retry_delay(run.attempt + 1)
         if stderr_tail:
             payload["stderr_tail"] = stderr_tail
         self._emit(JOB_RUN_FAILURE, payload, now)
@@ -2966,7 +3030,7 @@ class Orchestrator:
             "sla_seconds": parent.sla_seconds,
             "source": {"type": "job", "job_run_id": run.job_run_id},
             "parent_want_id": parent.want_id, "root_want_id": parent.root_want_id,
-            "comment": None,
+            "comment": None, "priority": parent.priority,
         }, now)
 
     def _find_cycle(self, run, missing):
@@ -3039,10 +3103,19 @@ class Orchestrator:
 
     def _schedule(self, now):
         state = self.state
+        while self._retry_waits and self._retry_waits[0][0] <= now:
+            self._retry_waiting.discard(heapq.heappop(self._retry_waits)[1])
         if not state.pending_refs:
             return
         by_job = {}
         for ref in list(state.pending_refs):
+            part = state.partitions.get(ref)
+            if part is not None and part.retry_at is not None and part.retry_at > now:
+                # SPEC 10 backoff: UpForRetry until retry_at; the heap wakes us.
+                if ref not in self._retry_waiting:
+                    self._retry_waiting.add(ref)
+                    heapq.heappush(self._retry_waits, (part.retry_at, ref))
+                continue
             if self._rebuild_upstream_first(ref, now):
                 continue
             try:
@@ -3097,21 +3170,37 @@ class Orchestrator:
                 "source": {"type": "lineage", "ref": ref},
                 "parent_want_id": parent.want_id if parent else None,
                 "root_want_id": parent.root_want_id if parent else want_id,
-                "comment": None}, now)
+                "comment": None, "priority": parent.priority if parent else 0}, now)
             wait = True
         return wait
 
     def _start_queued(self, now):
         started = []
         free = self.config.max_concurrent_job_runs - len(self._processes)
-        if free <= 0:
+        if free <= 0 or not self._queue:
             return started
-        for run_id in list(itertools.islice(self.state.job_runs_by_status[QUEUED], free)):
-            run = self.state.job_runs[run_id]
+        running = collections.Counter(self.state.job_runs[run_id].job_label
+                                      for run_id in self._processes)
+        held = []  # entries of jobs at their max_concurrent_runs: back in the heap after
+        while free > 0 and self._queue:
+            entry = heapq.heappop(self._queue)
+            run = self.state.job_runs.get(entry[2])
+            if run is None or run.status != QUEUED:
+                continue  # started, ended or unknown since it was pushed
+            priority = self._run_priority(run)
+            if -entry[0] != priority:
+                heapq.heappush(self._queue, (-priority, run.seq, run.job_run_id))
+                continue
+            run_id = run.job_run_id
             job = self.config.jobs_by_label.get(run.job_label)
             if job is None:
                 self._fail(run, now, "no job labelled %r in the config" % run.job_label, False)
                 continue
+            if job.max_concurrent_runs is not None and running[job.label] >= job.max_concurrent_runs:
+                held.append(entry)
+                continue
+            free -= 1
+            running[job.label] += 1
             try:
                 proc = self._launcher().spawn(run, job, now)
             except OSError as e:
@@ -3122,6 +3211,8 @@ class Orchestrator:
             # Stamped when the process was spawned, not when the step began.
             self._emit(JOB_RUN_START, {"job_run_id": run_id, "pid": proc.pid,
                                        "pid_start_time": proc.start_time}, self.clock())
+        for entry in held:
+            heapq.heappush(self._queue, entry)
         return started
 
     # -- recovery and shutdown ------------------------------------------------
@@ -3607,7 +3698,9 @@ HTTP_STATUS = (
 )
 JSON_TYPE = "application/json; charset=utf-8"
 _WANT_FIELDS = ("partitions", "want_id", "data_timestamp", "ttl_seconds", "sla_seconds",
-                "comment", "user")
+                "comment", "user", "priority")
+#: The range of a want's priority (SPEC 10).
+PRIORITY_RANGE = (-1000000, 1000000)
 _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _DIGITS_RE = re.compile(r"[0-9]+")
 #: The largest integer a query parameter takes (2**53 - 1: exact in every JSON client).
@@ -3728,7 +3821,19 @@ def parse_want_request(body, config):
             "data_timestamp": _number(body, "data_timestamp"),
             "ttl_seconds": _number(body, "ttl_seconds", positive=True),
             "sla_seconds": _number(body, "sla_seconds", positive=True),
-            "comment": _string(body, "comment", 10000), "user": _string(body, "user", 200)}
+            "comment": _string(body, "comment", 10000), "user": _string(body, "user", 200),
+            "priority": _priority(body)}
+
+
+def _priority(body):
+    value = body.get("priority")
+    if value is None:
+        return 0
+    low, high = PRIORITY_RANGE
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidRequest("priority must be an integer from %d to %d" % (low, high),
+                             field="priority", value=_shown(value))
+    return value
 
 
 def _sse(event, data):
@@ -3788,6 +3893,9 @@ def job_to_dict(job, run_counts):
             "environment_keys": sorted(job.environment),
             "max_partitions_per_run": job.max_partitions_per_run,
             "max_retries": job.max_retries, "timeout_seconds": job.timeout_seconds,
+            "max_concurrent_runs": job.max_concurrent_runs,
+            "retry_backoff_seconds": job.retry_backoff_seconds,
+            "retry_backoff_max_seconds": job.retry_backoff_max_seconds,
             "job_runs": {s: n for s, n in run_counts.items() if n}}
 
 
@@ -4390,7 +4498,10 @@ def openapi_document():
                                        "data_timestamp": {"type": "number", "minimum": 0,
                                                           "nullable": True},
                                        "ttl_seconds": positive_num, "sla_seconds": positive_num,
-                                       "comment": nullable_str, "user": nullable_str}},
+                                       "comment": nullable_str, "user": nullable_str,
+                                       "priority": {"type": "integer", "nullable": True,
+                                                    "minimum": PRIORITY_RANGE[0],
+                                                    "maximum": PRIORITY_RANGE[1]}}},
         "TaintRequest": {"type": "object", "additionalProperties": False,
                          "properties": {"reason": nullable_str, "downstream": {"type": "boolean"},
                                         "dry_run": {"type": "boolean"}}},
@@ -4417,6 +4528,7 @@ def openapi_document():
             "source": {"type": "object"}, "parent_want_id": nullable_str,
             "root_want_id": {"type": "string"}, "derivative_want_ids": str_list,
             "job_run_ids": str_list, "comment": nullable_str, "terminal": {"type": "boolean"},
+            "priority": {"type": "integer"},
             "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"}}},
         "Partition": {"type": "object", "properties": {
@@ -4424,7 +4536,7 @@ def openapi_document():
             "status": {"type": "string", "enum": list(PARTITION_STATUSES)},
             "job_label": nullable_str, "last_job_run_id": nullable_str,
             "built_by_job_run_id": nullable_str, "want_ids": str_list, "missing_deps": str_list,
-            "upstream": str_list,
+            "upstream": str_list, "retry_at": {"type": "string", "nullable": True},
             "updated_at": {"type": "string", "format": "date-time"}}},
         "JobRun": {"type": "object", "properties": {
             "job_run_id": {"type": "string"}, "job_label": nullable_str, "partitions": str_list,
@@ -4442,6 +4554,9 @@ def openapi_document():
             "entrypoint": str_list, "executor": {"type": "string"},
             "environment_keys": str_list, "max_partitions_per_run": integer,
             "max_retries": integer, "timeout_seconds": {"type": "number"},
+            "max_concurrent_runs": {"type": "integer", "nullable": True},
+            "retry_backoff_seconds": {"type": "number"},
+            "retry_backoff_max_seconds": {"type": "number"},
             "job_runs": {"type": "object", "additionalProperties": integer}}},
         "EventList": {"type": "object", "properties": {
             "data": {"type": "array", "items": schema("Event")}, "total": integer,
@@ -5360,6 +5475,9 @@ def _build_parser():
 
     def want_fields(p):
         p.add_argument("--comment", metavar="TEXT", help="a note stored with the want")
+        p.add_argument("--priority", type=int, metavar="N",
+                       help="queued runs for higher priorities start first (default 0; "
+                            "derivative wants inherit it)")
         p.add_argument("--ttl", type=float, metavar="S",
                        help="expire the want if it is not done S seconds after its data time")
         p.add_argument("--sla", type=float, metavar="S",
@@ -5614,7 +5732,7 @@ def _cmd_serve(args):
 
 def _cmd_build(args):
     client = _connect(args)
-    fields = {"comment": args.comment, "user": _user(),
+    fields = {"comment": args.comment, "user": _user(), "priority": _opt(args, "priority"),
               "ttl_seconds": _opt(args, "ttl"), "sla_seconds": _opt(args, "sla")}
     return _create_and_follow(args, client, args.refs, fields)
 
@@ -5657,7 +5775,8 @@ def _cmd_want_retry(args):
         raise Conflict("Want %s has no Failed or UpstreamFailed partition (it is %s)"
                        % (want["want_id"], want["status"]), want_id=want["want_id"])
     fields = {"comment": "retry of want %s" % want["want_id"], "user": _user(),
-              "ttl_seconds": want["ttl_seconds"], "sla_seconds": want["sla_seconds"]}
+              "ttl_seconds": want["ttl_seconds"], "sla_seconds": want["sla_seconds"],
+              "priority": want["priority"] or None}
     return _create_and_follow(args, client, failed, fields)
 
 

@@ -38,7 +38,8 @@ def test_create_get_list_want(app_server):
     assert set(want) == {"want_id", "partitions", "status", "partition_statuses",
                          "data_timestamp", "ttl_seconds", "sla_seconds", "sla_breached",
                          "source", "parent_want_id", "root_want_id", "derivative_want_ids",
-                         "job_run_ids", "comment", "created_at", "updated_at", "terminal"}
+                         "job_run_ids", "comment", "created_at", "updated_at", "terminal",
+                         "priority"}
     assert want["terminal"] is False
     assert want["source"] == {"type": "manual", "user": "alice"}
     assert want["comment"] == "hi" and want["data_timestamp"] == stamp
@@ -102,7 +103,7 @@ def test_partitions_and_job_runs(app_server):
     assert part.status == 200
     assert set(part.json["data"]) == {"ref", "status", "job_label", "last_job_run_id",
                                       "built_by_job_run_id", "want_ids", "missing_deps",
-                                      "updated_at", "upstream"}
+                                      "updated_at", "upstream", "retry_at"}
     assert part.json["data"]["status"] == "Live" and want["want_id"] in part.json["data"]["want_ids"]
     assert http.call("GET", "/api/partitions/raw/d=9").status == 404
     raw = http.call("GET", "/api/partitions?prefix=raw/").json

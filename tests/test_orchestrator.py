@@ -500,3 +500,113 @@ def test_a_wanted_tainted_partition_is_rebuilt_after_its_upstream(tmp_path, driv
     assert [run_count(ws, r) for r in "abcd"] == [2, 2, 3, 2]
     lineage_wants = [w for w in d.full().wants.values() if w.source.get("type") == "lineage"]
     assert lineage_wants and all(w.root_want_id == want["want_id"] for w in lineage_wants)
+
+
+# -- scheduling policy: priority, per-job pools, retry backoff (SPEC 10) -------
+
+def _started_order(d, since):
+    return [d.full().job_runs[e.payload["job_run_id"]].partitions[0]
+            for e in d.log.iter_events(since=since) if e.type == "job_run_start"]
+
+
+def test_queued_runs_start_by_priority_then_oldest(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", server={"max_concurrent_job_runs": 1},
+                         plan={"block": {"sleep": 30}})
+    d = driver_for(ws)
+    d.want("block")  # takes the only slot
+    before = d.log.latest_event_id()
+    for ref, priority in (("low1", 0), ("low2", 0), ("high", 5), ("mid", 2), ("high2", 5)):
+        d.want(ref, priority=priority)
+    assert d.state.job_runs_by_status["Queued"].__len__() == 5
+    (block_run,) = d.state.job_runs_by_status["Running"]
+    d.orch._processes[block_run].stop("test", time.time(), 0)
+    d.until(lambda s: len(_started_order(d, before)) >= 5, timeout=30)
+    # (block, stopped, goes back to the queue as a new run of priority 0, last)
+    assert _started_order(d, before)[:5] == ["high", "high2", "mid", "low1", "low2"]
+
+
+def test_a_higher_priority_want_lifts_the_run_it_joins_and_derivatives_inherit(
+        tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", server={"max_concurrent_job_runs": 1},
+                         plan={"block": {"sleep": 30}, "top": {"deps": ["dep"]}})
+    d = driver_for(ws)
+    block = d.want("block")
+    before = d.log.latest_event_id()
+    d.want("first")
+    d.want("second")
+    d.want("second", priority=9)  # joins second's queued run and lifts it
+    (block_run,) = d.state.job_runs_by_status["Running"]
+    d.orch._processes[block_run].stop("test", time.time(), 0)
+    d.until(lambda s: len(_started_order(d, before)) >= 2, timeout=30)
+    assert _started_order(d, before)[:2] == ["second", "first"]
+    d.command("cancel_want", want_id=block["want_id"])  # frees the slot for what follows
+    want = d.want("top", priority=3)
+    assert d.settle(want["want_id"]) == SUCCESSFUL
+    (child_id,) = d.full().wants[want["want_id"]].derivative_want_ids
+    assert d.full().wants[child_id].priority == 3
+    assert d.orch.find_want(want["want_id"]).to_dict(d.state)["priority"] == 3
+
+
+def test_max_concurrent_runs_caps_one_job(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", jobs=[
+        {"label": "x", "partition_patterns": ["x/.*"], "max_concurrent_runs": 1},
+        {"label": "y", "partition_patterns": ["y/.*"]}],
+        plan={r: {"sleep": 30} for r in ("x/1", "x/2", "y/1", "y/2")})
+    d = driver_for(ws)
+    for ref in ("x/1", "x/2", "y/1", "y/2"):
+        d.want(ref)
+    running = [d.state.job_runs[r].partitions[0] for r in d.state.job_runs_by_status["Running"]]
+    assert sorted(running) == ["x/1", "y/1", "y/2"]  # x waits although slots are free
+    (queued,) = d.state.job_runs_by_status["Queued"]
+    assert d.state.job_runs[queued].partitions == ["x/2"]
+
+
+def test_retry_backoff_doubles_with_an_injected_clock_and_survives_a_restart(
+        tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", jobs=[
+        {"label": "t", "partition_patterns": [".*"], "max_retries": 3,
+         "retry_backoff_seconds": 10, "retry_backoff_max_seconds": 15}],
+        plan={"a": {"fail_times": 3}})
+    d = driver_for(ws)
+    t0 = 1e9
+    cmd = d.orch.enqueue("create_want", request={"partitions": ["a"]})
+    d.orch.step(t0)
+    want_id = cmd.result[1]["want_id"]
+
+    def fail_at(now):
+        # Step at ``now`` until the running attempt has ended (its failure at now).
+        nonlocal d
+        deadline = time.monotonic() + 15
+        while d.state.job_runs_by_status["Running"]:
+            assert time.monotonic() < deadline
+            d.orch.wait(0.05)
+            d.orch.step(now)
+        part = d.state.partitions["a"]
+        assert part.status == "UpForRetry"
+        return part.retry_at - now
+
+    first = fail_at(t0)
+    assert 10 <= first <= 11  # 10 s, plus up to 10 % jitter
+    d.orch.step(t0 + 9.9)
+    assert not d.state.job_runs_by_status["Queued"] and not d.state.job_runs_by_status["Running"]
+    assert d.state.partitions["a"].to_dict()["retry_at"] is not None
+    assert 0 < d.orch._sleep_seconds(t0 + 9.9) <= first - 9.9 + 1e-6  # the heap wakes it
+    d.orch.step(t0 + first)
+    assert d.state.job_runs_by_status["Running"] or d.state.job_runs_by_status["Queued"]
+    second = fail_at(t0 + 20)
+    assert 15 <= second <= 16.5  # 20 s, capped at 15, plus jitter
+    # A restart keeps the pending retry's time: it is in the log.
+    retry_at = d.state.partitions["a"].retry_at
+    d.close()
+    again = driver_for(ws)
+    assert again.state.partitions["a"].retry_at == retry_at
+    t2 = t0 + 20 + second
+    again.orch.step(t2 - 1)
+    assert not again.state.job_runs_by_status["Running"]
+    again.orch.step(t2 + 0.01)  # the third attempt starts (and fails) ...
+    d = again
+    third = fail_at(t2 + 0.01)
+    assert 15 <= third <= 16.5
+    again.orch.step(t2 + 0.01 + third)  # ... the fourth succeeds
+    assert again.settle(want_id, timeout=20) == SUCCESSFUL
+    assert run_count(ws, "a") == 4
