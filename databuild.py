@@ -81,6 +81,7 @@ import argparse
 import bisect
 import collections
 import contextlib
+import datetime
 import errno
 import fcntl
 import functools
@@ -113,6 +114,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import weakref
+import zoneinfo
 
 logger = logging.getLogger("databuild")
 logger.addHandler(logging.NullHandler())
@@ -1437,6 +1439,15 @@ class EventLog:
         with self._errors():
             return self._links(self._conn(), kind, owner)
 
+    def last_want_id(self, prefix):
+        """The greatest want id starting with ``prefix`` (an index range), or None:
+        a schedule's newest tick, as its ids sort by time."""
+        with self._errors():
+            row = self._conn().execute(
+                "SELECT want_id FROM wants WHERE want_id >= ? AND want_id < ? "
+                "ORDER BY want_id DESC LIMIT 1", (prefix, prefix + "\U0010ffff")).fetchone()
+        return row[0] if row else None
+
     def projected(self, kind, key):
         """One projection row (a Want, Partition or JobRun, lists included), or None."""
         column = {"wants": "want_id", "partitions": "ref", "job_runs": "job_run_id"}[kind]
@@ -1877,6 +1888,8 @@ class Config:
         self.path = path
         self.jobs = list(jobs)
         self.jobs_by_label = {job.label: job for job in self.jobs}
+        self.schedules = []  # ScheduleConfig, in file order (SPEC 11)
+        self.schedules_by_name = {}
         for key in _SERVER_KEYS:
             setattr(self, key, server.get(key, DEFAULTS[key]))
         self.job_for = functools.lru_cache(maxsize=1 << 16)(self._job_for)
@@ -1944,6 +1957,200 @@ class ConfigWatcher:
         logger.info("Reloaded %s: %d jobs", config.path, len(config.jobs))
 
 
+_CRON_FIELDS = (  # name, low, high, names
+    ("minute", 0, 59, None), ("hour", 0, 23, None), ("day of month", 1, 31, None),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
+                      "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
+
+
+class Cron:
+    """A 5-field cron expression (minute hour day-of-month month day-of-week)
+    with ``*``, ``*/n``, ``a-b``, ``a-b/n``, lists and names of months and days
+    (``jan``, ``mon``); day of week 0 and 7 are Sunday.  As in cron, when both
+    day fields are restricted a day matching either one matches.
+
+    ``next_after(naive)`` gives the first matching wall-clock minute after a
+    naive datetime, searching field by field (never minute by minute).
+    """
+
+    def __init__(self, text):
+        parts = text.split()
+        if len(parts) != 5:
+            raise ConfigError("cron: %r has %d fields, cron has 5 (minute hour day-of-month "
+                              "month day-of-week)" % (text, len(parts)))
+        self.text = text
+        sets = [self._field(part, *spec) for part, spec in zip(parts, _CRON_FIELDS)]
+        self.minutes, self.hours, self.days, self.months, dows = sets
+        self.dows = {d % 7 for d in dows}
+        self.any_day = parts[2] == "*"
+        self.any_dow = parts[4] == "*"
+
+    @staticmethod
+    def _field(text, name, low, high, names):
+        values = set()
+        def number(word):
+            return names.index(word) + low if names and word in names else int(word)
+        for item in text.lower().split(","):
+            item, stepped, step = item.partition("/")
+            try:
+                step = int(step) if stepped else 1
+                if item == "*":
+                    start, end = low, high
+                else:
+                    first, _, last = item.partition("-")
+                    start = number(first)
+                    # "a-b", or "a/n" (from a to the end by n), or "a" alone
+                    end = number(last) if last else (high if stepped else start)
+            except ValueError:
+                raise ConfigError("cron %s field: %r is not a number, range, list or step"
+                                  % (name, text)) from None
+            if not (low <= start <= end <= high) or step < 1:
+                raise ConfigError("cron %s field: %r is out of range %d-%d"
+                                  % (name, text, low, high))
+            values.update(range(start, end + 1, step))
+        return values
+
+    def _day_matches(self, day):
+        dom = day.day in self.days
+        dow = (day.isoweekday() % 7) in self.dows
+        if self.any_day or self.any_dow:
+            return dom and dow
+        return dom or dow
+
+    def next_after(self, naive):
+        """The first matching naive minute strictly after ``naive``."""
+        t = naive.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+        for _ in range(100000):  # a few steps per field in practice
+            if t.month not in self.months:
+                t = (t.replace(day=1, hour=0, minute=0) + datetime.timedelta(days=32)).replace(
+                    day=1)
+            elif not self._day_matches(t):
+                t = t.replace(hour=0, minute=0) + datetime.timedelta(days=1)
+            elif t.hour not in self.hours:
+                t = t.replace(minute=0) + datetime.timedelta(hours=1)
+            elif t.minute not in self.minutes:
+                t += datetime.timedelta(minutes=1)
+            else:
+                return t
+        raise ConfigError("cron: %r never matches" % self.text)
+
+
+class ScheduleConfig:
+    """One ``[[schedules]]`` entry (SPEC 11): when it ticks, and the want each
+    tick makes.
+
+    ``ticks_after(ts)`` yields the ticks (epoch seconds) after ``ts``, in
+    order.  A cron schedule ticks on the wall clock of its ``timezone``: on a
+    day the clocks go forward, a tick in the skipped hour comes once, right
+    after the jump; on a day they go back, a tick in the repeated hour comes
+    once (the first time).  An ``interval_seconds`` schedule ticks at the
+    multiples of the interval since the epoch.
+    """
+
+    def __init__(self, name, partitions, cron=None, interval_seconds=None, timezone="UTC",
+                 lag_seconds=0, catch_up=1, priority=0, ttl_seconds=None, sla_seconds=None):
+        self.name = name
+        self.partitions = list(partitions)
+        self.cron = Cron(cron) if cron is not None else None
+        self.interval_seconds = interval_seconds
+        self.timezone = timezone
+        self.tz = zoneinfo.ZoneInfo(timezone)
+        self.lag_seconds = lag_seconds
+        self.catch_up = catch_up
+        self.priority = priority
+        self.ttl_seconds = ttl_seconds
+        self.sla_seconds = sla_seconds
+
+    def ticks_after(self, ts):
+        """The ticks after ``ts`` (epoch seconds), oldest first, without end."""
+        if self.interval_seconds:
+            tick = (ts // self.interval_seconds + 1) * self.interval_seconds
+            while True:
+                yield float(tick)
+                tick += self.interval_seconds
+        naive = datetime.datetime.fromtimestamp(ts, self.tz).replace(tzinfo=None)
+        last = ts
+        while True:
+            naive = self.cron.next_after(naive)
+            # fold=0: a time in a skipped hour is read with the offset before the
+            # jump (so it lands just after it); a repeated hour's first pass.
+            tick = naive.replace(tzinfo=self.tz).timestamp()
+            if tick > last:
+                last = tick
+                yield tick
+
+    def want_id(self, tick):
+        """The want of a tick: ``schedule:<name>:<tick as UTC ISO 8601>`` (SPEC 11)."""
+        return "schedule:%s:%s" % (self.name, time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                           time.gmtime(tick)))
+
+    def refs(self, tick):
+        """The partitions of a tick: the templates with ``data_time`` (tick - lag,
+        in the schedule's timezone) and ``tick``."""
+        data_time = datetime.datetime.fromtimestamp(tick - self.lag_seconds, self.tz)
+        return [p.format(data_time=data_time, tick=datetime.datetime.fromtimestamp(
+            tick, self.tz)) for p in self.partitions]
+
+
+_SCHEDULE_KEYS = ("name", "cron", "interval_seconds", "timezone", "partitions", "lag_seconds",
+                  "catch_up", "priority", "ttl_seconds", "sla_seconds")
+
+
+def _parse_schedule(i, data, jobs_config):
+    where = "[[schedules]] #%d" % i
+    if not isinstance(data, dict):
+        raise ConfigError("%s: must be a table" % where)
+    if isinstance(data.get("name"), str):
+        where = "[[schedules]] %r" % data["name"]
+    for key in data:
+        if key not in _SCHEDULE_KEYS:
+            raise ConfigError("%s %s: unknown key (known: %s)"
+                              % (where, key, ", ".join(_SCHEDULE_KEYS)))
+    for key in ("name", "partitions"):
+        if key not in data:
+            raise ConfigError("%s %s: missing (required)" % (where, key))
+    name = _config_value(where, "name", data["name"], "str")
+    if not _LABEL_RE.fullmatch(name):
+        raise ConfigError("%s name: must match [A-Za-z0-9_.-]+" % where)
+    if ("cron" in data) == ("interval_seconds" in data):
+        raise ConfigError("%s: give either cron or interval_seconds" % where)
+    partitions = _config_value(where, "partitions", data["partitions"], "str_list")
+    if not partitions:
+        raise ConfigError("%s partitions: must not be empty" % where)
+    kwargs = {}
+    for key, kind, minimum in (("lag_seconds", "num", 0), ("catch_up", "int", 0),
+                               ("priority", "int", PRIORITY_RANGE[0]),
+                               ("ttl_seconds", "num", 0), ("sla_seconds", "num", 0)):
+        if key in data:
+            kwargs[key] = _config_value(where, key, data[key], kind, minimum)
+    try:
+        schedule = ScheduleConfig(
+            name, partitions, cron=_config_value(where, "cron", data["cron"], "str")
+            if "cron" in data else None,
+            interval_seconds=_config_value(where, "interval_seconds", data["interval_seconds"],
+                                           "int", 1) if "interval_seconds" in data else None,
+            timezone=_config_value(where, "timezone", data.get("timezone", "UTC"), "str"),
+            **kwargs)
+    except ConfigError as e:
+        raise ConfigError("%s %s" % (where, e.message)) from None
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError("%s timezone: unknown time zone %r (an IANA name such as "
+                          "Europe/Berlin)" % (where, data.get("timezone"))) from None
+    # Every template must make a ref some job produces: try one tick.
+    try:
+        refs = schedule.refs(1735689600.0)
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise ConfigError("%s partitions: bad template (%s; use {data_time:%%Y-%%m-%%d})"
+                          % (where, e)) from None
+    for ref in refs:
+        try:
+            jobs_config.job_for(ref)
+        except InvalidRequest as e:
+            raise ConfigError("%s partitions: %s" % (where, e.message)) from None
+    return schedule
+
+
 def _config_value(where, key, value, kind, minimum=None):
     def bad(what):
         raise ConfigError("%s %s: %s" % (where, key, what))
@@ -1984,10 +2191,10 @@ def load_config(workspace):
 
 
 def _parse_config(root, data, path):
-    unknown = set(data) - {"server", "jobs"}
+    unknown = set(data) - {"server", "jobs", "schedules"}
     if unknown:
-        raise ConfigError("unknown top-level key %r (expected [server] and [[jobs]])"
-                          % sorted(unknown)[0])
+        raise ConfigError("unknown top-level key %r (expected [server], [[jobs]] and "
+                          "[[schedules]])" % sorted(unknown)[0])
     server = data.get("server", {})
     if not isinstance(server, dict):
         raise ConfigError("server: must be a table")
@@ -2071,7 +2278,17 @@ def _parse_config(root, data, path):
                           "num", 0),
             _config_value(where, "retry_backoff_max_seconds",
                           job.get("retry_backoff_max_seconds", 3600), "num", 0)))
-    return Config(root, jobs, path=path, **server)
+    config = Config(root, jobs, path=path, **server)
+    schedules_data = data.get("schedules", [])
+    if not isinstance(schedules_data, list):
+        raise ConfigError("schedules: must be an array of tables ([[schedules]])")
+    for i, entry in enumerate(schedules_data):
+        schedule = _parse_schedule(i + 1, entry, config)
+        if schedule.name in config.schedules_by_name:
+            raise ConfigError("[[schedules]] %r name: duplicate name" % schedule.name)
+        config.schedules.append(schedule)
+        config.schedules_by_name[schedule.name] = schedule
+    return config
 
 
 ###############################################################################
@@ -2506,6 +2723,8 @@ class Orchestrator:
         # Entries are lazy: one whose run started, ended or changed priority
         # is dropped (or pushed again) when it comes up.
         self._queue = []
+        self._ticks = []  # heap of (tick, schedule name): wants to make (SPEC 11)
+        self._last_tick = {}  # schedule name -> its newest tick made or planned
         self._retry_waits = []  # heap of (retry_at, ref): partitions in backoff
         self._retry_waiting = set()  # the refs in _retry_waits
         self._stop_requested = False
@@ -2526,6 +2745,7 @@ class Orchestrator:
         self._recover(now)
         for run_id in self.state.job_runs_by_status[QUEUED]:
             self._push_queued(self.state.job_runs[run_id])
+        self._plan_schedules(now)
 
     def _open_state(self):
         # The working set from the projection; if the projection does not
@@ -2642,6 +2862,8 @@ class Orchestrator:
 
     def _sleep_seconds(self, now):
         when = min(now + DEFAULTS["orchestrator_tick_seconds"], self._sweep_at)
+        if self._ticks:
+            when = min(when, self._ticks[0][0])
         if self._retry_waits:
             when = min(when, self._retry_waits[0][0])
         if self._deadlines:
@@ -2685,6 +2907,7 @@ class Orchestrator:
             self._sweep_orphans(now)
         self._enforce_deadlines(now)
         self._expire(now)
+        self._tick_schedules(now)
         self._schedule(now)
         if not self._stop_requested and now >= self._no_starts_until:
             started = self._start_queued(now)
@@ -2931,6 +3154,7 @@ class Orchestrator:
             if self._spawner is not None:
                 self._spawner.config = config
                 self._spawner._templates.clear()
+            self._plan_schedules(self.clock())
 
     def _launcher(self):
         if self._spawner is None:
@@ -3141,6 +3365,63 @@ class Orchestrator:
                     "want_ids": sorted(want_ids, key=lambda w: state.wants[w].seq),
                     "attempt": retries + 1}, now)
 
+    # -- schedules (SPEC 11) ------------------------------------------------
+
+    def _plan_schedules(self, now):
+        # The heap of ticks to make, from each schedule's newest tick (in the
+        # log, or made since): the missed ones (at most catch_up, the newest)
+        # and the next one.  A schedule new to the log starts from now.
+        self._ticks = []
+        for schedule in self.config.schedules:
+            last = self._last_tick.get(schedule.name)
+            if last is None:
+                last_id = self.log.last_want_id("schedule:%s:" % schedule.name)
+                last = _tick_of(last_id) if last_id else None
+            self._plan(schedule, now if last is None else last, now)
+
+    def _plan(self, schedule, after, now):
+        missed = collections.deque(maxlen=schedule.catch_up)
+        for n, tick in enumerate(schedule.ticks_after(after)):
+            if tick > now or n > 100000:  # (a gap of years of minutes: the newest few)
+                break
+            missed.append(tick)
+        for past in missed:
+            heapq.heappush(self._ticks, (past, schedule.name))
+        heapq.heappush(self._ticks, (tick, schedule.name))
+        self._last_tick[schedule.name] = tick
+
+    def _tick_schedules(self, now):
+        while self._ticks and self._ticks[0][0] <= now:
+            tick, name = heapq.heappop(self._ticks)
+            schedule = self.config.schedules_by_name.get(name)
+            if schedule is None:
+                continue  # gone from the config
+            self._make_tick_want(schedule, tick, now)
+            if tick == self._last_tick.get(name):  # the planned next one: plan again
+                self._plan(schedule, tick, now)
+
+    def _make_tick_want(self, schedule, tick, now):
+        # The want_id is the tick's: a tick is never made twice, across
+        # restarts and clock jumps too.
+        want_id = schedule.want_id(tick)
+        if self.find_want(want_id) is not None:
+            return
+        try:
+            refs = list(dict.fromkeys(schedule.refs(tick)))
+            for ref in refs:
+                self.config.job_for(ref)
+        except (InvalidRequest, KeyError, ValueError) as e:
+            logger.error("Schedule %s: tick %s makes no want: %s", schedule.name,
+                         isoformat(tick), getattr(e, "message", e))
+            return
+        self._emit(WANT_CREATE, {
+            "want_id": want_id, "partitions": refs,
+            "data_timestamp": tick - schedule.lag_seconds,
+            "ttl_seconds": schedule.ttl_seconds, "sla_seconds": schedule.sla_seconds,
+            "source": {"type": "schedule", "name": schedule.name, "tick": isoformat(tick)},
+            "parent_want_id": None, "root_want_id": want_id, "comment": None,
+            "priority": schedule.priority}, now)
+
     def _rebuild_upstream_first(self, ref, now):
         # SPEC 13: a partition is rebuilt after the partitions it was built
         # from (its recorded upstream) that are themselves to be rebuilt: it
@@ -3335,6 +3616,16 @@ class _Syncer:
             self._closing = True
             self._cv.notify()
         self._thread.join()
+
+
+def _tick_of(want_id):
+    """The tick (epoch seconds) in a schedule's want id, or None."""
+    try:
+        stamp = want_id.rsplit(":", 3)[-3:]
+        return datetime.datetime.strptime(":".join(stamp), "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+    except (ValueError, IndexError):
+        return None
 
 
 def _processes_of_runs(run_ids):
@@ -3886,6 +4177,20 @@ def _follow_log(path, job_run_id, read_model, server, poll=0.1, heartbeat=1.0):
         server.streams.release()
 
 
+def schedule_to_dict(schedule, last_want, now):
+    """A schedule as ``GET /api/schedules`` shows it: when it ticks, its last
+    tick and want (``last_want``: the want dict or None), its next tick."""
+    last_tick = _tick_of(last_want["want_id"]) if last_want else None
+    next_tick = next(schedule.ticks_after(max(now, last_tick or now)))
+    return {"name": schedule.name, "cron": schedule.cron.text if schedule.cron else None,
+            "interval_seconds": schedule.interval_seconds, "timezone": schedule.timezone,
+            "partitions": list(schedule.partitions), "lag_seconds": schedule.lag_seconds,
+            "catch_up": schedule.catch_up, "priority": schedule.priority,
+            "next_tick_at": isoformat(next_tick), "last_tick_at": isoformat(last_tick),
+            "last_want_id": last_want["want_id"] if last_want else None,
+            "last_want_status": last_want["status"] if last_want else None}
+
+
 def job_to_dict(job, run_counts):
     """A configured job as ``GET /api/jobs`` shows it, with its job runs by status."""
     return {"label": job.label, "partition_patterns": list(job.partition_patterns),
@@ -4254,6 +4559,19 @@ def make_app(server):
         response.set_header("Content-Length", str(size - start))
         return _file_chunks(f, start, size - start)
 
+    @app.get("/api/schedules")
+    def list_schedules():
+        query(())
+        now = time.time()
+        items = []
+        with read_model.read() as view:
+            for schedule in server.config.schedules:
+                last_id = read_model.log.last_want_id("schedule:%s:" % schedule.name)
+                last = view.want(last_id) if last_id else None
+                items.append(schedule_to_dict(schedule, last, now))
+            return {"data": items, "total": len(items), "limit": len(items), "offset": 0,
+                    "latest_event_id": read_model.log.latest_event_id()}
+
     @app.get("/api/jobs")
     def list_jobs():
         query(("as_of",))
@@ -4463,6 +4781,10 @@ def openapi_document():
                                                                                  "complete"]},
                                                               "data": {"type": "string"}}}}}},
                                   **errors(400, 404, 503)}}},
+        "/api/schedules": {
+            "get": {"summary": "The configured schedules, with their next and last ticks",
+                    "operationId": "listSchedules",
+                    "responses": {"200": answer("Schedules", envelope("Schedule"))}}},
         "/api/jobs": {
             "get": {"summary": "The configured jobs, with their job runs by status",
                     "operationId": "listJobs", "parameters": as_of,
@@ -4549,6 +4871,14 @@ def openapi_document():
         "Event": {"type": "object", "properties": {
             "event_id": integer, "timestamp": {"type": "string", "format": "date-time"},
             "type": {"type": "string"}, "payload": {"type": "object"}}},
+        "Schedule": {"type": "object", "properties": {
+            "name": {"type": "string"}, "cron": nullable_str,
+            "interval_seconds": {"type": "integer", "nullable": True},
+            "timezone": {"type": "string"}, "partitions": str_list,
+            "lag_seconds": {"type": "number"}, "catch_up": integer,
+            "priority": {"type": "integer"}, "next_tick_at": nullable_str,
+            "last_tick_at": nullable_str, "last_want_id": nullable_str,
+            "last_want_status": nullable_str}},
         "Job": {"type": "object", "properties": {
             "label": {"type": "string"}, "partition_patterns": str_list,
             "entrypoint": str_list, "executor": {"type": "string"},
@@ -4972,8 +5302,9 @@ class Server:
         return lock_file
 
     def _busy(self):
+        # A workspace with schedules has work to do at their ticks (SPEC 11).
         runs = self.orchestrator.state.job_runs_by_status
-        return bool(runs[QUEUED]) or bool(runs[RUNNING])
+        return bool(runs[QUEUED]) or bool(runs[RUNNING]) or bool(self.config.schedules)
 
     def _on_idle(self, seconds):
         logger.info("Server idle for %d seconds, shutting down", seconds)
@@ -5308,6 +5639,10 @@ class Client:
                     yield event, text
                     event, data = None, []
 
+    def list_schedules(self):
+        """GET /api/schedules: the configured schedules (list envelope)."""
+        return self.request("GET", "/api/schedules")
+
     def list_jobs(self, as_of=None):
         """GET /api/jobs: the configured jobs (list envelope)."""
         return self.request("GET", "/api/jobs", params={"as_of": as_of})
@@ -5547,6 +5882,9 @@ def _build_parser():
 
     command(commands, "jobs", "list the configured jobs, with their job runs by status",
             _cmd_jobs)
+    schedules = group("schedules", "show the schedules of databuild.toml")
+    command(schedules, "list", "list the schedules: when they tick, their last want and "
+            "its status, their next tick", _cmd_schedules_list)
 
     p = command(commands, "logs", "print a job run's stdout (or stderr), or follow it live",
                 _cmd_logs)
@@ -5783,6 +6121,19 @@ def _cmd_want_retry(args):
 def _cmd_job_runs_cancel(args):
     run = _connect(args).cancel_job_run(args.job_run_id)
     _out(args, run, "Job run %s: %s" % (run["job_run_id"], run["status"]))
+    return 0
+
+
+def _cmd_schedules_list(args):
+    envelope = _connect(args).list_schedules()
+    columns = [("SCHEDULE", "name"),
+               ("WHEN", lambda s: s["cron"] or "every %ds" % s["interval_seconds"]),
+               ("TZ", "timezone"), ("NEXT", "next_tick_at"), ("LAST", "last_tick_at"),
+               ("LAST_WANT", lambda s: s["last_want_id"] or "-"),
+               ("STATUS", "last_want_status")]
+    text = (format_table(envelope["data"], columns) if envelope["data"]
+            else "No schedules: add [[schedules]] to %s" % CONFIG_FILE)
+    _out(args, envelope, text)
     return 0
 
 

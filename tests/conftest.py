@@ -79,11 +79,12 @@ def workspace(tmp_path):
 class Driver:
     """An Orchestrator over a real event log, stepped by the test itself."""
 
-    def __init__(self, path):
+    def __init__(self, path, clock=time.time):
         self.path = path
         self.config = databuild.load_config(path)
         self.log = databuild.EventLog(os.path.join(self.config.state_dir, "events.db"))
-        self.orch = databuild.Orchestrator(self.config, self.log, url="http://127.0.0.1:9")
+        self.orch = databuild.Orchestrator(self.config, self.log, url="http://127.0.0.1:9",
+                                           clock=clock)
 
     @property
     def state(self):
@@ -134,8 +135,8 @@ class Driver:
 def driver_for():
     drivers = []
 
-    def make(path):
-        d = Driver(path)
+    def make(path, clock=time.time):
+        d = Driver(path, clock)
         drivers.append(d)
         return d
     yield make

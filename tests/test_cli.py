@@ -418,3 +418,35 @@ def test_reviews_lineage_explain_and_taint_downstream(reviews, serve):
     story = server.cli("explain", daily, check=0).stdout
     assert "tainted: bad export (built from %s, tainted with it)" % raw in story
     assert "to rebuild it before %s" % report in story
+
+
+def test_schedules_list_and_api(tmp_path, serve):
+    ws = write_workspace(tmp_path / "ws")
+    with open(os.path.join(ws, "databuild.toml"), "a") as f:
+        f.write('\n[[schedules]]\nname = "every_hour"\ninterval_seconds = 3600\n'
+                'partitions = ["hour/{data_time:%Y%m%d-%H}"]\n'
+                '\n[[schedules]]\nname = "nightly"\ncron = "0 2 * * *"\n'
+                'timezone = "Europe/Berlin"\npartitions = ["night/{data_time:%Y%m%d}"]\n'
+                'lag_seconds = 86400\n')
+    server = serve(ws)
+    data = server.client.list_schedules()["data"]
+    assert [s["name"] for s in data] == ["every_hour", "nightly"]
+    nightly = data[1]
+    assert nightly["cron"] == "0 2 * * *" and nightly["timezone"] == "Europe/Berlin"
+    assert nightly["last_tick_at"] is None and nightly["next_tick_at"].endswith(":00:00.000Z")
+    table = server.cli("schedules", "list", check=0).stdout
+    assert "every 3600s" in table and "0 2 * * *" in table and "Europe/Berlin" in table
+
+
+def test_a_workspace_with_schedules_is_never_idle(tmp_path):
+    ws = write_workspace(tmp_path / "ws", server={"idle_timeout_seconds": 1})
+    with open(os.path.join(ws, "databuild.toml"), "a") as f:
+        f.write('\n[[schedules]]\nname = "s"\ninterval_seconds = 60\npartitions = ["x"]\n')
+    server = databuild.Server(databuild.load_config(ws))
+    try:
+        assert server._busy()
+        fired = []
+        timer = databuild.IdleTimer(1, server._busy, fired.append, clock=lambda: 0.0)
+        assert not timer.check(now=100.0) and not fired
+    finally:
+        server.close()

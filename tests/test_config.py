@@ -172,3 +172,71 @@ def test_a_running_server_builds_a_job_added_to_its_config(tmp_path, serve):
     assert "config_error:" in status.stdout and "entrypoint: missing" in status.stdout
     assert server.cli("build", "a/1", "--wait").returncode == 0
     assert server.proc.poll() is None
+
+
+# -- schedules (SPEC 11) -------------------------------------------------------
+
+def _ticks(schedule, start, n):
+    import itertools
+    return list(itertools.islice(schedule.ticks_after(start), n))
+
+
+def _utc(*args):
+    import datetime
+    return datetime.datetime(*args, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def test_cron_fields_names_ranges_steps_lists():
+    import databuild
+    cron = databuild.Cron("5/15 0-2 1,15 jan-mar SUN,6")
+    assert sorted(cron.minutes) == [5, 20, 35, 50] and sorted(cron.hours) == [0, 1, 2]
+    assert cron.months == {1, 2, 3} and cron.dows == {0, 6} and cron.days == {1, 15}
+    assert databuild.Cron("0 0 * * 7").dows == {0}
+    s = databuild.ScheduleConfig("s", ["x"], cron="0 9 * jan-mar mon-fri")
+    import datetime
+    days = [datetime.datetime.fromtimestamp(t, s.tz).strftime("%a %m-%d %H:%M")
+            for t in _ticks(s, _utc(2025, 3, 28), 3)]
+    assert days == ["Fri 03-28 09:00", "Mon 03-31 09:00", "Thu 01-01 09:00"]
+    # Both day fields restricted: either matches (cron's rule).
+    s = databuild.ScheduleConfig("s", ["x"], cron="0 0 13 * fri")
+    days = [datetime.datetime.fromtimestamp(t, s.tz).strftime("%a %d") for t in
+            _ticks(s, _utc(2025, 6, 1), 7)]
+    assert days == ["Fri 06", "Fri 13", "Fri 20", "Fri 27", "Fri 04", "Fri 11", "Sun 13"]
+    interval = databuild.ScheduleConfig("i", ["x"], interval_seconds=3600)
+    assert _ticks(interval, _utc(2025, 1, 1, 0, 30), 2) == [_utc(2025, 1, 1, 1), _utc(2025, 1, 1, 2)]
+
+
+def test_daylight_saving_days_tick_once():
+    import databuild
+    import datetime
+    s = databuild.ScheduleConfig("d", ["x"], cron="30 2 * * *", timezone="America/New_York")
+    spring = [datetime.datetime.fromtimestamp(t, s.tz).strftime("%m-%d %H:%M%z")
+              for t in _ticks(s, _utc(2025, 3, 8), 3)]
+    # 02:30 does not exist on 03-09: that day's tick comes once, after the jump.
+    assert spring == ["03-08 02:30-0500", "03-09 03:30-0400", "03-10 02:30-0400"]
+    s = databuild.ScheduleConfig("d", ["x"], cron="*/30 1 * * *", timezone="America/New_York")
+    fall = [datetime.datetime.fromtimestamp(t, s.tz).strftime("%H:%M%z")
+            for t in _ticks(s, _utc(2025, 11, 2, 4), 3)]
+    # 01:00-01:59 happens twice on 11-02: its ticks come once.
+    assert fall == ["01:00-0400", "01:30-0400", "01:00-0500"]
+    assert s.want_id(_utc(2025, 11, 2, 5, 30)) == "schedule:d:2025-11-02T05:30:00Z"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"cron": "61 * * * *"}, "cron minute field"),
+    ({"cron": "* * *"}, "has 3 fields"),
+    ({"cron": "0 0 * * *", "timezone": "Mars/Olympus"}, "unknown time zone"),
+    ({}, "either cron or interval_seconds"),
+    ({"cron": "0 0 * * *", "interval_seconds": 60}, "either cron or interval_seconds"),
+    ({"cron": "0 0 * * *", "partitions": ["raw/date={day:%Y}"]}, "bad template"),
+    ({"cron": "0 0 * * *", "partitions": ["nothing/{data_time:%Y}"]}, "No job produces"),
+    ({"cron": "0 0 * * *", "colour": "red"}, "colour: unknown key"),
+])
+def test_schedule_config_errors_name_the_schedule_and_key(tmp_path, entry, message):
+    body = {"name": "daily", "partitions": ["raw/date={data_time:%Y-%m-%d}"]}
+    body.update(entry)
+    lines = ["\n[[schedules]]"] + ["%s = %s" % (k, json.dumps(v)) for k, v in body.items()]
+    ws = write(tmp_path, GOOD + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(ws)
+    assert "[[schedules]] 'daily'" in e.value.message and message in e.value.message

@@ -610,3 +610,71 @@ def test_retry_backoff_doubles_with_an_injected_clock_and_survives_a_restart(
     again.orch.step(t2 + 0.01 + third)  # ... the fourth succeeds
     assert again.settle(want_id, timeout=20) == SUCCESSFUL
     assert run_count(ws, "a") == 4
+
+
+# -- schedules (SPEC 11), with an explicit clock -------------------------------
+
+def _hourly(tmp_path, catch_up=2):
+    ws = write_workspace(tmp_path / "ws")
+    with open(os.path.join(ws, "databuild.toml"), "a") as f:
+        f.write('\n[[schedules]]\nname = "hourly"\ncron = "0 * * * *"\n'
+                'partitions = ["agg/{data_time:%%Y%%m%%d-%%H}"]\nlag_seconds = 3600\n'
+                'catch_up = %d\npriority = 4\n' % catch_up)
+    return ws
+
+
+class _Clock:
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def _schedule_wants(d):
+    return sorted((w.want_id, w.data_timestamp, w.source["type"], w.priority)
+                  for w in d.full().wants.values() if w.source["type"] == "schedule")
+
+
+def test_a_tick_makes_one_want_with_its_id_and_data_time(tmp_path, driver_for):
+    ws = _hourly(tmp_path)
+    clock = _Clock(1767225600.0 + 600)  # 2026-01-01T00:10:00Z
+    d = driver_for(ws, clock)
+    d.orch.step(clock.now)
+    assert _schedule_wants(d) == []  # a new schedule starts from now: no past tick
+    assert d.orch._sleep_seconds(clock.now) <= 3000
+    clock.now = 1767225600.0 + 3600  # 01:00Z
+    d.orch.step(clock.now)
+    ((want_id, data_time, source, priority),) = _schedule_wants(d)
+    assert want_id == "schedule:hourly:2026-01-01T01:00:00Z"
+    assert data_time == 1767225600.0 and priority == 4  # tick - lag
+    assert d.full().wants[want_id].partitions == ["agg/20260101-00"]
+    d.orch.step(clock.now + 30)
+    assert len(_schedule_wants(d)) == 1  # not twice
+
+
+def test_catch_up_after_a_four_hour_gap_and_no_tick_twice_across_restarts(
+        tmp_path, driver_for):
+    ws = _hourly(tmp_path, catch_up=2)
+    clock = _Clock(1767225600.0 + 3600 + 5)  # just after 01:00Z
+    d = driver_for(ws, clock)
+    clock.now = 1767225600.0 + 7200  # 02:00Z
+    d.orch.step(clock.now)
+    assert [w[0][-20:] for w in _schedule_wants(d)] == ["2026-01-01T02:00:00Z"]
+    d.close()
+    # Down four hours: 03:00, 04:00, 05:00 and 06:00 were missed; catch_up = 2
+    # makes the newest two, oldest first (newest last).
+    clock.now = 1767225600.0 + 6 * 3600 + 120
+    again = driver_for(ws, clock)
+    before = again.log.latest_event_id()
+    again.orch.step(clock.now)
+    made = [e.payload["want_id"] for e in again.log.iter_events(since=before)
+            if e.type == "want_create" and e.payload["source"]["type"] == "schedule"]
+    assert made == ["schedule:hourly:2026-01-01T05:00:00Z", "schedule:hourly:2026-01-01T06:00:00Z"]
+    # A restart at the same time, or a clock that jumps back, makes nothing again.
+    again.close()
+    third = driver_for(ws, clock)
+    third.orch.step(clock.now)
+    clock.now -= 3 * 3600
+    third.orch.step(clock.now)
+    assert len(_schedule_wants(third)) == 3
