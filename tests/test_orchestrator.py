@@ -678,3 +678,25 @@ def test_catch_up_after_a_four_hour_gap_and_no_tick_twice_across_restarts(
     clock.now -= 3 * 3600
     third.orch.step(clock.now)
     assert len(_schedule_wants(third)) == 3
+
+
+def test_canceling_the_want_during_a_backoff_cancels_the_retry(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", jobs=[
+        {"label": "t", "partition_patterns": [".*"], "max_retries": 2,
+         "retry_backoff_seconds": 60}], plan={"a": {"exit": 1}})
+    d = driver_for(ws)
+    t0 = 2e9
+    cmd = d.orch.enqueue("create_want", request={"partitions": ["a"]})
+    d.orch.step(t0)
+    want_id = cmd.result[1]["want_id"]
+    deadline = time.monotonic() + 15
+    while d.state.partitions["a"].status != "UpForRetry":
+        assert time.monotonic() < deadline
+        d.orch.wait(0.05)
+        d.orch.step(t0)
+    cancel = d.orch.enqueue("cancel_want", want_id=want_id)
+    d.orch.step(t0 + 1)
+    assert cancel.result["status"] == "Canceled"
+    d.orch.step(t0 + 120)  # past retry_at: nothing wants it any more
+    assert not d.state.job_runs_by_status["Queued"] and not d.state.job_runs_by_status["Running"]
+    assert run_count(ws, "a") == 1
