@@ -5962,9 +5962,12 @@ def _connect(args):
     url = _opt(args, "server") or os.environ.get("DATABUILD_URL")
     if url:
         if token is None:
+            # The workspace's token, but only for the workspace's own server:
+            # never send it to another one.
             workspace = _opt(args, "workspace") or find_workspace()
             info = read_server_info(os.path.join(workspace, STATE_DIR)) if workspace else None
-            token = (info or {}).get("token")
+            if info and info.get("url", "").rstrip("/") == url.rstrip("/"):
+                token = info.get("token")
         return Client(url, token=token)
     client = Client.for_workspace(
         _workspace(args), start=not _opt(args, "no_start"),

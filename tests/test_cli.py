@@ -136,6 +136,10 @@ def test_global_options_before_or_after_and_env_url(workspace, serve):
         r = cli("want", "create", "a", env=wrong)
         assert r.returncode == 1 and "access token" in r.stderr and r.stderr.count("\n") == 1
     assert server.client.list_wants()["total"] == 0
+    # The workspace's token goes to the workspace's own server only.
+    other = server.url.replace("127.0.0.1", "localhost")
+    r = cli("--server", other, "--workspace", workspace, "want", "list")
+    assert r.returncode == 1 and "access token" in r.stderr
 
 
 def test_discovery_through_server_json(workspace, serve):
