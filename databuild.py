@@ -3477,7 +3477,8 @@ class Orchestrator:
             if job is None:
                 self._fail(run, now, "no job labelled %r in the config" % run.job_label, False)
                 continue
-            if job.max_concurrent_runs is not None and running[job.label] >= job.max_concurrent_runs:
+            cap = job.max_concurrent_runs
+            if cap is not None and running[job.label] >= cap:
                 held.append(entry)
                 continue
             free -= 1
@@ -4263,6 +4264,333 @@ def metrics_text(summary, http_requests, uptime):
     return "\n".join(out) + "\n"
 
 
+class _Api:
+    """What the routes of the HTTP API share: the server, Bottle's request and
+    response, and the helpers that validate a request's query and body (each
+    raises InvalidRequest, ... naming the parameter or field)."""
+
+    def __init__(self, server, bottle):
+        self.server = server
+        self.read_model = server.read_model
+        self.request, self.response = bottle.request, bottle.response
+        self.max_body = DEFAULTS["max_body_bytes"]
+
+    def query(self, allowed):
+        unknown = sorted(set(self.request.query) - set(allowed))
+        if unknown:
+            raise InvalidRequest("Unknown query parameter(s): %s"
+                                 % ", ".join(map(_shown, unknown)),
+                                 parameters=[_shown(u) for u in unknown])
+        return self.request.query
+
+    def text_param(self, name, empty_ok=True):
+        # Bottle hands query values over as Latin-1; they are UTF-8.
+        raw = self.request.query.get(name)
+        if raw is None:
+            return None
+        try:
+            value = raw.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            raise InvalidRequest("%s is not valid UTF-8" % name, parameter=name) from None
+        if not value and not empty_ok:
+            raise InvalidRequest("%s must not be empty (leave it out instead)" % name,
+                                 parameter=name)
+        return value
+
+    def int_param(self, name, default, minimum=0, maximum=MAX_INT):
+        raw = self.text_param(name, empty_ok=False)
+        if raw is None:
+            return default
+        value = int(raw) if _DIGITS_RE.fullmatch(raw) and len(raw) <= 20 else None
+        if value is None or value < minimum or value > maximum:
+            raise InvalidRequest("%s must be an integer from %d to %d" % (name, minimum, maximum),
+                                 parameter=name, value=_shown(raw))
+        return value
+
+    def status_param(self, allowed):
+        raw = self.text_param("status", empty_ok=False)
+        if raw is None:
+            return None
+        if raw not in allowed:
+            raise InvalidRequest("Unknown status %r (one of %s)" % (raw, ", ".join(allowed)),
+                                 parameter="status", value=_shown(raw))
+        return raw
+
+    def paging(self):
+        return (self.int_param("limit", DEFAULTS["list_limit"], 0, DEFAULTS["list_limit_max"]),
+                self.int_param("offset", 0))
+
+    def as_of(self):
+        return self.int_param("as_of", None)
+
+    def body_json(self):
+        ctype = (self.request.content_type or "").split(";")[0].strip().lower()
+        if self.request.content_length > self.max_body:
+            raise PayloadTooLarge("Request body over %d bytes" % self.max_body, limit=self.max_body)
+        # A POST with no body at all needs no type when the request carries
+        # the token (a foreign page cannot send it): the body is optional.
+        no_body = (self.request.content_length <= 0
+                   and "HTTP_TRANSFER_ENCODING" not in self.request.environ)
+        if ctype != "application/json" and not (
+                no_body and not ctype and self.request.environ.get("databuild.bearer")):
+            raise UnsupportedMediaType("POST bodies must be application/json",
+                                       content_type=_shown(self.request.content_type or "") or None)
+        raw = self.request.body.read(self.max_body + 1)
+        if len(raw) > self.max_body:
+            raise PayloadTooLarge("Request body over %d bytes" % self.max_body, limit=self.max_body)
+        if not raw.strip():
+            return {}
+        return parse_json_body(raw)
+
+    def listing(self, page, total, limit, offset, view):
+        return {"data": page, "total": total, "limit": limit, "offset": offset,
+                "latest_event_id": view.latest_event_id}
+
+    def entity(self, view, kind, key):
+        # (full id, dict) of a want or job run named by its id or a unique prefix.
+        get = view.want if kind == "wants" else view.job_run
+        found = get(key)
+        if found is None:
+            full = view.resolve(kind, key)
+            found = get(full) if full is not None else None
+        if found is None:
+            if kind == "wants":
+                raise NotFound("Want not found", want_id=_shown(key))
+            raise NotFound("Job run not found", job_run_id=_shown(key))
+        return found["want_id" if kind == "wants" else "job_run_id"], found
+
+    def full_id(self, kind, key):
+        with self.read_model.read() as view:
+            return self.entity(view, kind, key)[0]
+
+    def orchestrator(self):
+        if self.server.orchestrator is None:
+            raise Unavailable("This server does not accept writes")
+        return self.server.orchestrator
+
+
+def _wants_routes(app, api):
+    """The routes of wants: list, create, get, cancel."""
+
+    @app.get("/api/wants")
+    def list_wants():
+        api.query(("status", "limit", "offset", "as_of"))
+        status = api.status_param(WANT_STATUSES)
+        limit, offset = api.paging()
+        with api.read_model.read(api.as_of()) as view:
+            page, total = view.wants(status, offset, limit)
+            return api.listing(page, total, limit, offset, view)
+
+    @app.post("/api/wants")
+    def create_want():
+        api.query(())
+        want_request = parse_want_request(api.body_json(), api.server.config)
+        created, want = api.orchestrator().submit("create_want", request=want_request)
+        api.response.status = 201 if created else 200
+        return {"data": want}
+
+    @app.get("/api/wants/<want_id>")
+    def get_want(want_id):
+        api.query(("as_of",))
+        with api.read_model.read(api.as_of()) as view:
+            return {"data": api.entity(view, "wants", want_id)[1]}
+
+    @app.delete("/api/wants/<want_id>")
+    def cancel_want(want_id):
+        api.query(())
+        want_id = api.full_id("wants", want_id)
+        return {"data": api.orchestrator().submit("cancel_want", want_id=want_id)}
+
+
+def _partitions_routes(app, api):
+    """The routes of partitions: list, get, lineage, explain, taint (lineage and
+    explain before get: a ref may hold '/')."""
+
+    @app.get("/api/partitions")
+    def list_partitions():
+        api.query(("status", "prefix", "limit", "offset", "as_of"))
+        status = api.status_param(PARTITION_STATUSES)
+        prefix = api.text_param("prefix") or None
+        limit, offset = api.paging()
+        with api.read_model.read(api.as_of()) as view:
+            page, total = view.partitions(status, prefix, offset, limit)
+            return api.listing(page, total, limit, offset, view)
+
+    @app.get("/api/partitions/<ref:path>/lineage")
+    def partition_lineage(ref):
+        api.query(("depth", "as_of"))
+        depth = api.int_param("depth", 3, 0, DEFAULTS["lineage_depth_max"])
+        with api.read_model.read(api.as_of()) as view:
+            tree = view.lineage(ref, depth)
+        if tree is None:
+            raise NotFound("Partition not found", ref=_shown(ref))
+        return {"data": tree}
+
+    @app.get("/api/partitions/<ref:path>/explain")
+    def partition_explain(ref):
+        api.query(())
+        check_ref(ref)
+        with api.read_model.read() as view:
+            return {"data": explain_partition(view, ref, api.server.config.job_for)}
+
+    @app.get("/api/partitions/<ref:path>")
+    def get_partition(ref):
+        api.query(("as_of",))
+        with api.read_model.read(api.as_of()) as view:
+            part = view.partition(ref)
+        if part is None:
+            raise NotFound("Partition not found", ref=ref)
+        return {"data": part}
+
+    @app.post("/api/partitions/<ref:path>/taint")
+    def taint_partition(ref):
+        api.query(())
+        body = api.body_json()
+        unknown = sorted(set(body) - {"reason", "downstream", "dry_run"})
+        if unknown:
+            raise InvalidRequest("Unknown field(s): %s" % ", ".join(unknown), fields=unknown)
+        reason = _string(body, "reason", 10000)
+        flags = {}
+        for name in ("downstream", "dry_run"):
+            flags[name] = body.get(name, False)
+            if not isinstance(flags[name], bool):
+                raise InvalidRequest("%s must be true or false" % name, field=name)
+        answer = api.orchestrator().submit("taint", ref=ref, reason=reason, **flags)
+        return {"data": answer["partition"], "tainted": answer["tainted"],
+                "dry_run": answer["dry_run"]}
+
+
+def _job_runs_routes(app, api):
+    """The routes of job runs: list, get, cancel, logs (plain or followed)."""
+
+    @app.get("/api/job_runs")
+    def list_job_runs():
+        api.query(("status", "job_label", "want_id", "limit", "offset", "as_of"))
+        status = api.status_param(JOB_RUN_STATUSES)
+        label = api.text_param("job_label") or None
+        want_id = api.text_param("want_id") or None
+        limit, offset = api.paging()
+        with api.read_model.read(api.as_of()) as view:
+            page, total = view.job_runs(status, label, want_id, offset, limit)
+            return api.listing(page, total, limit, offset, view)
+
+    @app.get("/api/job_runs/<job_run_id>")
+    def get_job_run(job_run_id):
+        api.query(("as_of",))
+        with api.read_model.read(api.as_of()) as view:
+            return {"data": api.entity(view, "job_runs", job_run_id)[1]}
+
+    @app.post("/api/job_runs/<job_run_id>/cancel")
+    def cancel_job_run(job_run_id):
+        api.query(())
+        api.body_json()
+        return {"data": api.orchestrator().submit("cancel_job_run",
+                                              job_run_id=api.full_id("job_runs", job_run_id))}
+
+    @app.get("/api/job_runs/<job_run_id>/logs/<stream>")
+    def job_run_log(job_run_id, stream):
+        api.query(("follow", "tail"))
+        job_run_id = api.full_id("job_runs", job_run_id)
+        # The path is built from a known job run id, never from user input.
+        path = job_run_log_path(api.server.config.state_dir, job_run_id, stream)
+        follow = (api.text_param("follow", empty_ok=False) or "false").lower()
+        if follow not in ("true", "false", "1", "0"):
+            raise InvalidRequest("follow must be true or false", parameter="follow", value=follow)
+        if follow in ("true", "1"):
+            stream_slot = api.server.streams.acquire(blocking=False)
+            if not stream_slot:
+                raise Unavailable("Too many log streams open; try again later")
+            api.response.content_type = "text/event-stream; charset=utf-8"
+            api.response.set_header("Cache-Control", "no-cache")
+            return _follow_log(path, job_run_id, api.read_model, api.server)
+        tail = api.int_param("tail", None)
+        api.response.content_type = "text/plain; charset=utf-8"
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            api.response.set_header("Content-Length", "0")
+            return b""
+        size = os.fstat(f.fileno()).st_size
+        start = 0 if tail is None else max(0, size - tail)
+        api.response.set_header("Content-Length", str(size - start))
+        return _file_chunks(f, start, size - start)
+
+
+def _service_routes(app, api):
+    """The routes of the server itself: health, metrics, the OpenAPI document,
+    the dashboard, events, jobs, schedules, shutdown."""
+
+    @app.get("/health")
+    def health():
+        api.query(())
+        api.server.config_watcher.current()  # an edited databuild.toml: reloaded, or its error known
+        return {"status": "ok", "version": __version__,
+                "latest_event_id": api.server.read_model.log.latest_event_id(),
+                "uptime_seconds": round(time.time() - api.server.started_at, 3),
+                "pid": os.getpid(), "config_error": api.server.config_watcher.error}
+
+    @app.get("/api/schedules")
+    def list_schedules():
+        api.query(())
+        now = time.time()
+        items = []
+        with api.read_model.read() as view:
+            for schedule in api.server.config.schedules:
+                last_id = api.read_model.log.last_want_id("schedule:%s:" % schedule.name)
+                last = view.want(last_id) if last_id else None
+                items.append(schedule_to_dict(schedule, last, now))
+            return {"data": items, "total": len(items), "limit": len(items), "offset": 0,
+                    "latest_event_id": api.read_model.log.latest_event_id()}
+
+    @app.get("/api/jobs")
+    def list_jobs():
+        api.query(("as_of",))
+        with api.read_model.read(api.as_of()) as view:
+            counts = view.summary["job_runs_by_job"]
+            jobs = [job_to_dict(job, counts.get(job.label, {}))
+                    for job in api.server.config.jobs]
+            return {"data": jobs, "total": len(jobs), "limit": len(jobs), "offset": 0,
+                    "latest_event_id": view.latest_event_id}
+
+    @app.get("/metrics")
+    def metrics():
+        api.query(())
+        with api.read_model.read() as view:
+            text = metrics_text(view.summary, api.server.http_requests,
+                                time.time() - api.server.started_at)
+        api.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return text
+
+    @app.get("/api/openapi.json")
+    def openapi():
+        api.query(())
+        return openapi_document()
+
+    @app.get("/")
+    def dashboard():
+        api.query(())
+        api.response.content_type = "text/html; charset=utf-8"
+        return _DASHBOARD_HTML
+
+    @app.get("/api/events")
+    def list_events():
+        api.query(("since", "limit"))
+        since = api.int_param("since", 0)
+        limit = api.int_param("limit", DEFAULTS["list_limit"], 0, DEFAULTS["list_limit_max"])
+        events = api.read_model.log.list_events(since, limit)
+        latest = api.read_model.log.latest_event_id()
+        return {"data": [e.to_dict() for e in events], "total": max(0, latest - since),
+                "limit": limit, "since": since, "latest_event_id": latest}
+
+    @app.post("/api/shutdown")
+    def shutdown():
+        api.query(())
+        api.body_json()
+        api.server.request_stop("shutdown requested over HTTP")
+        api.response.status = 202
+        return {"status": "shutting down"}
+
+
 def make_app(server):
     """Build the Bottle application for ``server`` (a Server, or anything with
     its attributes: ``config``, ``config_watcher``, ``read_model``,
@@ -4273,16 +4601,15 @@ def make_app(server):
     """
     bottle = _import_bottle()
     app = bottle.Bottle(catchall=True)
-    request, response = bottle.request, bottle.response
-    read_model = server.read_model
-    max_body = DEFAULTS["max_body_bytes"]
+    api = _Api(server, bottle)
+    request, response = api.request, api.response
 
     def json_error(status, body):
         response.status = status
         response.content_type = JSON_TYPE
         return _encode_json(body)
 
-    def api(callback):
+    def boundary(callback):
         # The one boundary where every exception becomes an HTTP answer.
         @functools.wraps(callback)
         def wrapper(*args, **kwargs):
@@ -4305,7 +4632,7 @@ def make_app(server):
             return result
         return wrapper
 
-    app.install(api)
+    app.install(boundary)
 
     def default_error(error):
         # Bottle's own errors (unknown route, wrong method) as JSON too.
@@ -4321,304 +4648,8 @@ def make_app(server):
 
     app.default_error_handler = default_error
 
-    # -- request helpers ------------------------------------------------------
-
-    def query(allowed):
-        unknown = sorted(set(request.query) - set(allowed))
-        if unknown:
-            raise InvalidRequest("Unknown query parameter(s): %s"
-                                 % ", ".join(map(_shown, unknown)),
-                                 parameters=[_shown(u) for u in unknown])
-        return request.query
-
-    def text_param(name, empty_ok=True):
-        # Bottle hands query values over as Latin-1; they are UTF-8.
-        raw = request.query.get(name)
-        if raw is None:
-            return None
-        try:
-            value = raw.encode("latin-1").decode("utf-8")
-        except UnicodeError:
-            raise InvalidRequest("%s is not valid UTF-8" % name, parameter=name) from None
-        if not value and not empty_ok:
-            raise InvalidRequest("%s must not be empty (leave it out instead)" % name,
-                                 parameter=name)
-        return value
-
-    def int_param(name, default, minimum=0, maximum=MAX_INT):
-        raw = text_param(name, empty_ok=False)
-        if raw is None:
-            return default
-        value = int(raw) if _DIGITS_RE.fullmatch(raw) and len(raw) <= 20 else None
-        if value is None or value < minimum or value > maximum:
-            raise InvalidRequest("%s must be an integer from %d to %d" % (name, minimum, maximum),
-                                 parameter=name, value=_shown(raw))
-        return value
-
-    def status_param(allowed):
-        raw = text_param("status", empty_ok=False)
-        if raw is None:
-            return None
-        if raw not in allowed:
-            raise InvalidRequest("Unknown status %r (one of %s)" % (raw, ", ".join(allowed)),
-                                 parameter="status", value=_shown(raw))
-        return raw
-
-    def paging():
-        return (int_param("limit", DEFAULTS["list_limit"], 0, DEFAULTS["list_limit_max"]),
-                int_param("offset", 0))
-
-    def as_of():
-        return int_param("as_of", None)
-
-    def body_json():
-        ctype = (request.content_type or "").split(";")[0].strip().lower()
-        if request.content_length > max_body:
-            raise PayloadTooLarge("Request body over %d bytes" % max_body, limit=max_body)
-        # A POST with no body at all needs no type when the request carries
-        # the token (a foreign page cannot send it): the body is optional.
-        no_body = request.content_length <= 0 and "HTTP_TRANSFER_ENCODING" not in request.environ
-        if ctype != "application/json" and not (
-                no_body and not ctype and request.environ.get("databuild.bearer")):
-            raise UnsupportedMediaType("POST bodies must be application/json",
-                                       content_type=_shown(request.content_type or "") or None)
-        raw = request.body.read(max_body + 1)
-        if len(raw) > max_body:
-            raise PayloadTooLarge("Request body over %d bytes" % max_body, limit=max_body)
-        if not raw.strip():
-            return {}
-        return parse_json_body(raw)
-
-    def listing(page, total, limit, offset, view):
-        return {"data": page, "total": total, "limit": limit, "offset": offset,
-                "latest_event_id": view.latest_event_id}
-
-    def entity(view, kind, key):
-        # (full id, dict) of a want or job run named by its id or a unique prefix.
-        get = view.want if kind == "wants" else view.job_run
-        found = get(key)
-        if found is None:
-            full = view.resolve(kind, key)
-            found = get(full) if full is not None else None
-        if found is None:
-            if kind == "wants":
-                raise NotFound("Want not found", want_id=_shown(key))
-            raise NotFound("Job run not found", job_run_id=_shown(key))
-        return found["want_id" if kind == "wants" else "job_run_id"], found
-
-    def full_id(kind, key):
-        with read_model.read() as view:
-            return entity(view, kind, key)[0]
-
-    def orchestrator():
-        if server.orchestrator is None:
-            raise Unavailable("This server does not accept writes")
-        return server.orchestrator
-
-    # -- routes ---------------------------------------------------------------
-
-    @app.get("/health")
-    def health():
-        query(())
-        server.config_watcher.current()  # a changed databuild.toml: reloaded, or its error known
-        return {"status": "ok", "version": __version__,
-                "latest_event_id": server.read_model.log.latest_event_id(),
-                "uptime_seconds": round(time.time() - server.started_at, 3),
-                "pid": os.getpid(), "config_error": server.config_watcher.error}
-
-    @app.get("/api/wants")
-    def list_wants():
-        query(("status", "limit", "offset", "as_of"))
-        status = status_param(WANT_STATUSES)
-        limit, offset = paging()
-        with read_model.read(as_of()) as view:
-            page, total = view.wants(status, offset, limit)
-            return listing(page, total, limit, offset, view)
-
-    @app.post("/api/wants")
-    def create_want():
-        query(())
-        want_request = parse_want_request(body_json(), server.config)
-        created, want = orchestrator().submit("create_want", request=want_request)
-        response.status = 201 if created else 200
-        return {"data": want}
-
-    @app.get("/api/wants/<want_id>")
-    def get_want(want_id):
-        query(("as_of",))
-        with read_model.read(as_of()) as view:
-            return {"data": entity(view, "wants", want_id)[1]}
-
-    @app.delete("/api/wants/<want_id>")
-    def cancel_want(want_id):
-        query(())
-        return {"data": orchestrator().submit("cancel_want", want_id=full_id("wants", want_id))}
-
-    @app.get("/api/partitions")
-    def list_partitions():
-        query(("status", "prefix", "limit", "offset", "as_of"))
-        status = status_param(PARTITION_STATUSES)
-        prefix = text_param("prefix") or None
-        limit, offset = paging()
-        with read_model.read(as_of()) as view:
-            page, total = view.partitions(status, prefix, offset, limit)
-            return listing(page, total, limit, offset, view)
-
-    @app.get("/api/partitions/<ref:path>/lineage")
-    def partition_lineage(ref):
-        query(("depth", "as_of"))
-        depth = int_param("depth", 3, 0, DEFAULTS["lineage_depth_max"])
-        with read_model.read(as_of()) as view:
-            tree = view.lineage(ref, depth)
-        if tree is None:
-            raise NotFound("Partition not found", ref=_shown(ref))
-        return {"data": tree}
-
-    @app.get("/api/partitions/<ref:path>/explain")
-    def partition_explain(ref):
-        query(())
-        check_ref(ref)
-        with read_model.read() as view:
-            return {"data": explain_partition(view, ref, server.config.job_for)}
-
-    @app.get("/api/partitions/<ref:path>")
-    def get_partition(ref):
-        query(("as_of",))
-        with read_model.read(as_of()) as view:
-            part = view.partition(ref)
-        if part is None:
-            raise NotFound("Partition not found", ref=ref)
-        return {"data": part}
-
-    @app.post("/api/partitions/<ref:path>/taint")
-    def taint_partition(ref):
-        query(())
-        body = body_json()
-        unknown = sorted(set(body) - {"reason", "downstream", "dry_run"})
-        if unknown:
-            raise InvalidRequest("Unknown field(s): %s" % ", ".join(unknown), fields=unknown)
-        reason = _string(body, "reason", 10000)
-        flags = {}
-        for name in ("downstream", "dry_run"):
-            flags[name] = body.get(name, False)
-            if not isinstance(flags[name], bool):
-                raise InvalidRequest("%s must be true or false" % name, field=name)
-        answer = orchestrator().submit("taint", ref=ref, reason=reason, **flags)
-        return {"data": answer["partition"], "tainted": answer["tainted"],
-                "dry_run": answer["dry_run"]}
-
-    @app.get("/api/job_runs")
-    def list_job_runs():
-        query(("status", "job_label", "want_id", "limit", "offset", "as_of"))
-        status = status_param(JOB_RUN_STATUSES)
-        label = text_param("job_label") or None
-        want_id = text_param("want_id") or None
-        limit, offset = paging()
-        with read_model.read(as_of()) as view:
-            page, total = view.job_runs(status, label, want_id, offset, limit)
-            return listing(page, total, limit, offset, view)
-
-    @app.get("/api/job_runs/<job_run_id>")
-    def get_job_run(job_run_id):
-        query(("as_of",))
-        with read_model.read(as_of()) as view:
-            return {"data": entity(view, "job_runs", job_run_id)[1]}
-
-    @app.post("/api/job_runs/<job_run_id>/cancel")
-    def cancel_job_run(job_run_id):
-        query(())
-        body_json()
-        return {"data": orchestrator().submit("cancel_job_run",
-                                              job_run_id=full_id("job_runs", job_run_id))}
-
-    @app.get("/api/job_runs/<job_run_id>/logs/<stream>")
-    def job_run_log(job_run_id, stream):
-        query(("follow", "tail"))
-        job_run_id = full_id("job_runs", job_run_id)
-        # The path is built from a known job run id, never from user input.
-        path = job_run_log_path(server.config.state_dir, job_run_id, stream)
-        follow = (text_param("follow", empty_ok=False) or "false").lower()
-        if follow not in ("true", "false", "1", "0"):
-            raise InvalidRequest("follow must be true or false", parameter="follow", value=follow)
-        if follow in ("true", "1"):
-            stream_slot = server.streams.acquire(blocking=False)
-            if not stream_slot:
-                raise Unavailable("Too many log streams open; try again later")
-            response.content_type = "text/event-stream; charset=utf-8"
-            response.set_header("Cache-Control", "no-cache")
-            return _follow_log(path, job_run_id, read_model, server)
-        tail = int_param("tail", None)
-        response.content_type = "text/plain; charset=utf-8"
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            response.set_header("Content-Length", "0")
-            return b""
-        size = os.fstat(f.fileno()).st_size
-        start = 0 if tail is None else max(0, size - tail)
-        response.set_header("Content-Length", str(size - start))
-        return _file_chunks(f, start, size - start)
-
-    @app.get("/api/schedules")
-    def list_schedules():
-        query(())
-        now = time.time()
-        items = []
-        with read_model.read() as view:
-            for schedule in server.config.schedules:
-                last_id = read_model.log.last_want_id("schedule:%s:" % schedule.name)
-                last = view.want(last_id) if last_id else None
-                items.append(schedule_to_dict(schedule, last, now))
-            return {"data": items, "total": len(items), "limit": len(items), "offset": 0,
-                    "latest_event_id": read_model.log.latest_event_id()}
-
-    @app.get("/api/jobs")
-    def list_jobs():
-        query(("as_of",))
-        with read_model.read(as_of()) as view:
-            counts = view.summary["job_runs_by_job"]
-            jobs = [job_to_dict(job, counts.get(job.label, {}))
-                    for job in server.config.jobs]
-            return {"data": jobs, "total": len(jobs), "limit": len(jobs), "offset": 0,
-                    "latest_event_id": view.latest_event_id}
-
-    @app.get("/metrics")
-    def metrics():
-        query(())
-        with read_model.read() as view:
-            text = metrics_text(view.summary, server.http_requests, time.time() - server.started_at)
-        response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return text
-
-    @app.get("/api/openapi.json")
-    def openapi():
-        query(())
-        return openapi_document()
-
-    @app.get("/")
-    def dashboard():
-        query(())
-        response.content_type = "text/html; charset=utf-8"
-        return _DASHBOARD_HTML
-
-    @app.get("/api/events")
-    def list_events():
-        query(("since", "limit"))
-        since = int_param("since", 0)
-        limit = int_param("limit", DEFAULTS["list_limit"], 0, DEFAULTS["list_limit_max"])
-        events = read_model.log.list_events(since, limit)
-        latest = read_model.log.latest_event_id()
-        return {"data": [e.to_dict() for e in events], "total": max(0, latest - since),
-                "limit": limit, "since": since, "latest_event_id": latest}
-
-    @app.post("/api/shutdown")
-    def shutdown():
-        query(())
-        body_json()
-        server.request_stop("shutdown requested over HTTP")
-        response.status = 202
-        return {"status": "shutting down"}
-
+    for add_routes in (_service_routes, _wants_routes, _partitions_routes, _job_runs_routes):
+        add_routes(app, api)
     return app
 
 
