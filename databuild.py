@@ -2724,7 +2724,7 @@ class Orchestrator:
         # is dropped (or pushed again) when it comes up.
         self._queue = []
         self._ticks = []  # heap of (tick, schedule name): wants to make (SPEC 11)
-        self._last_tick = {}  # schedule name -> its newest tick made or planned
+        self._next_tick = {}  # schedule name -> its planned next tick
         self._retry_waits = []  # heap of (retry_at, ref): partitions in backoff
         self._retry_waiting = set()  # the refs in _retry_waits
         self._stop_requested = False
@@ -2929,9 +2929,10 @@ class Orchestrator:
                 self._processes.pop(proc.job_run_id, None)
             self._exited.extendleft(reversed(reaped))
             self._no_starts_until = now + DEFAULTS["commit_retry_seconds"]
-            self._queue = []  # the queued runs are the log's again
+            self._queue = []  # the queued runs and the schedules are the log's again
             for run_id in self.state.job_runs_by_status[QUEUED]:
                 self._push_queued(self.state.job_runs[run_id])
+            self._plan_schedules(now)
             raise
 
     def _commit(self):
@@ -3368,15 +3369,14 @@ class Orchestrator:
     # -- schedules (SPEC 11) ------------------------------------------------
 
     def _plan_schedules(self, now):
-        # The heap of ticks to make, from each schedule's newest tick (in the
-        # log, or made since): the missed ones (at most catch_up, the newest)
-        # and the next one.  A schedule new to the log starts from now.
+        # The heap of ticks to make, from each schedule's newest tick in the
+        # log (every tick made is committed before the next plan): the missed
+        # ones (at most catch_up, the newest) and the next one.  A schedule
+        # new to the log starts from now.
         self._ticks = []
         for schedule in self.config.schedules:
-            last = self._last_tick.get(schedule.name)
-            if last is None:
-                last_id = self.log.last_want_id("schedule:%s:" % schedule.name)
-                last = _tick_of(last_id) if last_id else None
+            last_id = self.log.last_want_id("schedule:%s:" % schedule.name)
+            last = _tick_of(last_id) if last_id else None
             self._plan(schedule, now if last is None else last, now)
 
     def _plan(self, schedule, after, now):
@@ -3388,7 +3388,7 @@ class Orchestrator:
         for past in missed:
             heapq.heappush(self._ticks, (past, schedule.name))
         heapq.heappush(self._ticks, (tick, schedule.name))
-        self._last_tick[schedule.name] = tick
+        self._next_tick[schedule.name] = tick
 
     def _tick_schedules(self, now):
         while self._ticks and self._ticks[0][0] <= now:
@@ -3397,7 +3397,7 @@ class Orchestrator:
             if schedule is None:
                 continue  # gone from the config
             self._make_tick_want(schedule, tick, now)
-            if tick == self._last_tick.get(name):  # the planned next one: plan again
+            if tick == self._next_tick.get(name):  # the planned next one: plan again
                 self._plan(schedule, tick, now)
 
     def _make_tick_want(self, schedule, tick, now):

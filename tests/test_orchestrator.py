@@ -700,3 +700,20 @@ def test_canceling_the_want_during_a_backoff_cancels_the_retry(tmp_path, driver_
     d.orch.step(t0 + 120)  # past retry_at: nothing wants it any more
     assert not d.state.job_runs_by_status["Queued"] and not d.state.job_runs_by_status["Running"]
     assert run_count(ws, "a") == 1
+
+
+def test_a_config_reload_between_ticks_keeps_the_next_tick(tmp_path, driver_for):
+    ws = _hourly(tmp_path)
+    clock = _Clock(1767225600.0 + 600)  # 00:10Z: the next tick is 01:00Z
+    d = driver_for(ws, clock)
+    d.orch.step(clock.now)
+    with open(os.path.join(ws, "databuild.toml"), "a") as f:
+        f.write("\n")  # any edit: the config is reloaded, the schedules planned again
+    d.orch.watcher = databuild.ConfigWatcher(d.config)
+    d.orch.watcher._stamp = None
+    clock.now += 60
+    d.orch.step(clock.now)
+    assert d.orch.config is not d.config  # reloaded
+    clock.now = 1767225600.0 + 3600
+    d.orch.step(clock.now)
+    assert [w[0] for w in _schedule_wants(d)] == ["schedule:hourly:2026-01-01T01:00:00Z"]
