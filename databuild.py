@@ -2905,6 +2905,8 @@ class Orchestrator:
         reaped = self._reap(now)
         if self.adopt_orphans and (reaped or now >= self._sweep_at):
             self._sweep_orphans(now)
+            if reaped:  # once more soon: what the group kill orphans is adopted late
+                self._sweep_at = min(self._sweep_at, now + 0.2)
         self._enforce_deadlines(now)
         self._expire(now)
         self._tick_schedules(now)

@@ -436,3 +436,18 @@ def test_shutdown_over_http_logs_no_traceback(tmp_path):
         server.client.shutdown()
         assert server.stop() == 0
         assert "Traceback" not in server.stderr and "Shutdown complete" in server.stderr
+
+
+def test_a_grandchild_that_left_the_group_is_stopped_after_its_run(workspace, serve):
+    # job -> sh (in the group, killed at the run's end) -> setsid sleep: the
+    # sleep is orphaned only once the group kill has taken the sh.
+    set_plan(workspace, {"a": {"leave": {
+        "argv": ["sh", "-c", "setsid sleep 300 & echo $! > runs/grandchild; wait"]}}})
+    server = serve(workspace)
+    want = server.client.create_want(["a"])
+    wait_for(lambda: server.client.get_want(want["want_id"])["status"] == "Successful")
+    path = os.path.join(workspace, "runs", "grandchild")
+    wait_for(lambda: os.path.exists(path) and open(path).read().strip())
+    with open(path) as f:
+        grandchild = int(f.read())
+    wait_for(lambda: not pid_alive(grandchild), timeout=10)
