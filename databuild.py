@@ -2137,6 +2137,10 @@ def _parse_schedule(i, data, jobs_config):
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise ConfigError("%s timezone: unknown time zone %r (an IANA name such as "
                           "Europe/Berlin)" % (where, data.get("timezone"))) from None
+    try:
+        next(schedule.ticks_after(1735689600.0))  # a cron that never matches (Feb 31)
+    except ConfigError as e:
+        raise ConfigError("%s %s" % (where, e.message)) from None
     # Every template must make a ref some job produces: try one tick.
     try:
         refs = schedule.refs(1735689600.0)

@@ -225,6 +225,7 @@ def test_daylight_saving_days_tick_once():
 @pytest.mark.parametrize("entry, message", [
     ({"cron": "61 * * * *"}, "cron minute field"),
     ({"cron": "* * *"}, "has 3 fields"),
+    ({"cron": "0 0 31 2 *"}, "never matches"),
     ({"cron": "0 0 * * *", "timezone": "Mars/Olympus"}, "unknown time zone"),
     ({}, "either cron or interval_seconds"),
     ({"cron": "0 0 * * *", "interval_seconds": 60}, "either cron or interval_seconds"),
