@@ -3956,12 +3956,18 @@ def _explain_step(event, view, runs):
     return step
 
 
-def _short(some_id):
-    return some_id[:8] if isinstance(some_id, str) and len(some_id) == 36 else some_id
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _short(value):
+    """A generated id cut to 8 characters (a unique prefix, which commands
+    take as the id); anything else as it is."""
+    return value[:8] if isinstance(value, str) and _UUID_RE.fullmatch(value) else value
 
 
 def _few(items, n=3):
-    items = list(items)
+    """The first ``n`` items, then ``(+N more)``: a list for a sentence or a cell."""
+    items = [str(_short(i)) for i in items]
     return ", ".join(items[:n]) + (" (+%d more)" % (len(items) - n) if len(items) > n else "")
 
 
@@ -6049,10 +6055,6 @@ def format_object(obj, keys=None):
     return "\n".join(lines)
 
 
-def _refs_cell(refs):
-    return refs[0] + (" (+%d more)" % (len(refs) - 1) if len(refs) > 1 else "")
-
-
 def _listing(args, envelope, columns, noun):
     rows = envelope["data"]
     text = format_table(rows, columns) if rows else "No %s." % noun
@@ -6070,13 +6072,13 @@ def _date(ts):
 
 
 _WANT_COLUMNS = [("WANT_ID", "want_id"), ("STATUS", "status"),
-                 ("PARTITIONS", lambda w: _refs_cell(w["partitions"])),
+                 ("PARTITIONS", lambda w: _few(w["partitions"], 1)),
                  ("SOURCE", lambda w: w["source"].get("type")),
                  ("DATA_TIME", lambda w: _date(w["data_timestamp"])), ("CREATED", "created_at")]
 _PARTITION_COLUMNS = [("REF", "ref"), ("STATUS", "status"), ("JOB", "job_label"),
                       ("UPDATED", "updated_at")]
 _JOB_RUN_COLUMNS = [("JOB_RUN_ID", "job_run_id"), ("STATUS", "status"), ("JOB", "job_label"),
-                    ("ATTEMPT", "attempt"), ("PARTITIONS", lambda r: _refs_cell(r["partitions"])),
+                    ("ATTEMPT", "attempt"), ("PARTITIONS", lambda r: _few(r["partitions"], 1)),
                     ("DURATION", lambda r: "-" if r["duration_ms"] is None
                      else "%.1fs" % (r["duration_ms"] / 1000.0))]
 
@@ -6401,9 +6403,6 @@ def _cmd_events(args):
     return 0
 
 
-_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
 def _summarise_payload(payload, width=60):
     """An event's payload as one readable line: ``key=value`` pairs, long lists
     as their first item and a count, long text shortened -- never JSON cut in
@@ -6412,16 +6411,12 @@ def _summarise_payload(payload, width=60):
     for key, value in payload.items():
         if value is None or value == [] or value == {} or key in ("counted", "pid_start_time"):
             continue
-        if isinstance(value, str) and _UUID_RE.fullmatch(value):
-            value = value[:8]  # as the CLI takes it: a unique prefix
         if isinstance(value, list):
-            first = value[0][:8] if isinstance(value[0], str) and _UUID_RE.fullmatch(
-                value[0]) else value[0]
-            shown = str(first) + (" (+%d more)" % (len(value) - 1) if len(value) > 1 else "")
+            shown = _few(value, 1)
         elif isinstance(value, dict):
             shown = ",".join("%s:%s" % kv for kv in value.items())
         else:
-            shown = str(value)
+            shown = str(_short(value))
         if len(shown) > width:
             shown = shown[:width - 3] + "..."
         parts.append("%s=%s" % (key, shown))
