@@ -28,7 +28,7 @@ Sections (in dependency order; ``grep -n '^# .*####' databuild.py``):
     Events and the reducer
     Storage: the event log
     Configuration
-    Job runs: processes
+    Executors: where job runs execute
     Orchestrator
     Read model
     HTTP API
@@ -543,7 +543,7 @@ class JobRun(_Entity):
 
     __slots__ = ("job_run_id", "job_label", "partitions", "want_ids", "status", "attempt",
                  "exit_code", "missing_deps", "error", "queued_at", "started_at",
-                 "finished_at", "pid", "pid_start_time", "seq")
+                 "finished_at", "pid", "pid_start_time", "seq", "executor", "external_id")
     ROW = __slots__
 
     @property
@@ -562,7 +562,8 @@ class JobRun(_Entity):
                 "queued_at": isoformat(self.queued_at),
                 "started_at": isoformat(self.started_at),
                 "finished_at": isoformat(self.finished_at),
-                "duration_ms": self.duration_ms}
+                "duration_ms": self.duration_ms,
+                "executor": self.executor or "local", "external_id": self.external_id}
 
 
 class _Tally:
@@ -587,7 +588,7 @@ class _Tally:
 
 
 #: Bumped when the projection's rows change shape: an older projection is rebuilt.
-PROJECTION_VERSION = 6
+PROJECTION_VERSION = 7
 
 
 class BuildState:
@@ -852,7 +853,8 @@ class BuildState:
         run.error = None
         run.queued_at = ts
         run.started_at = run.finished_at = None
-        run.pid = run.pid_start_time = None
+        run.pid = run.pid_start_time = run.external_id = None
+        run.executor = p.get("executor")
         run.seq = self.seqs["job_runs"]
         self.seqs["job_runs"] += 1
         self.job_runs[run.job_run_id] = run
@@ -899,6 +901,8 @@ class BuildState:
         run.started_at = ts
         run.pid = p.get("pid")
         run.pid_start_time = p.get("pid_start_time")
+        run.executor = p.get("executor", run.executor)
+        run.external_id = p.get("external_id")
         self._touch("job_runs", run.job_run_id, run)
 
     def _finish_run(self, p, status, ts):
@@ -1834,6 +1838,7 @@ _SERVER_KEYS = ("host", "port", "idle_timeout_seconds", "max_concurrent_job_runs
                 "cors_origins", "auth", "allowed_hosts")
 _JOB_KEYS = ("label", "entrypoint", "partition_patterns", "environment",
              "max_partitions_per_run", "max_retries", "timeout_seconds", "max_concurrent_runs",
+             "executor",
              "retry_backoff_seconds", "retry_backoff_max_seconds")
 
 
@@ -1843,7 +1848,7 @@ class JobConfig:
     def __init__(self, label, entrypoint, partition_patterns, environment=None,
                  max_partitions_per_run=1, max_retries=0, timeout_seconds=0,
                  max_concurrent_runs=None, retry_backoff_seconds=0,
-                 retry_backoff_max_seconds=3600):
+                 retry_backoff_max_seconds=3600, executor="local", options=None):
         self.label = label
         self.entrypoint = list(entrypoint)
         self.partition_patterns = list(partition_patterns)
@@ -1855,6 +1860,8 @@ class JobConfig:
         self.max_concurrent_runs = max_concurrent_runs  # None: only the server's limit
         self.retry_backoff_seconds = retry_backoff_seconds
         self.retry_backoff_max_seconds = retry_backoff_max_seconds
+        self.executor = executor  # a name in ``executors`` (SPEC 9)
+        self.options = dict(options or {})  # the executor's own job keys (sbatch_options)
 
     def retry_delay(self, attempt, rng=random.random):
         """Seconds before retry ``attempt`` (2, 3, ...) may start (SPEC 10):
@@ -1890,6 +1897,8 @@ class Config:
         self.jobs_by_label = {job.label: job for job in self.jobs}
         self.schedules = []  # ScheduleConfig, in file order (SPEC 11)
         self.schedules_by_name = {}
+        #: ``[executors.<name>]`` tables, checked (SPEC 9).
+        self.executors = {}
         for key in _SERVER_KEYS:
             setattr(self, key, server.get(key, DEFAULTS[key]))
         self.job_for = functools.lru_cache(maxsize=1 << 16)(self._job_for)
@@ -2177,6 +2186,26 @@ def _config_value(where, key, value, kind, minimum=None):
     return value
 
 
+def _parse_executors(data):
+    # SPEC 9: [executors.<name>] tables, each key checked by its executor.
+    if not isinstance(data, dict):
+        raise ConfigError("executors: must be a table of tables ([executors.local], ...)")
+    tables = {}
+    for name, table in data.items():
+        where = "[executors.%s]" % name
+        if name not in executors:
+            raise ConfigError("%s: unknown executor (known: %s)" % (where, ", ".join(executors)))
+        if not isinstance(table, dict):
+            raise ConfigError("%s: must be a table" % where)
+        known = dict(executors[name].settings, max_concurrent_job_runs=("int", 1))
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError("%s %s: unknown key (known: %s)" % (where, key, ", ".join(known)))
+            _config_value(where, key, value, *known[key])
+        tables[name] = dict(table)
+    return tables
+
+
 def load_config(workspace):
     """Read ``<workspace>/databuild.toml`` into a Config; ConfigError names file, key, problem."""
     path = os.path.join(os.path.abspath(workspace), CONFIG_FILE)
@@ -2195,10 +2224,11 @@ def load_config(workspace):
 
 
 def _parse_config(root, data, path):
-    unknown = set(data) - {"server", "jobs", "schedules"}
+    unknown = set(data) - {"server", "jobs", "schedules", "executors"}
     if unknown:
-        raise ConfigError("unknown top-level key %r (expected [server], [[jobs]] and "
-                          "[[schedules]])" % sorted(unknown)[0])
+        raise ConfigError("unknown top-level key %r (expected [server], [[jobs]], "
+                          "[[schedules]] and [executors.*])" % sorted(unknown)[0])
+    executor_tables = _parse_executors(data.get("executors", {}))
     server = data.get("server", {})
     if not isinstance(server, dict):
         raise ConfigError("server: must be a table")
@@ -2232,9 +2262,23 @@ def _parse_config(root, data, path):
             raise ConfigError("%s: must be a table" % where)
         if isinstance(job.get("label"), str):
             where = "[[jobs]] %r" % job["label"]
+        executor = job.get("executor", "local")
+        if executor not in executors:
+            raise ConfigError("%s executor: must be one of %s, not %r"
+                              % (where, ", ".join(map(repr, executors)), executor))
+        own = executors[executor].job_settings
         for key in job:
+            if key in own:
+                continue
+            if any(key in e.job_settings for e in executors.values()):
+                raise ConfigError("%s %s: only for jobs with executor = %s" % (
+                    where, key, " or ".join(repr(n) for n, e in executors.items()
+                                            if key in e.job_settings)))
             if key not in _JOB_KEYS:
-                raise ConfigError("%s %s: unknown key (known: %s)" % (where, key, ", ".join(_JOB_KEYS)))
+                raise ConfigError("%s %s: unknown key (known: %s)" % (
+                    where, key, ", ".join(_JOB_KEYS + tuple(own))))
+        options = {key: _config_value(where, key, job[key], *own[key])
+                   for key in own if key in job}
         for key in ("label", "entrypoint", "partition_patterns"):
             if key not in job:
                 raise ConfigError("%s %s: missing (required)" % (where, key))
@@ -2281,8 +2325,10 @@ def _parse_config(root, data, path):
             _config_value(where, "retry_backoff_seconds", job.get("retry_backoff_seconds", 0),
                           "num", 0),
             _config_value(where, "retry_backoff_max_seconds",
-                          job.get("retry_backoff_max_seconds", 3600), "num", 0)))
+                          job.get("retry_backoff_max_seconds", 3600), "num", 0),
+            executor, options))
     config = Config(root, jobs, path=path, **server)
+    config.executors = executor_tables
     schedules_data = data.get("schedules", [])
     if not isinstance(schedules_data, list):
         raise ConfigError("schedules: must be an array of tables ([[schedules]])")
@@ -2296,7 +2342,7 @@ def _parse_config(root, data, path):
 
 
 ###############################################################################
-# Job runs: processes #########################################################
+# Executors: where job runs execute ###########################################
 ###############################################################################
 
 def job_run_log_path(state_dir, job_run_id, stream):
@@ -2407,11 +2453,12 @@ def _job_run_of(pid):
 
 class _Wakeup:
     """How the orchestrator thread sleeps: one ``poll()`` on a self-pipe and on
-    the pidfds of its job processes.
+    the descriptors its executors watch (the pidfds of local job processes).
 
-    ``set()`` (any thread) wakes it; a job process's exit wakes it without any
-    other thread in between.  The pipe is written once per sleep, not once
-    per command.
+    ``set()`` (any thread) wakes it; a watched descriptor that becomes
+    readable wakes it and runs its callback in the sleeping thread, without
+    any other thread in between.  The pipe is written once per sleep, not
+    once per command.
     """
 
     def __init__(self):
@@ -2420,6 +2467,7 @@ class _Wakeup:
         os.set_blocking(self._w, False)
         self._poller = select.poll()
         self._poller.register(self._r, select.POLLIN)
+        self._callbacks = {}  # watched fd -> called when it is readable
         self._armed = False  # True: a byte is (being) written, no need for another
         # Closed with the object, never while another thread could still write.
         weakref.finalize(self, _close_fds, self._r, self._w)
@@ -2433,31 +2481,34 @@ class _Wakeup:
             except (BlockingIOError, OSError):
                 pass  # full (a wake-up is pending anyway) or closed
 
-    def watch(self, fd):
-        """Also wake when ``fd`` becomes readable (a pidfd: its process exited)."""
+    def watch(self, fd, callback):
+        """Also wake when ``fd`` becomes readable, and then call ``callback()``."""
+        self._callbacks[fd] = callback
         self._poller.register(fd, select.POLLIN)
 
     def unwatch(self, fd):
         """Stop watching ``fd``."""
-        self._poller.unregister(fd)
+        if self._callbacks.pop(fd, None) is not None:
+            self._poller.unregister(fd)
 
     def wait(self, seconds):
-        """Sleep up to ``seconds``; returns the watched fds that are readable.
+        """Sleep up to ``seconds``, then run the callbacks of the readable fds.
 
         Whatever was put in the inbox before this returns is seen by the
-        step that follows: the flag is cleared only after the pipe is drained.
+        step that follows: the flag is cleared only after the pipe is drained
+        (which comes after the callbacks, which may ``set()`` too).
         """
-        ready = []
-        for fd, _ in self._poller.poll(max(0, int(seconds * 1000 + 0.999))):
-            if fd == self._r:
-                try:
-                    os.read(self._r, 4096)
-                except BlockingIOError:
-                    pass
-            else:
-                ready.append(fd)
+        events = self._poller.poll(max(0, int(seconds * 1000 + 0.999)))
+        for fd, _ in events:
+            callback = self._callbacks.get(fd)
+            if callback is not None:
+                callback()
+        if events:
+            try:
+                os.read(self._r, 4096)
+            except BlockingIOError:
+                pass
         self._armed = False
-        return ready
 
 
 def _close_fds(*fds):
@@ -2468,32 +2519,144 @@ def _close_fds(*fds):
             pass
 
 
-class _Launcher:
-    """Spawns job processes (SPEC 4) and collects their exits.
+class JobRunHandle:
+    """A started job run as its executor tracks it (SPEC 9).
 
-    Per job it prepares once what every run shares: the resolved executable
-    and the environment, already encoded.  Each process's pidfd is watched by
-    the orchestrator's ``_Wakeup``; ``reap(fds)`` waits the processes whose
-    pidfds came back readable, in the orchestrator thread.  Where pidfds are
-    missing it falls back to a waiter thread per process that calls
-    ``on_exit``.  Only the orchestrator thread calls ``spawn`` and ``reap``.
+    Owned by the orchestrator thread, except ``returncode`` and ``error``,
+    which an executor's own thread may set just before it reports the end
+    through the executor's ``on_exit`` (the one thread-safe wake-up).
+    ``error`` is an outcome the executor knows without the job's exit code
+    (``lost by slurm``); otherwise the outcome is read from the log files as
+    for every run.
     """
 
-    def __init__(self, config, url, on_exit, wakeup):
+    def __init__(self, executor, job_run_id, log_dir, deadline, pid=None, start_time=None,
+                 external_id=None):
+        self.executor = executor
+        self.job_run_id = job_run_id
+        self.pid = pid  # the local process (group), if the run has one here
+        self.start_time = start_time  # see _spawn_ticks
+        self.external_id = external_id  # the engine's id of the run (a Slurm job id)
+        self.popen = None  # set where the process was spawned by subprocess
+        self.stdout_path = os.path.join(log_dir, "stdout.log")
+        self.stderr_path = os.path.join(log_dir, "stderr.log")
+        self.deadline = deadline
+        self.stop_reason = None
+        self.kill_at = None
+        self.returncode = None
+        self.error = None
+        self.abandoned = False  # its start was never committed: not a run's process
+
+    def stop(self, reason, now, grace):
+        """Ask the run to stop now (SIGTERM), and force it at ``now + grace``."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.kill_at = now + grace
+            self.executor.signal(self, signal.SIGTERM)
+
+    def kill(self):
+        """Force the run to stop (SIGKILL)."""
+        self.executor.signal(self, signal.SIGKILL)
+
+    def outcome(self):
+        """Read the run's stdout for its protocol lines: ``(missing_deps or None,
+        read_deps, problem)`` -- the deps it reported missing, the deps it said
+        it read (SPEC 13), and what was wrong with a line, if anything."""
+        found = {MISSING_DEPS_MARKER: None, READ_DEPS_MARKER: None}
+        keys = {MISSING_DEPS_MARKER: "missing_deps", READ_DEPS_MARKER: "read_deps"}
+        problem = None
+        try:
+            if os.stat(self.stdout_path).st_size == 0:  # a silent job: nothing to read
+                return None, [], None
+            with open(self.stdout_path, "rb") as f:
+                for raw in f:
+                    if not raw.startswith(b"DATABUILD_"):
+                        continue
+                    for marker in found:
+                        if raw.startswith(marker.encode()):
+                            break
+                    else:
+                        continue
+                    text = raw[len(marker):].decode("utf-8", "replace")
+                    try:
+                        deps = json.loads(text)[keys[marker]]
+                        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+                            raise ValueError
+                    except (ValueError, KeyError, TypeError):
+                        problem = "unreadable %s line: %s" % (marker, text.strip()[:200])
+                        continue
+                    seen = found[marker] or []
+                    found[marker] = seen + [d for d in deps if d not in seen]
+        except FileNotFoundError:
+            return None, [], None  # never written (a Slurm job that never ran)
+        except OSError as e:
+            problem = "cannot read stdout log: %s" % e
+        return found[MISSING_DEPS_MARKER], found[READ_DEPS_MARKER] or [], problem
+
+    def stderr_tail(self, lines=10):
+        """The last lines the job wrote to stderr."""
+        try:
+            with open(self.stderr_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                tail = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return []
+        return [line for line in tail if line.strip()][-lines:]
+
+
+class Executor:
+    """Where job runs execute: one subclass per kind, named in ``executors``
+    (SPEC 9), the way bottle names its server adapters.
+
+    The orchestrator speaks to job runs only through these methods, all
+    called in its thread: ``start`` a run, ``signal`` it, ``recover`` what a
+    previous server left, ``maintain`` (once per step; returns when it wants
+    the next call), ``close``.  An executor reports every run's end, from
+    whichever thread learns it, by calling ``on_exit(handle)``.
+
+    What every kind shares lives here: the run's argv, environment and log
+    files (SPEC 4), prepared once per job.  A subclass sets ``name``, the
+    keys it reads from its ``[executors.<name>]`` table and from its jobs
+    (``settings`` and ``job_settings``: key -> (kind, minimum), as
+    ``_config_value`` checks them; a job's are in ``JobConfig.options``) and
+    its default ``max_concurrent_job_runs``.
+    """
+
+    name = None
+    settings = {}
+    job_settings = {}
+    #: Runs at once when ``[executors.<name>] max_concurrent_job_runs`` is not
+    #: set; None: ``[server] max_concurrent_job_runs``.
+    default_limit = None
+    #: True: a graceful stop leaves its runs running (re-adopted at the next
+    #: start) instead of canceling them.
+    keeps_runs = False
+
+    def __init__(self, config, on_exit, wakeup):
         self.config = config
-        self.url = url
-        self.token = None
         self.on_exit = on_exit
         self.wakeup = wakeup
+        self.url = None
+        self.token = None
         self._templates = {}  # job label -> (executable, env as a bytes dict)
         self._logs_dir = os.path.join(config.state_dir, "logs")
         os.makedirs(self._logs_dir, exist_ok=True)
-        self._use_pidfd = hasattr(os, "pidfd_open")
-        # posix_spawn cannot change directory: used where this process already
-        # runs in the workspace root (``serve`` moves there), Popen elsewhere.
-        self._posix_spawn = (hasattr(os, "POSIX_SPAWN_OPEN")
-                             and os.getcwd() == os.path.realpath(config.root))
-        self._pidfds = {}  # pidfd -> _JobProcess, watched by the wakeup
+
+    @property
+    def limit(self):
+        """How many of this executor's runs may be Running at once."""
+        table = self.config.executors.get(self.name, {})
+        if "max_concurrent_job_runs" in table:
+            return table["max_concurrent_job_runs"]
+        if self.default_limit is not None:
+            return self.default_limit
+        return self.config.max_concurrent_job_runs
+
+    def use_config(self, config):
+        """Runs started from now on follow ``config`` (running runs keep theirs)."""
+        self.config = config
+        self._templates.clear()
 
     def _template(self, job):
         template = self._templates.get(job.label)
@@ -2502,6 +2665,7 @@ class _Launcher:
             env.update({os.fsencode(k): os.fsencode(v) for k, v in job.environment.items()})
             env[b"DATABUILD_JOB_LABEL"] = os.fsencode(job.label)
             env[b"DATABUILD_WORKSPACE"] = os.fsencode(self.config.root)
+            env[b"DATABUILD_EXECUTOR"] = self.name.encode()
             program = job.entrypoint[0]
             if os.sep not in program:  # look PATH up once, not at every spawn
                 program = shutil.which(program, path=os.environ.get("PATH")) or program
@@ -2511,17 +2675,85 @@ class _Launcher:
             self._templates[job.label] = template
         return template
 
-    def spawn(self, run, job, now):
-        """Start the job for ``run``; returns its _JobProcess."""
+    def prepare(self, run, job):
+        """``(program, argv, env, log_dir)`` of a run (SPEC 4); makes its log folder."""
         program, base_env = self._template(job)
         env = dict(base_env)
         env[b"DATABUILD_JOB_RUN_ID"] = run.job_run_id.encode()
         env[b"DATABUILD_URL"] = os.fsencode(self.url or "")
         env[b"DATABUILD_TOKEN"] = os.fsencode(self.token or "")
         env[b"DATABUILD_PARTITIONS"] = os.fsencode(" ".join(run.partitions))
-        argv = job.entrypoint + list(run.partitions)
         log_dir = os.path.join(self._logs_dir, run.job_run_id)
         os.mkdir(log_dir)
+        return program, job.entrypoint + list(run.partitions), env, log_dir
+
+    def log_dir(self, job_run_id):
+        """The folder of a run's log files."""
+        return os.path.join(self._logs_dir, job_run_id)
+
+    def start(self, run, job, now):
+        """Start ``run`` of ``job``; returns its JobRunHandle.  Raises OSError
+        (or ExecutorError) if it could not start: the run then fails."""
+        raise NotImplementedError
+
+    def signal(self, handle, sig):
+        """Send ``sig`` (SIGTERM: stop; SIGKILL: force) to a started run."""
+        raise NotImplementedError
+
+    def ended(self, handle):
+        """Called once the run's outcome is about to be recorded."""
+
+    def recover(self, runs, now):
+        """Runs a previous server left Queued or Running: returns the handles
+        of those this executor takes back (their ends are reported as any
+        other); the orchestrator fails the rest with ``server restarted``."""
+        return []
+
+    def maintain(self, now, ended, running):
+        """Once per step (``ended``: some run ended in it; ``running``: job run
+        id -> handle).  Returns the time of the next call it needs, or inf."""
+        return float("inf")
+
+    def close(self):
+        """Let go of everything (at shutdown, after the runs were stopped)."""
+
+
+class ExecutorError(OSError):
+    """A run could not be started by its executor (the message says why)."""
+
+
+class LocalExecutor(Executor):
+    """A process per run on the server's machine (SPEC 4, 9 ``local``).
+
+    Each process's pidfd is watched by the orchestrator's ``_Wakeup``; its
+    exit is waited in the orchestrator thread.  Where pidfds are missing a
+    waiter thread per process waits it.  When a run ends its process group
+    is killed, and where this process is its jobs' subreaper (``serve``)
+    what left the group is found and stopped too (``maintain``).
+    """
+
+    name = "local"
+
+    def __init__(self, config, on_exit, wakeup):
+        super().__init__(config, on_exit, wakeup)
+        self._use_pidfd = hasattr(os, "pidfd_open")
+        # posix_spawn cannot change directory: used where this process already
+        # runs in the workspace root (``serve`` moves there), Popen elsewhere.
+        self._posix_spawn = (hasattr(os, "POSIX_SPAWN_OPEN")
+                             and os.getcwd() == os.path.realpath(config.root))
+        self._pidfds = {}  # pidfd -> handle, watched by the wakeup
+        #: True where this process is its jobs' subreaper (``serve``): then
+        #: descendants that a finished run left outside its group are stopped.
+        self.adopt_orphans = False
+        self._sweep_at = float("inf")  # the next sweep for orphans, if one is due
+
+    def start(self, run, job, now):
+        program, argv, env, log_dir = self.prepare(run, job)
+        return self.spawn(run.job_run_id, program, argv, env, log_dir,
+                          now + job.timeout_seconds if job.timeout_seconds else None)
+
+    def spawn(self, job_run_id, program, argv, env, log_dir, deadline):
+        """A process in a new session, logs to ``log_dir``; returns its handle."""
         stdout_path = os.path.join(log_dir, "stdout.log")
         stderr_path = os.path.join(log_dir, "stderr.log")
         popen = None
@@ -2554,126 +2786,370 @@ class _Launcher:
             finally:
                 os.close(out)
             pid = popen.pid
-        proc = _JobProcess(run.job_run_id, pid, start_ticks, popen, log_dir, job, now)
+        handle = JobRunHandle(self, job_run_id, log_dir, deadline, pid=pid,
+                              start_time=start_ticks)
+        handle.popen = popen
+        self.watch(handle)
+        return handle
+
+    def watch(self, handle):
+        """Report the exit of ``handle``'s process (a child of this one)."""
         if self._use_pidfd:
             try:
-                fd = os.pidfd_open(pid)
+                fd = os.pidfd_open(handle.pid)
             except OSError:
                 self._use_pidfd = False
             else:
-                self._pidfds[fd] = proc
-                self.wakeup.watch(fd)
-                return proc
-        threading.Thread(target=self._exited, args=(proc,), name="databuild-job-%d" % pid,
-                         daemon=True).start()
-        return proc
+                self._pidfds[fd] = handle
+                self.wakeup.watch(fd, functools.partial(self._reap, fd))
+                return
+        threading.Thread(target=self._wait_thread, args=(handle,),
+                         name="databuild-job-%d" % handle.pid, daemon=True).start()
 
     @staticmethod
-    def _wait(proc):
-        if proc.popen is not None:
-            proc.returncode = proc.popen.wait()
+    def _wait(handle):
+        if handle.popen is not None:
+            handle.returncode = handle.popen.wait()
         else:
-            proc.returncode = os.waitstatus_to_exitcode(os.waitpid(proc.pid, 0)[1])
-        return proc
+            handle.returncode = os.waitstatus_to_exitcode(os.waitpid(handle.pid, 0)[1])
+        return handle
 
-    def _exited(self, proc):
-        self.on_exit(self._wait(proc))  # a waiter thread (no pidfds)
+    def _wait_thread(self, handle):
+        self.on_exit(self._wait(handle))  # a waiter thread (no pidfds)
 
-    def reap(self, fds):
-        """The processes whose pidfds (from ``_Wakeup.wait``) are readable, waited."""
-        done = []
-        for fd in fds:
-            proc = self._pidfds.pop(fd, None)
-            if proc is None:
+    def _reap(self, fd):
+        # In the orchestrator thread, from its _Wakeup: the process has
+        # exited, so the wait does not block.
+        handle = self._pidfds.pop(fd, None)
+        self.wakeup.unwatch(fd)
+        os.close(fd)
+        if handle is not None:
+            self.on_exit(self._wait(handle))
+
+    def signal(self, handle, sig):
+        _signal_group(handle.pid, sig)
+
+    def ended(self, handle):
+        _signal_group(handle.pid, signal.SIGKILL)  # whatever the job left in its group
+
+    def recover(self, runs, now):
+        # SPEC 8: a job process that outlived the previous server is
+        # recognised by (pid, start time) and stopped before its run fails,
+        # so that two processes never build one partition at once.  A process
+        # spawned just before a crash may have no committed start event: it
+        # still carries its run id in its environment.
+        orphans = {}
+        for run in runs:
+            if (run.pid and run.pid_start_time is not None
+                    and _is_same_process(run.pid, run.pid_start_time)):
+                orphans[run.pid] = run.job_run_id
+        orphans.update(_processes_of_runs({run.job_run_id for run in runs}))
+        for pid, run_id in orphans.items():
+            logger.warning("Stopping job run %s (pid %d) left by a previous server", run_id, pid)
+            _stop_orphan(pid)
+        return []
+
+    def maintain(self, now, ended, running):
+        if self.adopt_orphans and (ended or now >= self._sweep_at):
+            self._sweep_orphans(now, running)
+            if ended:  # once more soon: what the group kill orphans is adopted late
+                self._sweep_at = min(self._sweep_at, now + 0.2)
+        return self._sweep_at
+
+    def _sweep_orphans(self, now, running):
+        # A run's end kills its process group (ended); what left the group
+        # (setsid) becomes our child once its parent exits (become_subreaper).
+        # Every child that is not a job process of ours is such an orphan:
+        # stopped unless it still belongs to a running run, and reaped.
+        known = {h.pid for h in running.values() if h.pid is not None}
+        known.update(h.pid for h in self._pidfds.values())
+        self._sweep_at = float("inf")
+        own_group = os.getpgrp()
+        for pid in _orphans_adopted():
+            if pid in known:
                 continue
-            self.wakeup.unwatch(fd)
-            os.close(fd)
-            done.append(self._wait(proc))  # does not block: the process has exited
-        return done
+            run_id, zombie = _job_run_of(pid)
+            if run_id in running:
+                continue  # its run goes on: stopped when that run ends
+            if not zombie:
+                logger.info("Stopping pid %d, left behind by job run %s", pid, run_id or "?")
+                try:
+                    pgid = os.getpgid(pid)
+                    if pgid != own_group:
+                        _signal_group(pgid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            # Its own children become ours when it dies, and it must be reaped.
+            self._sweep_at = now + 0.1
 
     def close(self):
-        """Stop watching the processes still here (at shutdown, after their kill)."""
         for fd in list(self._pidfds):
             self.wakeup.unwatch(fd)
             os.close(fd)
         self._pidfds.clear()
+        if self.adopt_orphans:
+            self._sweep_orphans(0, {})
 
 
-class _JobProcess:
-    """A job run's subprocess, in its own process group (SPEC 4).
+class SlurmExecutor(Executor):
+    """Each run is a Slurm batch job (SPEC 9 ``slurm``).
 
-    Owned by the orchestrator thread, except ``returncode``, which a waiter
-    thread (where there are no pidfds) sets just before it hands the process
-    to the orchestrator's ``_exited`` deque and wakes it.
+    ``sbatch`` gets a small script in the run's log folder that runs the
+    job's argv in the workspace with the run's environment and writes the
+    exit code beside the logs (so no Slurm accounting is needed); the job's
+    output files are the run's two logs, on the filesystem the nodes share.
+    One thread (``databuild-slurm``) watches every run: it looks for the exit
+    code files and asks ``squeue`` about all the runs in one call, often
+    after a change and less and less often while nothing changes.  A run
+    whose Slurm job is gone without an exit code fails ``lost by slurm``.
+    Runs outlive the server: a graceful stop leaves them, a start re-adopts
+    them by the Slurm job ids in the log (and cancels Slurm jobs whose start
+    never reached the log, found by their name ``databuild-<job run id>``).
     """
 
-    def __init__(self, job_run_id, pid, start_time, popen, log_dir, job, now):
-        self.job_run_id = job_run_id
-        self.popen = popen  # None when spawned by posix_spawn
-        self.pid = pid
-        self.start_time = start_time  # see _spawn_ticks
-        self.stdout_path = os.path.join(log_dir, "stdout.log")
-        self.stderr_path = os.path.join(log_dir, "stderr.log")
-        self.deadline = now + job.timeout_seconds if job.timeout_seconds else None
-        self.stop_reason = None
-        self.kill_at = None
-        self.returncode = None
-        self.abandoned = False  # its start was never committed: not a run's process
+    name = "slurm"
+    settings = {"sbatch_options": ("str_list", None), "poll_max_seconds": ("num", 0.05)}
+    job_settings = {"sbatch_options": ("str_list", None)}
+    default_limit = 200
+    keeps_runs = True
+    #: squeue states after which a job runs no more.
+    FINISHED = frozenset(("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED",
+                          "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "SPECIAL_EXIT",
+                          "TIMEOUT"))
+    POLL_MIN_SECONDS = 0.05
+    #: A job squeue does not know and that wrote no exit code is lost only
+    #: after this long (the exit code file may be late on a shared filesystem).
+    LOST_AFTER_SECONDS = 5.0
 
-    def stop(self, reason, now, grace):
-        """SIGTERM the process group now, SIGKILL it at ``now + grace``."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-            self.kill_at = now + grace
-            _signal_group(self.pid, signal.SIGTERM)
+    def __init__(self, config, on_exit, wakeup):
+        super().__init__(config, on_exit, wakeup)
+        self._cv = threading.Condition()  # guards _tracked and _changed
+        self._tracked = {}  # Slurm job id -> handle: the runs the poller watches
+        self._changed = False  # a run was added: poll soon
+        self._closing = False
+        self._thread = None
+        self._unknown_since = {}  # Slurm job id -> first poll that did not find it
+        #: Where the poller last found trouble (an squeue that failed), or None.
+        self.problem = None
 
-    def kill(self):
-        """SIGKILL the process group."""
-        _signal_group(self.pid, signal.SIGKILL)
-
-    def outcome(self):
-        """Read the run's stdout for its protocol lines: ``(missing_deps or None,
-        read_deps, problem)`` -- the deps it reported missing, the deps it said
-        it read (SPEC 13), and what was wrong with a line, if anything."""
-        found = {MISSING_DEPS_MARKER: None, READ_DEPS_MARKER: None}
-        keys = {MISSING_DEPS_MARKER: "missing_deps", READ_DEPS_MARKER: "read_deps"}
-        problem = None
+    def _command(self, argv, env=None, timeout=60):
         try:
-            if os.stat(self.stdout_path).st_size == 0:  # a silent job: nothing to read
-                return None, [], None
-            with open(self.stdout_path, "rb") as f:
-                for raw in f:
-                    if not raw.startswith(b"DATABUILD_"):
-                        continue
-                    for marker in found:
-                        if raw.startswith(marker.encode()):
-                            break
-                    else:
-                        continue
-                    text = raw[len(marker):].decode("utf-8", "replace")
-                    try:
-                        deps = json.loads(text)[keys[marker]]
-                        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
-                            raise ValueError
-                    except (ValueError, KeyError, TypeError):
-                        problem = "unreadable %s line: %s" % (marker, text.strip()[:200])
-                        continue
-                    seen = found[marker] or []
-                    found[marker] = seen + [d for d in deps if d not in seen]
+            done = subprocess.run(argv, env=env, cwd=self.config.root, capture_output=True,
+                                  timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise ExecutorError("%s did not answer in %d s" % (argv[0], timeout)) from None
         except OSError as e:
-            problem = "cannot read stdout log: %s" % e
-        return found[MISSING_DEPS_MARKER], found[READ_DEPS_MARKER] or [], problem
+            raise ExecutorError("cannot run %s: %s" % (argv[0], e.strerror)) from None
+        return done.returncode, done.stdout.decode("utf-8", "replace"), \
+            done.stderr.decode("utf-8", "replace").strip()
 
-    def stderr_tail(self, lines=10):
-        """The last lines the job wrote to stderr."""
+    def start(self, run, job, now):
+        program, argv, env, log_dir = self.prepare(run, job)
+        exit_path = os.path.join(log_dir, "exit_code")
+        script = os.path.join(log_dir, "slurm.sh")
+        with open(script, "w") as f:
+            f.write("#!/bin/sh\n# databuild job run %s (slurm executor)\ncd %s || exit 1\n"
+                    "%s </dev/null\ncode=$?\n"
+                    "printf '%%s\\n' \"$code\" > %s.part && mv %s.part %s\nexit $code\n" % (
+                        run.job_run_id, shlex.quote(self.config.root),
+                        " ".join(shlex.quote(os.fsdecode(a)) for a in [program] + argv[1:]),
+                        shlex.quote(exit_path), shlex.quote(exit_path),
+                        shlex.quote(exit_path)))
+        options = list(self.config.executors.get("slurm", {}).get("sbatch_options", []))
+        options += job.options.get("sbatch_options", [])
+        code, out, err = self._command(
+            ["sbatch", "--parsable", "--job-name=databuild-%s" % run.job_run_id,
+             "--chdir=%s" % self.config.root, "--export=ALL",
+             "--output=%s" % os.path.join(log_dir, "stdout.log"),
+             "--error=%s" % os.path.join(log_dir, "stderr.log")] + options + [script], env=env)
+        if code != 0:
+            raise ExecutorError("sbatch failed: %s" % (err.splitlines() or ["exit %d" % code])[-1])
+        slurm_id = out.strip().split(";")[0]
+        if not slurm_id.isdigit():
+            raise ExecutorError("sbatch answered %r, not a job id" % out.strip()[:200])
+        handle = JobRunHandle(self, run.job_run_id, log_dir,
+                              now + job.timeout_seconds if job.timeout_seconds else None,
+                              external_id=slurm_id)
+        self._track(handle)
+        return handle
+
+    def _track(self, handle):
+        with self._cv:
+            self._tracked[handle.external_id] = handle
+            self._changed = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._poll_loop, name="databuild-slurm",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def signal(self, handle, sig):
+        argv = ["scancel", handle.external_id]
+        if sig == signal.SIGKILL:
+            argv[1:1] = ["--signal=KILL", "--full"]
         try:
-            with open(self.stderr_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 4096))
-                tail = f.read().decode("utf-8", "replace").splitlines()
-        except OSError:
+            code, _, err = self._command(argv, timeout=30)
+        except ExecutorError as e:
+            code, err = 1, e.strerror or str(e)
+        if code != 0:
+            logger.warning("scancel of Slurm job %s (job run %s) failed: %s",
+                           handle.external_id, handle.job_run_id, err)
+
+    def recover(self, runs, now):
+        adopted = []
+        unstarted = []
+        for run in runs:
+            if getattr(run, "executor", None) == self.name and run.external_id:
+                job = self.config.jobs_by_label.get(run.job_label)
+                timeout = job.timeout_seconds if job is not None else 0
+                handle = JobRunHandle(self, run.job_run_id, self.log_dir(run.job_run_id),
+                                      (run.started_at or now) + timeout if timeout else None,
+                                      external_id=run.external_id)
+                logger.info("Job run %s: Slurm job %s re-adopted", run.job_run_id,
+                            run.external_id)
+                self._track(handle)
+                adopted.append(handle)
+            elif run.status == QUEUED:
+                unstarted.append(run.job_run_id)
+        if unstarted:
+            # A run submitted just before the previous server died has a Slurm
+            # job but no start in the log: found by name and canceled (the run
+            # fails "server restarted" and is retried as any other).
+            try:
+                code, out, _ = self._command(
+                    ["squeue", "-h", "-o", "%i|%j", "-n",
+                     ",".join("databuild-%s" % r for r in unstarted)])
+            except ExecutorError:
+                code, out = 1, ""
+            for line in out.splitlines() if code == 0 else ():
+                slurm_id, _, name = line.partition("|")
+                logger.warning("Canceling Slurm job %s (%s): its start never reached the log",
+                               slurm_id, name)
+                self._command(["scancel", slurm_id])
+        return adopted
+
+    def close(self):
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # -- the poller thread -----------------------------------------------------
+
+    def _poll_loop(self):
+        interval = self.POLL_MIN_SECONDS
+        while True:
+            with self._cv:
+                if not self._changed and not self._closing:
+                    self._cv.wait(interval if self._tracked else None)
+                if self._closing:
+                    return
+                if self._changed:
+                    interval = self.POLL_MIN_SECONDS
+                self._changed = False
+                tracked = dict(self._tracked)
+            if not tracked:
+                continue
+            try:
+                finished = self._poll(tracked)
+            except Exception:
+                logger.exception("Slurm poll failed")
+                finished = []
+            with self._cv:
+                for handle in finished:
+                    self._tracked.pop(handle.external_id, None)
+            for handle in finished:
+                self.on_exit(handle)
+            # Back off while nothing changes, up to poll_max_seconds.
+            longest = self.config.executors.get("slurm", {}).get("poll_max_seconds", 2.0)
+            interval = self.POLL_MIN_SECONDS if finished else min(interval * 2, longest)
+
+    def _poll(self, tracked):
+        # One squeue call for every run; the exit code files say how they ended.
+        code, out, err = self._command(
+            ["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ",".join(tracked)], timeout=30)
+        states = {}
+        if code == 0:
+            self.problem = None
+            for line in out.splitlines():
+                slurm_id, _, state = line.partition("|")
+                states[slurm_id] = state.strip().split(" ")[0]
+        elif "Invalid job id" not in err:  # (said when none of the ids is known)
+            self.problem = "squeue failed: %s" % err[-300:]
+            logger.warning("%s", self.problem)
             return []
-        return [line for line in tail if line.strip()][-lines:]
+        now = time.monotonic()
+        finished = []
+        for slurm_id, handle in tracked.items():
+            state = states.get(slurm_id)
+            returncode = self._exit_code(handle)
+            if returncode is not None:
+                handle.returncode = returncode
+            elif state in self.FINISHED:
+                if handle.stop_reason is None:
+                    handle.error = "Slurm job %s ended %s without an exit code" % (
+                        slurm_id, state)
+            elif state is None:
+                first = self._unknown_since.setdefault(slurm_id, now)
+                if now - first < self.LOST_AFTER_SECONDS:
+                    continue
+                handle.error = "lost by slurm"
+            else:
+                self._unknown_since.pop(slurm_id, None)
+                continue
+            self._unknown_since.pop(slurm_id, None)
+            finished.append(handle)
+        return finished
+
+    @staticmethod
+    def _exit_code(handle):
+        try:
+            with open(os.path.join(os.path.dirname(handle.stdout_path), "exit_code")) as f:
+                code = int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+        # The shell says 128+n for a job killed by signal n; local runs say -n.
+        return 128 - code if 128 < code <= 128 + 64 else code
+
+
+#: The executors by name (SPEC 9): adding one is a class and a line here.
+executors = {"local": LocalExecutor, "slurm": SlurmExecutor}
+
+
+def _processes_of_runs(run_ids):
+    """pid -> job run id of live processes whose environment names one of ``run_ids``."""
+    found = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(b"DATABUILD_JOB_RUN_ID="):
+                run_id = item[len(b"DATABUILD_JOB_RUN_ID="):].decode("ascii", "replace")
+                if run_id in run_ids:
+                    found[pid] = run_id
+                break
+    return found
+
+
+def _stop_orphan(pid):
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + DEFAULTS["kill_grace_seconds"]
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.05)
+    _signal_group(pid, signal.SIGKILL)
 
 
 ###############################################################################
@@ -2715,18 +3191,20 @@ class Orchestrator:
         self.clock = clock
         self.state = self._open_state()
         self._inbox = collections.deque()  # any thread appends, the orchestrator pops
-        self._exited = collections.deque()  # exited _JobProcesses, not yet recorded
+        self._exited = collections.deque()  # ended JobRunHandles, not yet recorded
         self._wake = _Wakeup()
-        self._processes = {}  # job_run_id -> _JobProcess
+        self._executors = {}  # name -> Executor, made when first needed (SPEC 9)
+        self._running = {}  # job_run_id -> JobRunHandle: the started runs
         self._entries = []  # (type, payload, timestamp) of this step, not yet committed
         self._replies = []  # (command, result) to answer after the next commit
         self._waiting_cancels = {}  # job_run_id -> commands answered when it ends
         self._deadlines = []  # heap of (when, kind, want_id): "ttl" and "sla"
-        # SPEC 10.  Queued runs by (-priority, seq, id): the highest priority
-        # of the live wants needing a run, then the oldest, starts first.
-        # Entries are lazy: one whose run started, ended or changed priority
-        # is dropped (or pushed again) when it comes up.
-        self._queue = []
+        # SPEC 10.  Queued runs by (-priority, seq, id), a heap per executor:
+        # the highest priority of the live wants needing a run, then the
+        # oldest, starts first.  Entries are lazy: one whose run started,
+        # ended or changed priority (or executor) is dropped (or pushed again)
+        # when it comes up.
+        self._queues = {}  # executor name -> heap
         self._ticks = []  # heap of (tick, schedule name): wants to make (SPEC 11)
         self._next_tick = {}  # schedule name -> its planned next tick
         self._retry_waits = []  # heap of (retry_at, ref): partitions in backoff
@@ -2736,11 +3214,10 @@ class Orchestrator:
         #: True where this process is its jobs' subreaper (``serve``): then
         #: descendants that a finished run left outside its group are stopped.
         self.adopt_orphans = False
-        self._sweep_at = float("inf")  # the next sweep for orphans, if one is due
+        self._maintain_at = float("inf")  # the next call of the executors' maintain
         self._stopped = threading.Event()
         self._thread = None
         self._current_command = None  # the command a _cmd_ handler is answering
-        self._spawner = None  # the _Launcher, made when the first job starts
         self._syncer = None  # the _Syncer while the loop runs in its thread
         self.last_step_error = None
         now = clock()
@@ -2860,20 +3337,18 @@ class Orchestrator:
 
         For the thread that steps (the loop, or a test driving ``step``).
         """
-        ready = self._wake.wait(seconds)
-        if ready and self._spawner is not None:
-            self._exited.extend(self._spawner.reap(ready))
+        self._wake.wait(seconds)  # local exits are reported from inside it
 
     def _sleep_seconds(self, now):
-        when = min(now + DEFAULTS["orchestrator_tick_seconds"], self._sweep_at)
+        when = min(now + DEFAULTS["orchestrator_tick_seconds"], self._maintain_at)
         if self._ticks:
             when = min(when, self._ticks[0][0])
         if self._retry_waits:
             when = min(when, self._retry_waits[0][0])
         if self._deadlines:
             when = min(when, self._deadlines[0][0])
-        for proc in self._processes.values():
-            for t in (proc.deadline, proc.kill_at):
+        for handle in self._running.values():
+            for t in (handle.deadline, handle.kill_at):
                 if t is not None:
                     when = min(when, t)
         return max(0.0, when - now)
@@ -2907,10 +3382,10 @@ class Orchestrator:
             if cmd.error is not None:
                 cmd.done.set()
         reaped = self._reap(now)
-        if self.adopt_orphans and (reaped or now >= self._sweep_at):
-            self._sweep_orphans(now)
-            if reaped:  # once more soon: what the group kill orphans is adopted late
-                self._sweep_at = min(self._sweep_at, now + 0.2)
+        if reaped or now >= self._maintain_at:
+            self._maintain_at = min([executor.maintain(now, bool(reaped), self._running)
+                                     for executor in self._executors.values()],
+                                    default=float("inf"))
         self._enforce_deadlines(now)
         self._expire(now)
         self._tick_schedules(now)
@@ -2928,14 +3403,14 @@ class Orchestrator:
             # process run that the log does not know; record the outcomes
             # of this step's exits again in the next one; start nothing new
             # for a while (a full disk would kill every start).
-            for proc in started:
-                proc.abandoned = True
-                proc.stop(REASON_SERVER_SHUTDOWN, now, 0)
-                proc.kill()
-                self._processes.pop(proc.job_run_id, None)
+            for handle in started:
+                handle.abandoned = True
+                handle.stop(REASON_SERVER_SHUTDOWN, now, 0)
+                handle.kill()
+                self._running.pop(handle.job_run_id, None)
             self._exited.extendleft(reversed(reaped))
             self._no_starts_until = now + DEFAULTS["commit_retry_seconds"]
-            self._queue = []  # the queued runs and the schedules are the log's again
+            self._queues = {}  # the queued runs and the schedules are the log's again
             for run_id in self.state.job_runs_by_status[QUEUED]:
                 self._push_queued(self.state.job_runs[run_id])
             self._plan_schedules(now)
@@ -3001,15 +3476,19 @@ class Orchestrator:
                     if run is not None and run.status == QUEUED:
                         self._push_queued(run)
         elif type_ == JOB_RUN_QUEUE:
-            self._push_queued(self.state.job_runs[payload["job_run_id"]])
+            self._push_queued(self.state.job_runs[payload["job_run_id"]], payload.get("executor"))
 
     def _run_priority(self, run):
         wants = self.state.wants
         return max((wants[w].priority for w in run.want_ids if w in wants
                     and wants[w].status not in TERMINAL_WANT_STATUSES), default=0)
 
-    def _push_queued(self, run):
-        heapq.heappush(self._queue, (-self._run_priority(run), run.seq, run.job_run_id))
+    def _push_queued(self, run, executor=None):
+        if executor is None:
+            job = self.config.jobs_by_label.get(run.job_label)
+            executor = job.executor if job is not None else "local"
+        heapq.heappush(self._queues.setdefault(executor, []),
+                       (-self._run_priority(run), run.seq, run.job_run_id))
 
     def _push_deadlines(self, want, ttl=True):
         if ttl and want.ttl_seconds:
@@ -3127,11 +3606,11 @@ class Orchestrator:
         if run.status not in ACTIVE_JOB_RUN_STATUSES:
             raise Conflict("Job run already finished (%s)" % run.status,
                            job_run_id=job_run_id, status=run.status)
-        proc = self._processes.get(job_run_id)
-        if proc is None:
+        handle = self._running.get(job_run_id)
+        if handle is None:
             self._emit(JOB_RUN_CANCEL, {"job_run_id": job_run_id, "reason": reason}, now)
             return lambda: self.state.job_runs[job_run_id].to_dict()
-        proc.stop(reason, now, DEFAULTS["kill_grace_seconds"])
+        handle.stop(reason, now, DEFAULTS["kill_grace_seconds"])
         self._waiting_cancels.setdefault(job_run_id, []).append(self._current_command)
         return _LATER
 
@@ -3139,18 +3618,19 @@ class Orchestrator:
 
     def _drop_unneeded_runs(self, now, reason):
         # SPEC 6 (DELETE want): queued runs nobody needs are dropped, running
-        # ones stopped (recorded Canceled once their process has exited).
+        # ones stopped (recorded Canceled once they have ended).
         for run_id in list(self.state.job_runs_by_status[QUEUED]):
             run = self.state.job_runs[run_id]
             if not self.state.is_needed(run):
                 self._emit(JOB_RUN_CANCEL, {"job_run_id": run_id, "reason": reason}, now)
-        for run_id, proc in self._processes.items():
+        for run_id, handle in self._running.items():
             if not self.state.is_needed(self.state.job_runs[run_id]):
-                proc.stop(reason, now, DEFAULTS["kill_grace_seconds"])
+                handle.stop(reason, now, DEFAULTS["kill_grace_seconds"])
 
-    def _on_process_exit(self, proc):
-        # Runs in a waiter thread (no pidfds): hand over and wake the orchestrator.
-        self._exited.append(proc)
+    def _on_exit(self, handle):
+        # The one way executors report a run's end, from any thread: hand the
+        # handle over and wake the orchestrator.
+        self._exited.append(handle)
         self._wake.set()
 
     def _use_config(self, config):
@@ -3158,31 +3638,34 @@ class Orchestrator:
         # timeout); everything decided from now on follows the new config.
         if config is not self.config:
             self.config = config
-            if self._spawner is not None:
-                self._spawner.config = config
-                self._spawner._templates.clear()
+            for executor in self._executors.values():
+                executor.use_config(config)
             self._plan_schedules(self.clock())
 
-    def _launcher(self):
-        if self._spawner is None:
-            self._spawner = _Launcher(self.config, self.url, self._on_process_exit, self._wake)
-        self._spawner.url = self.url
-        self._spawner.token = self.token
-        return self._spawner
+    def _executor(self, name):
+        executor = self._executors.get(name)
+        if executor is None:
+            executor = self._executors[name] = executors[name](
+                self.config, self._on_exit, self._wake)
+        if isinstance(executor, LocalExecutor):
+            executor.adopt_orphans = self.adopt_orphans
+        executor.url = self.url
+        executor.token = self.token
+        return executor
 
     def _reap(self, now):
-        # Returns the processes whose outcomes this step records.
+        # Returns the handles of the runs whose outcomes this step records.
         reaped = []
         while self._exited:
-            proc = self._exited.popleft()
-            if proc.abandoned:  # started in a step whose commit failed: no run to record
+            handle = self._exited.popleft()
+            if handle.abandoned:  # started in a step whose commit failed: no run to record
                 continue
-            self._processes.pop(proc.job_run_id, None)
-            proc.kill()  # whatever the job left behind in its group, however it ended
-            self._record_outcome(proc, now)
-            reaped.append(proc)
-            waiting = self._waiting_cancels.pop(proc.job_run_id, ())
-            run_id = proc.job_run_id
+            self._running.pop(handle.job_run_id, None)
+            handle.executor.ended(handle)
+            self._record_outcome(handle, now)
+            reaped.append(handle)
+            waiting = self._waiting_cancels.pop(handle.job_run_id, ())
+            run_id = handle.job_run_id
             for cmd in waiting:
                 self._replies.append((cmd, lambda: self.state.job_runs[run_id].to_dict()))
         return reaped
@@ -3202,17 +3685,21 @@ class Orchestrator:
         job = self.config.jobs_by_label.get(run.job_label)
         return job is not None and run.attempt <= job.max_retries
 
-    def _record_outcome(self, proc, now):
-        run = self.state.job_runs[proc.job_run_id]
-        code = proc.returncode
-        if proc.stop_reason == REASON_TIMEOUT:
+    def _record_outcome(self, handle, now):
+        run = self.state.job_runs[handle.job_run_id]
+        code = handle.returncode
+        if handle.stop_reason == REASON_TIMEOUT:
             self._fail(run, now, "timeout", self._may_retry(run), exit_code=code)
             return
-        if proc.stop_reason is not None:
+        if handle.stop_reason is not None:
             self._emit(JOB_RUN_CANCEL, {"job_run_id": run.job_run_id,
-                                        "reason": proc.stop_reason, "exit_code": code}, now)
+                                        "reason": handle.stop_reason, "exit_code": code}, now)
             return
-        missing, read_deps, problem = proc.outcome()
+        if handle.error is not None:  # the executor knows the end, not the job
+            self._fail(run, now, handle.error, self._may_retry(run), exit_code=code,
+                       stderr_tail=handle.stderr_tail())
+            return
+        missing, read_deps, problem = handle.outcome()
         if problem is not None and missing is None:
             self._fail(run, now, problem, False, exit_code=code)
         elif missing is not None:
@@ -3223,7 +3710,7 @@ class Orchestrator:
                 payload["read_deps"] = read_deps
             self._emit(JOB_RUN_SUCCESS, payload, now)
         else:
-            tail = proc.stderr_tail()
+            tail = handle.stderr_tail()
             error = "exit code %d" % code if code >= 0 else "killed by signal %d" % -code
             if tail:
                 error += ": " + tail[-1][:500]
@@ -3278,46 +3765,15 @@ class Orchestrator:
                     path.append(upstream[0])
         return None
 
-    def _sweep_orphans(self, now):
-        # A run's end kills its process group (_reap); what left the group
-        # (setsid) becomes our child once its parent exits (become_subreaper).
-        # Every child that is not a job process of ours is such an orphan:
-        # stopped unless it still belongs to a running run, and reaped.
-        known = {proc.pid for proc in self._processes.values()}
-        known.update(proc.pid for proc in self._exited)
-        if self._spawner is not None:
-            known.update(proc.pid for proc in self._spawner._pidfds.values())
-        self._sweep_at = float("inf")
-        own_group = os.getpgrp()
-        for pid in _orphans_adopted():
-            if pid in known:
-                continue
-            run_id, zombie = _job_run_of(pid)
-            if run_id in self._processes:
-                continue  # its run goes on: stopped when that run ends
-            if not zombie:
-                logger.info("Stopping pid %d, left behind by job run %s", pid, run_id or "?")
-                try:
-                    pgid = os.getpgid(pid)
-                    if pgid != own_group:
-                        _signal_group(pgid, signal.SIGKILL)
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            # Its own children become ours when it dies, and it must be reaped.
-            self._sweep_at = now + 0.1
-
     def _enforce_deadlines(self, now):
-        for proc in self._processes.values():
-            if proc.stop_reason is None and proc.deadline is not None and now >= proc.deadline:
-                logger.info("Job run %s timed out", proc.job_run_id)
-                proc.stop(REASON_TIMEOUT, now, DEFAULTS["kill_grace_seconds"])
-            elif proc.kill_at is not None and now >= proc.kill_at:
-                proc.kill()
+        for handle in self._running.values():
+            if (handle.stop_reason is None and handle.deadline is not None
+                    and now >= handle.deadline):
+                logger.info("Job run %s timed out", handle.job_run_id)
+                handle.stop(REASON_TIMEOUT, now, DEFAULTS["kill_grace_seconds"])
+            elif handle.kill_at is not None and now >= handle.kill_at:
+                handle.kill_at = None  # once: a Slurm job takes a while to go
+                handle.kill()
 
     def _expire(self, now):
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -3370,7 +3826,7 @@ class Orchestrator:
                 self._emit(JOB_RUN_QUEUE, {
                     "job_run_id": new_id(), "job_label": job.label, "partitions": chunk,
                     "want_ids": sorted(want_ids, key=lambda w: state.wants[w].seq),
-                    "attempt": retries + 1}, now)
+                    "attempt": retries + 1, "executor": job.executor}, now)
 
     # -- schedules (SPEC 11) ------------------------------------------------
 
@@ -3462,73 +3918,79 @@ class Orchestrator:
         return wait
 
     def _start_queued(self, now):
+        # Each executor starts its queued runs, best first, up to its limit
+        # and each job's max_concurrent_runs (SPEC 9, 10).
         started = []
-        free = self.config.max_concurrent_job_runs - len(self._processes)
-        if free <= 0 or not self._queue:
+        if not any(self._queues.values()):
             return started
-        running = collections.Counter(self.state.job_runs[run_id].job_label
-                                      for run_id in self._processes)
-        held = []  # entries of jobs at their max_concurrent_runs: back in the heap after
-        while free > 0 and self._queue:
-            entry = heapq.heappop(self._queue)
-            run = self.state.job_runs.get(entry[2])
-            if run is None or run.status != QUEUED:
-                continue  # started, ended or unknown since it was pushed
-            priority = self._run_priority(run)
-            if -entry[0] != priority:
-                heapq.heappush(self._queue, (-priority, run.seq, run.job_run_id))
-                continue
-            run_id = run.job_run_id
-            job = self.config.jobs_by_label.get(run.job_label)
-            if job is None:
-                self._fail(run, now, "no job labelled %r in the config" % run.job_label, False)
-                continue
-            cap = job.max_concurrent_runs
-            if cap is not None and running[job.label] >= cap:
-                held.append(entry)
-                continue
-            free -= 1
-            running[job.label] += 1
-            try:
-                proc = self._launcher().spawn(run, job, now)
-            except OSError as e:
-                self._fail(run, now, "cannot start job: %s" % e, self._may_retry(run))
-                continue
-            self._processes[run_id] = proc
-            started.append(proc)
-            # Stamped when the process was spawned, not when the step began.
-            self._emit(JOB_RUN_START, {"job_run_id": run_id, "pid": proc.pid,
-                                       "pid_start_time": proc.start_time}, self.clock())
-        for entry in held:
-            heapq.heappush(self._queue, entry)
+        running = collections.Counter()  # executor name -> runs; job label -> runs
+        for run_id, handle in self._running.items():
+            running[handle.executor.name] += 1
+            running["job:" + self.state.job_runs[run_id].job_label] += 1
+        for name, queue in list(self._queues.items()):
+            executor = self._executor(name)
+            held = []  # entries of jobs at their max_concurrent_runs: back in the heap after
+            while queue and running[name] < executor.limit:
+                entry = heapq.heappop(queue)
+                run = self.state.job_runs.get(entry[2])
+                if run is None or run.status != QUEUED:
+                    continue  # started, ended or unknown since it was pushed
+                job = self.config.jobs_by_label.get(run.job_label)
+                if job is None:
+                    self._fail(run, now, "no job labelled %r in the config" % run.job_label,
+                               False)
+                    continue
+                priority = self._run_priority(run)
+                if -entry[0] != priority or job.executor != name:
+                    self._push_queued(run)
+                    continue
+                if (job.max_concurrent_runs is not None
+                        and running["job:" + job.label] >= job.max_concurrent_runs):
+                    held.append(entry)
+                    continue
+                try:
+                    handle = executor.start(run, job, now)
+                except OSError as e:
+                    self._fail(run, now, "cannot start job: %s" % e,
+                               self._may_retry(run))
+                    continue
+                running[name] += 1
+                running["job:" + job.label] += 1
+                self._running[run.job_run_id] = handle
+                started.append(handle)
+                payload = {"job_run_id": run.job_run_id, "executor": name}
+                if handle.pid is not None:
+                    payload["pid"] = handle.pid
+                    payload["pid_start_time"] = handle.start_time
+                if handle.external_id is not None:
+                    payload["external_id"] = handle.external_id
+                # Stamped when the run was started, not when the step began.
+                self._emit(JOB_RUN_START, payload, self.clock())
+            for entry in held:
+                heapq.heappush(queue, entry)
         return started
 
     # -- recovery and shutdown ------------------------------------------------
 
     def _recover(self, now):
-        # SPEC 8: runs a previous server left Queued or Running failed with
-        # "server restarted"; their wants go on.  A job process that outlived
-        # that server is recognised by (pid, start time) and stopped first, so
-        # that two processes never build one partition at once.
-        stale = list(self.state.job_runs_by_status[QUEUED]) + list(
-            self.state.job_runs_by_status[RUNNING])
+        # SPEC 8, 9: runs a previous server left Queued or Running fail with
+        # "server restarted" and their wants go on -- except those an
+        # executor takes back (Slurm runs still pending or running).  Local
+        # last: it stops any process of the runs it is given.
+        stale = [self.state.job_runs[run_id] for run_id in
+                 list(self.state.job_runs_by_status[QUEUED])
+                 + list(self.state.job_runs_by_status[RUNNING])]
         if not stale:
             return
-        orphans = {}
-        for run_id in stale:
-            run = self.state.job_runs[run_id]
-            if (run.pid and run.pid_start_time is not None
-                    and _is_same_process(run.pid, run.pid_start_time)):
-                orphans[run.pid] = run_id
-        # A process spawned just before a crash may have no committed start
-        # event: it still carries its run id in its environment.
-        orphans.update(_processes_of_runs(set(stale)))
-        for pid, run_id in orphans.items():
-            logger.warning("Stopping job run %s (pid %d) left by a previous server", run_id, pid)
-            _stop_orphan(pid)
-        for run_id in stale:
-            self._fail(self.state.job_runs[run_id], now, REASON_SERVER_RESTARTED, True,
-                       counted=False)
+        names = {run.executor for run in stale if run.executor}
+        names.update(job.executor for job in self.config.jobs)
+        names.discard("local")
+        for name in sorted(n for n in names if n in executors) + ["local"]:
+            for handle in self._executor(name).recover(stale, now):
+                self._running[handle.job_run_id] = handle
+            stale = [run for run in stale if run.job_run_id not in self._running]
+        for run in stale:
+            self._fail(run, now, REASON_SERVER_RESTARTED, True, counted=False)
         self._commit()
 
     def shutdown(self, now=None):
@@ -3539,22 +4001,24 @@ class Orchestrator:
         """
         self._stop_requested = True
         now = self.clock() if now is None else now
-        for proc in self._processes.values():
-            proc.stop(REASON_SERVER_SHUTDOWN, now, DEFAULTS["kill_grace_seconds"])
+        stopping = {run_id: handle for run_id, handle in self._running.items()
+                    if not handle.executor.keeps_runs}  # the others run on (SPEC 9)
+        for handle in stopping.values():
+            handle.stop(REASON_SERVER_SHUTDOWN, now, DEFAULTS["kill_grace_seconds"])
         deadline = time.monotonic() + DEFAULTS["kill_grace_seconds"]
-        while self._processes and time.monotonic() < deadline + 5:
+        while (any(run_id in self._running for run_id in stopping)
+               and time.monotonic() < deadline + 5):
             if time.monotonic() >= deadline:
-                for proc in self._processes.values():
-                    proc.kill()
+                for run_id, handle in stopping.items():
+                    if run_id in self._running:
+                        handle.kill()
             self.wait(0.05)
             self._reap(self.clock())
-        if self.adopt_orphans:
-            self._sweep_orphans(now)
         for run_id in list(self.state.job_runs_by_status[QUEUED]):
             self._emit(JOB_RUN_CANCEL, {"job_run_id": run_id,
                                         "reason": REASON_SERVER_SHUTDOWN}, self.clock())
-        if self._spawner is not None:
-            self._spawner.close()
+        for executor in self._executors.values():
+            executor.close()
         try:
             self._commit()
         finally:
@@ -3633,36 +4097,6 @@ def _tick_of(want_id):
             tzinfo=datetime.timezone.utc).timestamp()
     except (ValueError, IndexError):
         return None
-
-
-def _processes_of_runs(run_ids):
-    """pid -> job run id of live processes whose environment names one of ``run_ids``."""
-    found = {}
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return found
-    for pid in pids:
-        try:
-            with open("/proc/%d/environ" % pid, "rb") as f:
-                environ = f.read()
-        except OSError:
-            continue
-        for item in environ.split(b"\0"):
-            if item.startswith(b"DATABUILD_JOB_RUN_ID="):
-                run_id = item[len(b"DATABUILD_JOB_RUN_ID="):].decode("ascii", "replace")
-                if run_id in run_ids:
-                    found[pid] = run_id
-                break
-    return found
-
-
-def _stop_orphan(pid):
-    _signal_group(pid, signal.SIGTERM)
-    deadline = time.monotonic() + DEFAULTS["kill_grace_seconds"]
-    while time.monotonic() < deadline and _pid_alive(pid):
-        time.sleep(0.05)
-    _signal_group(pid, signal.SIGKILL)
 
 
 ###############################################################################
@@ -4207,13 +4641,14 @@ def schedule_to_dict(schedule, last_want, now):
 def job_to_dict(job, run_counts):
     """A configured job as ``GET /api/jobs`` shows it, with its job runs by status."""
     return {"label": job.label, "partition_patterns": list(job.partition_patterns),
-            "entrypoint": list(job.entrypoint), "executor": "local",
+            "entrypoint": list(job.entrypoint), "executor": job.executor,
             "environment_keys": sorted(job.environment),
             "max_partitions_per_run": job.max_partitions_per_run,
             "max_retries": job.max_retries, "timeout_seconds": job.timeout_seconds,
             "max_concurrent_runs": job.max_concurrent_runs,
             "retry_backoff_seconds": job.retry_backoff_seconds,
             "retry_backoff_max_seconds": job.retry_backoff_max_seconds,
+            "options": dict(job.options),
             "job_runs": {s: n for s, n in run_counts.items() if n}}
 
 
@@ -4910,7 +5345,8 @@ def openapi_document():
             "missing_deps": str_list, "error": nullable_str,
             "queued_at": {"type": "string", "format": "date-time"},
             "started_at": nullable_str, "finished_at": nullable_str,
-            "duration_ms": {"type": "integer", "nullable": True}}},
+            "duration_ms": {"type": "integer", "nullable": True},
+            "executor": {"type": "string"}, "external_id": nullable_str}},
         "Event": {"type": "object", "properties": {
             "event_id": integer, "timestamp": {"type": "string", "format": "date-time"},
             "type": {"type": "string"}, "payload": {"type": "object"}}},
@@ -4930,6 +5366,7 @@ def openapi_document():
             "max_concurrent_runs": {"type": "integer", "nullable": True},
             "retry_backoff_seconds": {"type": "number"},
             "retry_backoff_max_seconds": {"type": "number"},
+            "options": {"type": "object", "description": "the executor's own job keys"},
             "job_runs": {"type": "object", "additionalProperties": integer}}},
         "EventList": {"type": "object", "properties": {
             "data": {"type": "array", "items": schema("Event")}, "total": integer,
@@ -6085,7 +6522,7 @@ _JOB_RUN_COLUMNS = [("JOB_RUN_ID", "job_run_id"), ("STATUS", "status"), ("JOB", 
 
 def _cmd_serve(args):
     config = load_config(_workspace(args))
-    # A server lives in its workspace (jobs run there; see _Launcher).
+    # A server lives in its workspace (jobs run there; see LocalExecutor).
     os.chdir(config.root)
     # Loading the working set allocates many objects that live as long as the
     # server: no cyclic GC while loading, and none of it scanned again later.

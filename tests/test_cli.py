@@ -282,7 +282,7 @@ def test_jobs_and_want_retry(tmp_path, serve):
                      "entrypoint": jobs[0]["entrypoint"], "executor": "local",
                      "environment_keys": ["SECRET_NAME"], "max_partitions_per_run": 1,
                      "max_retries": 1, "timeout_seconds": 0, "max_concurrent_runs": None,
-                     "retry_backoff_seconds": 0, "retry_backoff_max_seconds": 3600,
+                     "retry_backoff_seconds": 0, "retry_backoff_max_seconds": 3600, "options": {},
                      "job_runs": {"Succeeded": 1, "Failed": 2}}]
     table = server.cli("jobs", check=0).stdout
     assert "JOB" in table and "1 Succeeded" in table and "2 Failed" in table

@@ -118,7 +118,7 @@ def test_partitions_and_job_runs(app_server):
     run = runs["data"][0]
     assert set(run) == {"job_run_id", "job_label", "partitions", "want_ids", "status", "attempt",
                         "exit_code", "missing_deps", "error", "queued_at", "started_at",
-                        "finished_at", "duration_ms"}
+                        "finished_at", "duration_ms", "executor", "external_id"}
     dep_miss = http.call("GET", "/api/job_runs?status=DepMiss").json["data"]
     assert len(dep_miss) == 1 and dep_miss[0]["missing_deps"] == ["raw/d=1", "raw/d=2"]
     mine = http.call("GET", "/api/job_runs?want_id=" + want["want_id"]).json

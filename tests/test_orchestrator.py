@@ -87,7 +87,7 @@ def test_without_pidfds_a_waiter_thread_reports_each_exit(tmp_path, driver_for, 
     if posix_spawn:
         monkeypatch.chdir(ws)
     d = driver_for(ws)
-    launcher = d.orch._launcher()
+    launcher = d.orch._executor("local")
     launcher._use_pidfd = False
     assert launcher._posix_spawn == posix_spawn
     want = d.want("c", "ok")
@@ -287,9 +287,9 @@ def test_restart_fails_leftover_runs_and_goes_on(tmp_path, driver_for):
     want = d.want("a", "b")
     d.until(lambda s: s.job_runs_by_status[RUNNING])
     # A crash: the orchestrator is gone without recording anything more.
-    for proc in d.orch._processes.values():
+    for proc in d.orch._running.values():
         proc.kill()
-    d.orch._processes.clear()
+    d.orch._running.clear()
     again = databuild.Orchestrator(d.config, d.log)
     stale = [r for r in databuild.BuildState.from_events(d.log.iter_events()).job_runs.values()
              if r.status == FAILED]
@@ -405,11 +405,11 @@ def test_a_run_started_in_a_failed_step_is_stopped_and_started_again(
     d = driver_for(ws)
     _FailingCommits(monkeypatch, d.log)
     _failed_want(d, "a", want_id="w")  # queued and started in the same step
-    assert not d.orch._processes  # the process the log never heard of is killed
-    (abandoned,) = d.orch._spawner._pidfds.values()
+    assert not d.orch._running  # the process the log never heard of is killed
+    (abandoned,) = d.orch._executors["local"]._pidfds.values()
     assert abandoned.abandoned
     deadline = time.monotonic() + 10
-    while d.orch._spawner._pidfds:  # it exits at once (SIGKILL), and is not recorded
+    while d.orch._executors["local"]._pidfds:  # it exits at once (SIGKILL), and is not recorded
         assert time.monotonic() < deadline
         d.orch.wait(0.1)
         d.orch.step()
@@ -519,7 +519,7 @@ def test_queued_runs_start_by_priority_then_oldest(tmp_path, driver_for):
         d.want(ref, priority=priority)
     assert d.state.job_runs_by_status["Queued"].__len__() == 5
     (block_run,) = d.state.job_runs_by_status["Running"]
-    d.orch._processes[block_run].stop("test", time.time(), 0)
+    d.orch._running[block_run].stop("test", time.time(), 0)
     d.until(lambda s: len(_started_order(d, before)) >= 5, timeout=30)
     # (block, stopped, goes back to the queue as a new run of priority 0, last)
     assert _started_order(d, before)[:5] == ["high", "high2", "mid", "low1", "low2"]
@@ -536,7 +536,7 @@ def test_a_higher_priority_want_lifts_the_run_it_joins_and_derivatives_inherit(
     d.want("second")
     d.want("second", priority=9)  # joins second's queued run and lifts it
     (block_run,) = d.state.job_runs_by_status["Running"]
-    d.orch._processes[block_run].stop("test", time.time(), 0)
+    d.orch._running[block_run].stop("test", time.time(), 0)
     d.until(lambda s: len(_started_order(d, before)) >= 2, timeout=30)
     assert _started_order(d, before)[:2] == ["second", "first"]
     d.command("cancel_want", want_id=block["want_id"])  # frees the slot for what follows
