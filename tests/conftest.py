@@ -284,3 +284,17 @@ def wait_for(predicate, timeout=15.0, interval=0.02):
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in %.0fs" % timeout)
         time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node Slurm cluster for the session (tests/slurmcluster.py), or a skip
+    saying why there can be none here (CI installs Slurm: .ci/run)."""
+    sys.path.insert(0, HERE)
+    import slurmcluster
+    reason = slurmcluster.unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = slurmcluster.start(str(tmp_path_factory.mktemp("slurm")))
+    yield cluster
+    cluster.stop()

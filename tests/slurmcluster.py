@@ -136,6 +136,12 @@ def start(directory, timeout=60):
                                capture_output=True, text=True)
         state = probe.stdout.strip()
         if probe.returncode == 0 and state in ("idle", "mixed", "allocated"):
+            # The node may say idle before slurmd registered: one job to be sure.
+            try:
+                subprocess.run(["srun", "-t", "1", "true"], env=cluster.env, check=True,
+                               capture_output=True, timeout=max(1, deadline - time.monotonic()))
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                break
             return cluster
         time.sleep(0.2)
     cluster.stop()
