@@ -102,6 +102,7 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -2327,6 +2328,10 @@ def _parse_config(root, data, path):
             _config_value(where, "retry_backoff_max_seconds",
                           job.get("retry_backoff_max_seconds", 3600), "num", 0),
             executor, options))
+        try:
+            executors[executor].check_job(jobs[-1])
+        except ConfigError as e:
+            raise ConfigError("%s entrypoint: %s" % (where, e.message)) from None
     config = Config(root, jobs, path=path, **server)
     config.executors = executor_tables
     schedules_data = data.get("schedules", [])
@@ -2692,9 +2697,15 @@ class Executor:
         return os.path.join(self._logs_dir, job_run_id)
 
     def start(self, run, job, now):
-        """Start ``run`` of ``job``; returns its JobRunHandle.  Raises OSError
-        (or ExecutorError) if it could not start: the run then fails."""
+        """Start ``run`` of ``job``; returns its JobRunHandle, or None for "not
+        now" (the run stays queued; the executor wakes the orchestrator when
+        it can start runs again).  Raises OSError (or ExecutorError) if the
+        run could not start: it then fails."""
         raise NotImplementedError
+
+    @classmethod
+    def check_job(cls, job):
+        """Raise ConfigError if ``job`` (a JobConfig) cannot run here."""
 
     def signal(self, handle, sig):
         """Send ``sig`` (SIGTERM: stop; SIGKILL: force) to a started run."""
@@ -2806,8 +2817,7 @@ class LocalExecutor(Executor):
         threading.Thread(target=self._wait_thread, args=(handle,),
                          name="databuild-job-%d" % handle.pid, daemon=True).start()
 
-    @staticmethod
-    def _wait(handle):
+    def _wait(self, handle):
         if handle.popen is not None:
             handle.returncode = handle.popen.wait()
         else:
@@ -3118,8 +3128,408 @@ class SlurmExecutor(Executor):
         return 128 - code if 128 < code <= 128 + 64 else code
 
 
+# The warm interpreter of the python executor: run by the job's own
+# interpreter (so only the standard library, and no databuild), with the
+# channel's fd, the workspace and the entrypoint's target as arguments.  It
+# imports the target once, says which workspace files it imported, then forks
+# a child per request; the child runs the target as __main__ (SPEC 9).
+_WARM_PYTHON = r'''
+import atexit, importlib, importlib.util, io, json, os, runpy, select, signal, socket, sys
+import traceback
+
+def main():
+    chan = socket.socket(fileno=int(sys.argv[1]))
+    root, target = sys.argv[2], sys.argv[3:]
+    def say(**message):
+        chan.sendall((json.dumps(message) + "\n").encode())
+    os.chdir(root)
+    if target[0] == "-m":
+        module, script = target[1], None
+        sys.path.insert(0, root)
+    else:
+        module, script = None, os.path.join(root, target[0])
+        sys.path.insert(0, os.path.dirname(script))
+    try:
+        if module:
+            importlib.import_module(module)
+        else:
+            spec = importlib.util.spec_from_file_location("__databuild_job__", script)
+            if spec is None:
+                raise ImportError("cannot import %s" % script)
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules["__databuild_job__"] = loaded
+            spec.loader.exec_module(loaded)
+    except BaseException as e:
+        say(import_error="%s: %s" % (type(e).__name__, e), traceback=traceback.format_exc())
+        return
+    files = []
+    for m in list(sys.modules.values()):
+        path = getattr(m, "__file__", None)
+        if path and os.path.abspath(path).startswith(root + os.sep):
+            try:
+                st = os.stat(path)
+                files.append([os.path.abspath(path), st.st_mtime_ns, st.st_size])
+            except OSError:
+                pass
+    say(ready=True, files=files)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    signal.set_wakeup_fd(wake_w)
+    children, buffered, quitting = {}, b"", False
+    while not (quitting and not children):
+        try:
+            ready = select.select([chan, wake_r], [], [])[0]
+        except InterruptedError:
+            continue
+        if wake_r in ready:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if not pid:
+                break
+            say(exit=children.pop(pid, None), code=os.waitstatus_to_exitcode(status))
+        if chan in ready:
+            data = chan.recv(1 << 16)
+            if not data:
+                quitting = True  # the server is gone: no more runs
+                continue
+            buffered += data
+            while b"\n" in buffered:
+                line, buffered = buffered.split(b"\n", 1)
+                request = json.loads(line)
+                if request.get("quit"):
+                    quitting = True
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    run(request, module, script, chan, wake_r, wake_w)
+                children[pid] = request["run"]
+                say(run=request["run"], pid=pid)
+
+def run(request, module, script, chan, wake_r, wake_w):
+    code = 70
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in (chan.detach(), wake_r, wake_w):
+            os.close(fd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], flags),
+                               (2, request["stderr"], flags)):
+            opened = os.open(path, mode, 0o644)
+            os.dup2(opened, fd)
+            os.close(opened)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = list(request["argv"])
+        sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+            io.FileIO(1, "w", closefd=False), line_buffering=True)
+        sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+            io.FileIO(2, "w", closefd=False), line_buffering=True, errors="backslashreplace")
+        code = 0
+        try:
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                sys.argv[0] = script
+                runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            if e.code is None:
+                code = 0
+            elif isinstance(e.code, int):
+                code = e.code & 0xFF
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+    finally:
+        os._exit(code)
+
+main()
+'''
+
+
+class _WarmPython:
+    """One warm interpreter of the python executor: the process, its channel
+    and the thread that reads the channel (``databuild-python-<label>``).
+
+    ``state`` goes "starting" -> "ready" (or "failed", with ``error``) ->
+    "gone"; the reader thread sets it and wakes the orchestrator.  Runs are
+    forked only once it is ready (``fork``, in the orchestrator thread, waits
+    for the pid of the child, a fork away).
+    """
+
+    def __init__(self, executor, job, env):
+        self.executor = executor
+        self.label = job.label
+        interpreter, target = _python_target(job.entrypoint)
+        program = interpreter if os.sep in interpreter else (
+            shutil.which(interpreter, path=os.environ.get("PATH")) or interpreter)
+        if os.sep in interpreter and not os.path.isabs(interpreter):
+            program = os.path.join(executor.config.root, interpreter)
+        ours, theirs = socket.socketpair()
+        log_dir = os.path.join(executor.config.state_dir, "python")
+        os.makedirs(log_dir, exist_ok=True)
+        # Output of the import itself (prints, warnings) goes to this file.
+        log = os.open(os.path.join(log_dir, job.label + ".log"),
+                      os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            self.proc = subprocess.Popen(
+                [program, "-c", _WARM_PYTHON, str(theirs.fileno()), executor.config.root]
+                + target, cwd=executor.config.root, env=env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log, pass_fds=(theirs.fileno(),), start_new_session=True)
+        finally:
+            theirs.close()
+            os.close(log)
+        self.chan = ours
+        self.state = "starting"
+        self.error = None
+        self.files = []  # [path, mtime_ns, size] of the workspace files it imported
+        self.children = {}  # job run id -> handle: forked, exit not yet reported
+        self.last_used = time.monotonic()
+        self._cv = threading.Condition()  # guards state, _pids and children
+        self._pids = {}  # job run id -> pid, reported by the interpreter
+        threading.Thread(target=self._read, name="databuild-python-%s" % job.label,
+                         daemon=True).start()
+
+    def _read(self):
+        buffered = b""
+        while True:
+            try:
+                data = self.chan.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buffered += data
+            while b"\n" in buffered:
+                line, buffered = buffered.split(b"\n", 1)
+                self._message(json.loads(line))
+        with self._cv:
+            if self.state == "starting":
+                self.state, self.error = "failed", "the warm interpreter exited while importing"
+            elif self.state != "failed":
+                self.state = "gone"
+            orphans = list(self.children.values())
+            self.children.clear()
+            self._cv.notify_all()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        for handle in orphans:  # they go on: their exits are learnt another way
+            self.executor.orphaned(handle)
+        self.executor.wakeup.set()
+
+    def _message(self, message):
+        with self._cv:
+            if "ready" in message:
+                self.state, self.files = "ready", message["files"]
+            elif "import_error" in message:
+                self.state, self.error = "failed", message["import_error"]
+                logger.warning("Job %s does not import: %s", self.label,
+                               message.get("traceback", self.error).rstrip())
+            elif "pid" in message:
+                self._pids[message["run"]] = message["pid"]
+            elif "exit" in message:
+                handle = self.children.pop(message["exit"], None)
+                if handle is not None:
+                    handle.returncode = message["code"]
+                    self.executor.on_exit(handle)
+            self._cv.notify_all()
+        if "ready" in message or "import_error" in message:
+            self.executor.wakeup.set()
+
+    def changed(self):
+        """True if a workspace file it imported changed since (SPEC 9)."""
+        for path, mtime_ns, size in self.files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return True
+            if st.st_mtime_ns != mtime_ns or st.st_size != size:
+                return True
+        return False
+
+    def fork(self, handle, request, timeout=30.0):
+        """Ask for a child running ``request``; returns its pid."""
+        run_id = handle.job_run_id
+        with self._cv:
+            self.children[run_id] = handle
+        try:
+            self.chan.sendall((json.dumps(request) + "\n").encode())
+        except OSError as e:
+            with self._cv:
+                self.children.pop(run_id, None)
+            raise ExecutorError("the warm interpreter is gone: %s" % e.strerror) from None
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while run_id not in self._pids and self.state == "ready":
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            pid = self._pids.pop(run_id, None)
+            if pid is None:
+                self.children.pop(run_id, None)
+                raise ExecutorError("the warm interpreter did not fork the run (%s)"
+                                    % (self.error or self.state))
+        self.last_used = time.monotonic()
+        return pid
+
+    def retire(self):
+        """No more runs: it exits once its children have."""
+        if self.state in ("starting", "ready"):
+            try:
+                self.chan.sendall(b'{"quit": true}\n')
+            except OSError:
+                pass
+        if self.state == "starting" or not self.children:
+            _signal_group(self.proc.pid, signal.SIGKILL)  # nothing of value in it
+
+
+def _python_target(entrypoint):
+    """``(interpreter, target)`` of a python job's entrypoint: target is
+    ``[script]`` or ``["-m", module]``; the rest of the entrypoint is argv."""
+    if len(entrypoint) >= 3 and entrypoint[1] == "-m":
+        return entrypoint[0], entrypoint[1:3]
+    if len(entrypoint) >= 2 and not entrypoint[1].startswith("-"):
+        return entrypoint[0], entrypoint[1:2]
+    raise ConfigError("a python job's entrypoint is [interpreter, script, ...] or "
+                      "[interpreter, \"-m\", module, ...], not %r" % (entrypoint,))
+
+
+class PythonExecutor(LocalExecutor):
+    """Python jobs forked from a warm interpreter (SPEC 9 ``python``).
+
+    One warm interpreter per job (``_WarmPython``), started from the
+    entrypoint's own interpreter, imports the script (or module) once; each
+    run is a fork of it that behaves as a local run: its own session and
+    process group, the run's argv, environment, cwd and log files, the exit
+    code of ``sys.exit`` (a traceback is stderr and exit 1).  A run costs a
+    fork instead of an interpreter start and the imports.  Before a fork, a
+    change to any workspace file the interpreter imported replaces it (the
+    old one exits once its runs have); an import error fails one run naming
+    the exception, and the next run tries the import again.  Stopping,
+    killing and orphan sweeps are the local executor's, by process group.
+    """
+
+    name = "python"
+    settings = {"idle_seconds": ("num", 0)}
+
+    @classmethod
+    def check_job(cls, job):
+        _python_target(job.entrypoint)
+
+    def signal(self, handle, sig):
+        try:
+            os.killpg(handle.pid, sig)
+        except ProcessLookupError:  # forked, not yet in its own group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, sig)
+        except PermissionError:
+            pass
+
+    def __init__(self, config, on_exit, wakeup):
+        super().__init__(config, on_exit, wakeup)
+        self._warm = {}  # job label -> _WarmPython taking new runs
+        self._retired = []  # replaced or idle ones, until their runs have ended
+
+    def _warm_for(self, job):
+        warm = self._warm.get(job.label)
+        if warm is not None and (warm.state == "gone" or (
+                warm.state == "ready" and warm.changed())):
+            if warm.state == "ready":
+                logger.info("Job %s: code changed, starting a new warm interpreter", job.label)
+            self._retire(job.label)
+            warm = None
+        if warm is None:
+            _, env = self._template(job)
+            warm = self._warm[job.label] = _WarmPython(self, job, env)
+        return warm
+
+    def _retire(self, label):
+        warm = self._warm.pop(label, None)
+        if warm is not None:
+            warm.retire()
+            self._retired.append(warm)
+
+    def start(self, run, job, now):
+        warm = self._warm_for(job)
+        if warm.state == "starting":
+            return None  # importing: it wakes the orchestrator when ready
+        if warm.state == "failed":
+            self._retire(job.label)  # the next run tries the import again
+            raise ExecutorError(warm.error)
+        _, argv, env, log_dir = self.prepare(run, job)
+        interpreter, target = _python_target(job.entrypoint)
+        handle = JobRunHandle(self, run.job_run_id, log_dir,
+                              now + job.timeout_seconds if job.timeout_seconds else None)
+        request = {"run": run.job_run_id, "cwd": self.config.root,
+                   "argv": (argv[1:] if target[0] != "-m" else argv[2:]),
+                   "env": {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()},
+                   "stdout": handle.stdout_path, "stderr": handle.stderr_path}
+        handle.pid = warm.fork(handle, request)
+        handle.start_time = _process_start_time(handle.pid)
+        return handle
+
+    def orphaned(self, handle):
+        """A run whose warm interpreter died before it: learn its end by its
+        pidfd; its exit code only if this process adopted it (a subreaper)."""
+        self.watch(handle)
+
+    def _wait(self, handle):
+        try:
+            return super()._wait(handle)
+        except ChildProcessError:
+            handle.error = "its warm interpreter died while it ran: exit code unknown"
+            return handle
+
+    def maintain(self, now, ended, running):
+        when = super().maintain(now, ended, running)
+        idle = self.config.executors.get("python", {}).get("idle_seconds", 300)
+        clock = time.monotonic()
+        for label, warm in list(self._warm.items()):
+            if not warm.children and clock - warm.last_used >= idle:
+                logger.info("Job %s: warm interpreter idle, stopped", label)
+                self._retire(label)
+        self._retired = [w for w in self._retired if w.state not in ("gone", "failed")]
+        if self._warm:
+            when = min(when, now + idle)
+        return when
+
+    def close(self):
+        for label in list(self._warm):
+            self._retire(label)
+        for warm in self._retired:
+            try:
+                warm.proc.wait(DEFAULTS["kill_grace_seconds"])
+            except subprocess.TimeoutExpired:
+                _signal_group(warm.proc.pid, signal.SIGKILL)
+        super().close()
+
+
 #: The executors by name (SPEC 9): adding one is a class and a line here.
-executors = {"local": LocalExecutor, "slurm": SlurmExecutor}
+executors = {"local": LocalExecutor, "python": PythonExecutor, "slurm": SlurmExecutor}
 
 
 def _processes_of_runs(run_ids):
@@ -3954,6 +4364,9 @@ class Orchestrator:
                     self._fail(run, now, "cannot start job: %s" % e,
                                self._may_retry(run))
                     continue
+                if handle is None:  # not now: the executor wakes us
+                    held.append(entry)
+                    break
                 running[name] += 1
                 running["job:" + job.label] += 1
                 self._running[run.job_run_id] = handle

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import databuild
-from conftest import MODULE, TEST_JOB, run_count, wait_for, write_workspace
+from conftest import run_count, wait_for, write_workspace
 
 # -- config ---------------------------------------------------------------------
 
@@ -237,3 +237,183 @@ def test_sbatch_failure_fails_the_run_with_its_message(tmp_path, slurm_cluster, 
     (run,) = d.full().job_runs.values()
     assert run.error.startswith("cannot start job: sbatch failed:")
     assert "partition" in run.error.lower()
+
+
+# -- python (warm interpreters) ---------------------------------------------------
+
+WARM_JOB = '''
+import os, sys, time
+import helper  # a workspace module: a change to it restarts the warm interpreter
+if __name__ == "__main__":
+    for ref in sys.argv[1:]:
+        plan = helper.PLAN.get(ref, {})
+        for i in range(plan.get("lines", 0)):
+            print("line", i)
+            time.sleep(plan.get("pause", 0))
+        time.sleep(plan.get("sleep", 0))
+        if plan.get("raise"):
+            raise ValueError("bad " + ref)
+        if "exit" in plan:
+            sys.exit(plan["exit"])
+        os.makedirs("built", exist_ok=True)
+        with open(os.path.join("built", ref), "w") as f:
+            f.write(helper.VERSION + " " + os.environ["DATABUILD_JOB_RUN_ID"])
+'''
+
+
+def warm_workspace(path, plan=None, version="v1", **job):
+    ws = write_workspace(path, jobs=[dict({
+        "label": "w", "partition_patterns": ["[a-z0-9]+"], "executor": "python",
+        "entrypoint": [sys.executable, "job.py"]}, **job)])
+    with open(os.path.join(ws, "job.py"), "w") as f:
+        f.write(WARM_JOB)
+    set_helper(ws, plan or {}, version)
+    return ws
+
+
+HELPER = """import os
+with open("imports.log", "a") as f:  # once per warm interpreter
+    f.write("%%d\\n" %% os.getpid())
+PLAN = %r
+VERSION = %r
+"""
+
+
+def set_helper(ws, plan, version):
+    path = os.path.join(ws, "helper.py")
+    with open(path, "w") as f:
+        f.write(HELPER % (plan, version))
+    st = os.stat(path)  # a new mtime even within the same clock tick
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def imports(ws):
+    with open(os.path.join(ws, "imports.log")) as f:
+        return len(f.readlines())
+
+
+def read(ws, *parts):
+    with open(os.path.join(ws, *parts)) as f:
+        return f.read()
+
+
+def test_python_runs_are_forks_that_behave_as_local_runs(tmp_path, driver_for):
+    # The test job of every other test, run warm: argv, env, cwd, stdin,
+    # descriptors and outcomes as for a local run.
+    ws = write_workspace(tmp_path / "ws", jobs=[
+        {"label": "t", "partition_patterns": [".+"], "executor": "python",
+         "environment": {"TEST_X": "1"}}],
+        plan={"c": {"deps": ["b"]}, "x": {"exit": 3}})
+    d = driver_for(ws)
+    assert d.settle(d.want("c")["want_id"]) == databuild.SUCCESSFUL
+    assert d.settle(d.want("x")["want_id"]) == databuild.FAILED
+    runs = {(r.partitions[0], r.status, r.exit_code, r.error)
+            for r in d.full().job_runs.values()}
+    assert runs == {("b", "Succeeded", 0, None), ("c", "DepMiss", 0, None),
+                    ("c", "Succeeded", 0, None), ("x", "Failed", 3, "exit code 3: planned exit 3 for x")}
+    record = json.loads(read(ws, "built", "c"))
+    assert record["argv"] == ["c"] and record["cwd"] == ws and record["stdin"] == ""
+    assert record["fds"] == [0, 1, 2, 3]  # nothing of the warm interpreter leaks
+    env = record["env"]
+    assert env["DATABUILD_EXECUTOR"] == "python" and env["TEST_X"] == "1"
+    assert env["DATABUILD_PARTITIONS"] == "c" and env["DATABUILD_JOB_LABEL"] == "t"
+    run = [r for r in d.full().job_runs.values() if r.partitions == ["c"]][-1]
+    assert env["DATABUILD_JOB_RUN_ID"] == run.job_run_id and run.executor == "python"
+    pids = [int(line) for line in read(ws, "runs", "pids").split()]
+    assert len(set(pids)) == 3 and os.getpid() not in pids  # b, c, x (a dep miss exits first)
+
+
+def test_python_imports_once_and_restarts_on_a_code_change(tmp_path, driver_for):
+    ws = warm_workspace(tmp_path / "ws", plan={"boom": {"raise": True}, "two": {"exit": 2}})
+    d = driver_for(ws)
+    assert d.settle(d.want("a", "b", "c")["want_id"]) == databuild.SUCCESSFUL
+    assert imports(ws) == 1 and read(ws, "built", "a").startswith("v1 ")
+    # A traceback is stderr and exit 1; sys.exit(2) is exit code 2.
+    d.settle(d.want("boom")["want_id"])
+    d.settle(d.want("two")["want_id"])
+    runs = {r.partitions[0]: r for r in d.full().job_runs.values()}
+    assert (runs["boom"].exit_code, runs["boom"].error) == (1, "exit code 1: ValueError: bad boom")
+    assert runs["two"].exit_code == 2 and imports(ws) == 1
+    # A workspace module it imported changes: a new warm interpreter.
+    set_helper(ws, {}, "v2")
+    assert d.settle(d.want("d")["want_id"]) == databuild.SUCCESSFUL
+    assert read(ws, "built", "d").startswith("v2 ") and imports(ws) == 2
+
+
+def test_python_import_error_fails_one_run_and_the_next_retries(tmp_path, driver_for):
+    ws = warm_workspace(tmp_path / "ws")
+    os.remove(os.path.join(ws, "helper.py"))
+    d = driver_for(ws)
+    assert d.settle(d.want("a")["want_id"]) == databuild.FAILED
+    (run,) = d.full().job_runs.values()
+    assert run.error == "cannot start job: ModuleNotFoundError: No module named 'helper'"
+    set_helper(ws, {}, "v1")
+    assert d.settle(d.want("b")["want_id"]) == databuild.SUCCESSFUL
+
+
+def test_python_cancel_timeout_and_live_lines(tmp_path, driver_for):
+    ws = warm_workspace(tmp_path / "ws", timeout_seconds=1.5, plan={
+        "slow": {"lines": 3, "pause": 0.2, "sleep": 60}, "late": {"sleep": 60}})
+    d = driver_for(ws)
+    slow = d.want("slow")
+    d.until(lambda s: s.job_runs_by_status[databuild.RUNNING])
+    (run_id,) = d.state.job_runs_by_status[databuild.RUNNING]
+    log = os.path.join(d.config.state_dir, "logs", run_id, "stdout.log")
+    d.until(lambda s: read(ws, log).count("line") == 3)  # each line as it is printed
+    pid = d.orch._running[run_id].pid
+    d.orch.enqueue("cancel_job_run", job_run_id=run_id)
+    d.settle(slow["want_id"])
+    assert d.full().job_runs[run_id].status == databuild.CANCELED
+    assert not databuild._pid_alive(pid)
+    late = d.want("late")
+    assert d.settle(late["want_id"]) == databuild.FAILED
+    errors = [r.error for r in d.full().job_runs.values() if r.partitions == ["late"]]
+    assert errors == ["timeout"]
+
+
+def test_python_warm_interpreter_crash_and_idle_stop(tmp_path, serve):
+    # kill -9 of the warm interpreter while a run sleeps: that run still
+    # ends with its exit code (serve adopts it), the next run starts a new
+    # warm interpreter; an idle one stops by itself; none outlives the server.
+    ws = warm_workspace(tmp_path / "ws", plan={"nap": {"sleep": 1.5}})
+    with open(os.path.join(ws, "databuild.toml"), "a") as f:
+        f.write("\n[executors.python]\nidle_seconds = 3\n")
+    server = serve(ws)
+    nap = server.client.create_want(["nap"])
+    wait_for(lambda: run_of(server, "nap", "Running"))
+    warm = warm_pids(ws)
+    assert len(warm) == 1
+    os.kill(warm[0], signal.SIGKILL)
+    wait_for(lambda: server.client.get_want(nap["want_id"])["status"] == "Successful", 30)
+    assert server.client.wait_want(server.client.create_want(["after"])["want_id"],
+                                   30)["status"] == "Successful"
+    assert imports(ws) == 2
+    wait_for(lambda: not warm_pids(ws), 20)  # idle for 3 s: stopped
+    assert server.client.wait_want(server.client.create_want(["again"])["want_id"],
+                                   30)["status"] == "Successful"
+    assert len(warm_pids(ws)) == 1
+    server.cli("stop", check=0)
+    server.stop()
+    assert not warm_pids(ws)
+
+
+def warm_pids(ws):
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"-c" in argv and ws.encode() in argv and b"job.py" in argv:
+            found.append(int(pid))
+    # The forks of a warm interpreter carry its command line: not counted.
+    return [pid for pid in found if parent(pid) not in found]
+
+
+def parent(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return None
