@@ -3143,6 +3143,7 @@ def main():
     def say(**message):
         chan.sendall((json.dumps(message) + "\n").encode())
     os.chdir(root)
+    code = None
     if target[0] == "-m":
         module, script = target[1], None
         sys.path.insert(0, root)
@@ -3159,6 +3160,8 @@ def main():
             loaded = importlib.util.module_from_spec(spec)
             sys.modules["__databuild_job__"] = loaded
             spec.loader.exec_module(loaded)
+            with open(script, "rb") as f:  # compiled once, run as __main__ per fork
+                code = compile(f.read(), script, "exec")
     except BaseException as e:
         say(import_error="%s: %s" % (type(e).__name__, e), traceback=traceback.format_exc())
         return
@@ -3210,11 +3213,11 @@ def main():
                     continue
                 pid = os.fork()
                 if pid == 0:
-                    run(request, module, script, chan, wake_r, wake_w)
+                    run(request, module, script, code, chan, wake_r, wake_w)
                 children[pid] = request["run"]
                 say(run=request["run"], pid=pid)
 
-def run(request, module, script, chan, wake_r, wake_w):
+def run(request, module, script, code_object, chan, wake_r, wake_w):
     code = 70
     try:
         os.setsid()
@@ -3229,8 +3232,7 @@ def run(request, module, script, chan, wake_r, wake_w):
             os.dup2(opened, fd)
             os.close(opened)
         os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
+        os.environ.update(request["env"])  # the run's own values over the job's
         sys.argv = list(request["argv"])
         sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
         sys.stdout = sys.__stdout__ = io.TextIOWrapper(
@@ -3243,7 +3245,10 @@ def run(request, module, script, chan, wake_r, wake_w):
                 runpy.run_module(module, run_name="__main__", alter_sys=True)
             else:
                 sys.argv[0] = script
-                runpy.run_path(script, run_name="__main__")
+                main = type(sys)("__main__")
+                main.__file__, main.__builtins__ = script, __builtins__
+                sys.modules["__main__"] = main
+                exec(code_object, main.__dict__)
         except SystemExit as e:
             if e.code is None:
                 code = 0
@@ -3484,9 +3489,12 @@ class PythonExecutor(LocalExecutor):
         interpreter, target = _python_target(job.entrypoint)
         handle = JobRunHandle(self, run.job_run_id, log_dir,
                               now + job.timeout_seconds if job.timeout_seconds else None)
+        # The warm interpreter was started with the job's environment: a run
+        # sends only its own values.
         request = {"run": run.job_run_id, "cwd": self.config.root,
                    "argv": (argv[1:] if target[0] != "-m" else argv[2:]),
-                   "env": {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()},
+                   "env": {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()
+                           if k.startswith(b"DATABUILD_")},
                    "stdout": handle.stdout_path, "stderr": handle.stderr_path}
         handle.pid = warm.fork(handle, request)
         handle.start_time = _process_start_time(handle.pid)
