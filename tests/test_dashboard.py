@@ -1,0 +1,216 @@
+"""The dashboard (SPEC 14) in a real browser: headless Chromium driven by
+Selenium over a real server.  Skipped, saying why, where Chromium or its
+driver is missing (.ci/run installs Debian's chromium and chromium-driver)."""
+import json
+import os
+import shutil
+import sys
+import time
+
+import pytest
+
+from conftest import TEST_JOB, wait_for, write_workspace
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException, WebDriverException)
+from selenium.webdriver.common.by import By  # noqa: E402
+
+SHOTS = os.environ.get("DATABUILD_SCREENSHOTS")  # a folder: keep screenshots to look at
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no Chromium (%s) or chromedriver (%s): apt-get install chromium "
+                    "chromium-driver" % (chromium, driver))
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1300,900"):
+        options.add_argument(arg)
+    options.binary_location = chromium
+    try:
+        b = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver))
+    except WebDriverException as e:
+        pytest.skip("Chromium does not start here: %s" % e.msg)
+    yield b
+    b.quit()
+
+
+def text_of(b, css):
+    try:
+        return " ".join(e.text for e in b.find_elements(By.CSS_SELECTOR, css))
+    except StaleElementReferenceException:  # re-rendered meanwhile: read it again
+        return text_of(b, css)
+
+
+def click(b, by, value, timeout=10):
+    """Click an element, found again if the page re-rendered it meanwhile."""
+    def attempt():
+        try:
+            b.find_element(by, value).click()
+            return True
+        except (StaleElementReferenceException, WebDriverException):
+            return False
+    wait_for(attempt, timeout)
+
+
+def until(b, css, words, timeout=10):
+    """Wait until the elements matching ``css`` show every one of ``words``."""
+    wait_for(lambda: all(w in text_of(b, css) for w in words), timeout)
+    return text_of(b, css)
+
+
+def shot(b, name):
+    if SHOTS:
+        os.makedirs(SHOTS, exist_ok=True)
+        b.save_screenshot(os.path.join(SHOTS, name + ".png"))
+
+
+def login(b, server, fragment):
+    url = server.cli("dashboard", check=0).stdout.strip()
+    b.get(url + "#" + fragment)
+
+
+def test_views_show_each_entity_and_link_them(tmp_path, serve, browser):
+    ws = write_workspace(tmp_path / "ws", plan={"c": {"deps": ["b"]}, "x": {"exit": 3}})
+    server = serve(ws)
+    c = server.client.wait_want(server.client.create_want(["c"])["want_id"], 30)
+    x = server.client.wait_want(server.client.create_want(["x"])["want_id"], 30)
+    b = browser
+    # Without the cookie: the 401 says how to log in.
+    b.delete_all_cookies()
+    b.get(server.url + "/#/wants")
+    until(b, "body", ["databuild.py dashboard"])  # the 401 says how to log in
+    login(b, server, "/wants")
+    page = until(b, "#view", [c["want_id"][:8], x["want_id"][:8], "Successful", "Failed"])
+    shot(b, "wants")
+    # A want: its id and status, partitions, derivative want, runs.
+    click(b, By.LINK_TEXT, c["want_id"][:8])
+    page = until(b, "#view h1", [c["want_id"], "Successful"])
+    (derivative,) = c["derivative_want_ids"]
+    until(b, "#view", ["DERIVATIVE WANTS", derivative[:8], "DepMiss", "Succeeded"])
+    shot(b, "want")
+    # A partition: status, the run that built it, lineage, explain.
+    click(b, By.CSS_SELECTOR, '#view a[href="#/partitions/c"]')
+    until(b, "#view h1", ["Partition c", "Live"])
+    page = until(b, "#view", ["BUILT FROM", "EXPLAIN", "succeeded"])
+    assert "b" in [e.text for e in b.find_elements(By.CSS_SELECTOR, "ul.tree a")]
+    shot(b, "partition")
+    # The failed run: exit code, error and its stderr.
+    (run,) = server.client.list_job_runs(status="Failed")["data"]
+    b.get(server.url + "/#/job_runs/" + run["job_run_id"])
+    until(b, "#view h1", [run["job_run_id"], "Failed"])
+    until(b, "#log-stderr", ["planned exit 3 for x"])
+    assert "exit code 3" in text_of(b, "#view dl")
+    shot(b, "job_run")
+    # Lists: partitions by prefix and status, events newest first, jobs, schedules.
+    b.get(server.url + "/#/partitions?prefix=c")
+    until(b, "#view", ["1\u20131 of 1"])
+    b.get(server.url + "/#/partitions?status=Failed")
+    until(b, "#view table", ["x", "Failed"])
+    assert "Live" not in text_of(b, "#view table")
+    latest = server.client.health()["latest_event_id"]
+    b.get(server.url + "/#/events")
+    first = until(b, "#view table tr:nth-child(2) td", [str(latest)])
+    assert first.split()[0] == str(latest)
+    shot(b, "events")
+    b.get(server.url + "/#/jobs")
+    until(b, "#view table", ["test", "local"])
+    b.get(server.url + "/#/schedules")
+    until(b, "#view", ["Schedules", "nothing here"])
+
+
+def test_time_travel_shows_a_view_as_it_was(tmp_path, serve, browser):
+    ws = write_workspace(tmp_path / "ws")
+    server = serve(ws)
+    first = server.client.wait_want(server.client.create_want(["a"])["want_id"], 30)
+    before = server.client.health()["latest_event_id"]
+    server.client.wait_want(server.client.create_want(["z"])["want_id"], 30)
+    server.client.taint("a")
+    b = browser
+    login(b, server, "/partitions")
+    until(b, "#view table", ["a", "Tainted", "z"])
+    box = b.find_element(By.ID, "asof")
+    box.send_keys(str(before))
+    click(b, By.TAG_NAME, "h1")  # leaves the field: onchange
+    until(b, "#msg", ["as of event %d" % before])
+    table = until(b, "#view table", ["a", "Live"])
+    assert "z" not in table.split() and "Tainted" not in table
+    b.get(server.url + "/#/wants/" + first["want_id"])
+    until(b, "#view h1", ["Successful"])
+    assert all(not e.is_enabled() for e in b.find_elements(By.CSS_SELECTOR, "[data-act]"))
+    click(b, By.ID, "live")
+    until(b, "#msg", ["event"])
+    assert "as of" not in text_of(b, "#msg")
+
+
+def test_live_log_grows_and_the_buttons_act(tmp_path, serve, browser):
+    ws = write_workspace(tmp_path / "ws", jobs=[
+        {"label": "tick", "partition_patterns": ["tick/.*"],
+         "entrypoint": ["sh", "-c", 'for i in 1 2 3 4 5 6 7 8; do echo "tick $i"; sleep 0.4; done;'
+                        ' sleep 60', "tick"]},
+        {"label": "test", "partition_patterns": ["[a-z]+"], "entrypoint": [sys.executable, TEST_JOB]}])
+    server = serve(ws)
+    b = browser
+    want = server.client.create_want(["tick/1"])
+    run = wait_for(lambda: server.client.list_job_runs(status="Running")["data"], 15)[0]
+    login(b, server, "/job_runs/" + run["job_run_id"])
+    until(b, "#view h1", ["Running"])
+    until(b, "#log-stdout", ["tick 1"])
+    until(b, "#log-stdout", ["tick 4"])  # lines arrive while the job runs
+    shot(b, "job_run_live")
+    # Cancel run (with its confirm dialog).
+    click(b, By.XPATH, "//button[text()='Cancel run']")
+    b.switch_to.alert.accept()
+    wait_for(lambda: server.client.get_job_run(run["job_run_id"])["status"] == "Canceled", 15)
+    until(b, "#view h1", ["Canceled"])
+    # New want form -> the want's page; then its cancel button.
+    click(b, By.ID, "new")
+    b.find_element(By.ID, "refs").send_keys("tick/2")
+    b.find_element(By.ID, "priority").clear()
+    b.find_element(By.ID, "priority").send_keys("5")
+    click(b, By.CSS_SELECTOR, "#create button[type=submit]")
+    wait_for(lambda: "#/wants/" in b.current_url, 10)
+    new_id = b.current_url.split("#/wants/")[1]
+    made = server.client.get_want(new_id)
+    assert made["partitions"] == ["tick/2"] and made["priority"] == 5
+    until(b, "#view h1", [new_id])
+    click(b, By.XPATH, "//button[text()='Cancel want']")
+    b.switch_to.alert.accept()
+    wait_for(lambda: server.client.get_want(new_id)["status"] == "Canceled", 15)
+    until(b, "#view h1", ["Canceled"])
+    # Taint a Live partition (with its reason prompt).
+    server.client.wait_want(server.client.create_want(["ok"])["want_id"], 30)
+    b.get(server.url + "/#/partitions/ok")
+    until(b, "#view h1", ["Live"])
+    click(b, By.XPATH, "//button[text()='Taint']")
+    prompt = b.switch_to.alert
+    prompt.send_keys("bad export")
+    prompt.accept()
+    wait_for(lambda: server.client.get_partition("ok")["status"] == "Tainted", 15)
+    until(b, "#view h1", ["Tainted"])
+    assert server.client.get_want(want["want_id"])["status"] != "Successful"
+
+
+def test_light_and_dark(tmp_path, serve, browser):
+    ws = write_workspace(tmp_path / "ws")
+    server = serve(ws)
+    server.client.wait_want(server.client.create_want(["a", "b"])["want_id"], 30)
+    b = browser
+    login(b, server, "/wants")
+    until(b, "#view", ["Successful"])
+
+    def background():
+        return b.execute_script("return getComputedStyle(document.body).backgroundColor")
+    light = background()
+    click(b, By.ID, "theme")
+    dark = background()
+    assert light != dark
+    shot(b, "wants_" + ("dark" if "dark" in b.execute_script(
+        "return document.documentElement.className") else "light"))
+    click(b, By.ID, "theme")
+    assert background() == light
+    b.execute_script("localStorage.clear()")
