@@ -1,11 +1,9 @@
 """The dashboard (SPEC 14) in a real browser: headless Chromium driven by
 Selenium over a real server.  Skipped, saying why, where Chromium or its
 driver is missing (.ci/run installs Debian's chromium and chromium-driver)."""
-import json
 import os
 import shutil
 import sys
-import time
 
 import pytest
 
@@ -96,7 +94,7 @@ def test_views_show_each_entity_and_link_them(tmp_path, serve, browser):
     # A partition: status, the run that built it, lineage, explain.
     click(b, By.CSS_SELECTOR, '#view a[href="#/partitions/c"]')
     until(b, "#view h1", ["Partition c", "Live"])
-    page = until(b, "#view", ["BUILT FROM", "EXPLAIN", "succeeded"])
+    until(b, "#view", ["BUILT FROM", "EXPLAIN", "succeeded"])
     assert "b" in [e.text for e in b.find_elements(By.CSS_SELECTOR, "ul.tree a")]
     shot(b, "partition")
     # The failed run: exit code, error and its stderr.

@@ -14,8 +14,6 @@
     pip install luigi        # a benchmark-only dependency
     python tests/benchmarks/bench_python.py [--tiny] [-n DATES] [-m RUNS]
 """
-import datetime
-import logging
 import os
 import runpy
 import sys
@@ -23,6 +21,7 @@ import tempfile
 import time
 
 import _workload as w
+from bench_luigi import dates, run_luigi as luigi_dag  # the same DAG in Luigi
 
 DAG_JOB = r'''
 import os, sys
@@ -92,11 +91,6 @@ executor = %(executor)r
 """
 
 
-def dates(n):
-    start = datetime.date(2020, 1, 1)
-    return [str(start + datetime.timedelta(i)) for i in range(n)]
-
-
 def workspace(prefix, toml, files):
     ws = w.make_workspace(tempfile.mkdtemp(prefix=prefix) + "/ws", toml)
     for name, text in files.items():
@@ -127,43 +121,6 @@ def dag(n, executor):
                                                    "executor": executor}, {"dag.py": DAG_JOB})
     elapsed = build(ws, ["out/date=%s" % d for d in dates(n)])
     assert len(os.listdir(os.path.join(ws, "data", "out"))) == n
-    return elapsed
-
-
-def luigi_dag(n):
-    import luigi
-    root = tempfile.mkdtemp(prefix="bench-python-luigi-")
-
-    class Raw(luigi.Task):
-        date = luigi.Parameter()
-
-        def output(self):
-            return luigi.LocalTarget(os.path.join(root, "data", "raw", "%s.txt" % self.date))
-
-        def run(self):
-            with self.output().open("w") as f:
-                f.write("raw %s\n" % self.date)
-
-    class Out(luigi.Task):
-        date = luigi.Parameter()
-
-        def requires(self):
-            return Raw(self.date)
-
-        def output(self):
-            return luigi.LocalTarget(os.path.join(root, "data", "out", "%s.txt" % self.date))
-
-        def run(self):
-            with self.input().open() as src, self.output().open("w") as f:
-                f.write(src.read() + "out\n")
-
-    logging.getLogger("luigi").setLevel(logging.WARNING)
-    logging.getLogger("luigi-interface").setLevel(logging.WARNING)
-    t0 = time.perf_counter()
-    ok = luigi.build([Out(d) for d in dates(n)], local_scheduler=True, workers=1,
-                     log_level="WARNING")
-    elapsed = time.perf_counter() - t0
-    assert ok
     return elapsed
 
 
