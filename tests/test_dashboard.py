@@ -83,11 +83,11 @@ def test_views_show_each_entity_and_link_them(tmp_path, serve, browser):
     b.get(server.url + "/#/wants")
     until(b, "body", ["databuild.py dashboard"])  # the 401 says how to log in
     login(b, server, "/wants")
-    page = until(b, "#view", [c["want_id"][:8], x["want_id"][:8], "Successful", "Failed"])
+    until(b, "#view", [c["want_id"][:8], x["want_id"][:8], "Successful", "Failed"])
     shot(b, "wants")
     # A want: its id and status, partitions, derivative want, runs.
     click(b, By.LINK_TEXT, c["want_id"][:8])
-    page = until(b, "#view h1", [c["want_id"], "Successful"])
+    until(b, "#view h1", [c["want_id"], "Successful"])
     (derivative,) = c["derivative_want_ids"]
     until(b, "#view", ["DERIVATIVE WANTS", derivative[:8], "DepMiss", "Succeeded"])
     shot(b, "want")

@@ -351,7 +351,7 @@ def test_python_import_error_fails_one_run_and_the_next_retries(tmp_path, driver
 
 
 def test_python_cancel_timeout_and_live_lines(tmp_path, driver_for):
-    ws = warm_workspace(tmp_path / "ws", timeout_seconds=1.5, plan={
+    ws = warm_workspace(tmp_path / "ws", timeout_seconds=4, plan={  # (slow is canceled first)
         "slow": {"lines": 3, "pause": 0.2, "sleep": 60}, "late": {"sleep": 60}})
     d = driver_for(ws)
     slow = d.want("slow")
