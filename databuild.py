@@ -5528,156 +5528,216 @@ def make_app(server):
     return app
 
 
-def openapi_document():
-    """The OpenAPI 3 document of the HTTP API (served at /api/openapi.json)."""
-    def schema(name):
-        return {"$ref": "#/components/schemas/" + name}
+class _OpenAPI:
+    """The building blocks of the OpenAPI document: references, answers,
+    errors, parameters and the shapes the lists share (``o`` in the parts)."""
 
-    def json_body(s):
-        return {"application/json": {"schema": s}}
-
-    def answer(description, s=None, media="application/json"):
-        r = {"description": description}
-        if s is not None:
-            r["content"] = {media: {"schema": s}}
-        return r
-
-    error_text = {400: "Bad input", 401: "Missing or wrong access token", 404: "Not found",
+    ERROR_TEXT = {400: "Bad input", 401: "Missing or wrong access token", 404: "Not found",
                   409: "Conflict", 413: "Body too large", 415: "Body is not application/json",
                   503: "Shutting down or busy"}
-
-    def errors(*codes):
-        return {str(c): answer(error_text[c], schema("Error")) for c in codes}
-
-    def param(name, where, s, description, required=False):
-        return {"name": name, "in": where, "required": required or where == "path",
-                "schema": s, "description": description}
-
-    def status_param(statuses):
-        return param("status", "query", {"type": "string", "enum": list(statuses)},
-                     "only this status")
-
     integer = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
-    paging = [param("limit", "query", {"type": "integer", "minimum": 0, "maximum": 1000,
-                                       "default": 100}, "page size"),
-              param("offset", "query", integer, "items to skip"),
-              param("as_of", "query", integer, "answer as of this event id")]
-    as_of = [paging[2]]
     nullable_str = {"type": "string", "nullable": True}
     nullable_num = {"type": "number", "nullable": True}
     positive_num = {"type": "number", "nullable": True, "minimum": 0, "exclusiveMinimum": True}
     str_list = {"type": "array", "items": {"type": "string"}}
 
-    def envelope(item):
+    def __init__(self):
+        self.paging = [self.param("limit", "query", {"type": "integer", "minimum": 0,
+                                                     "maximum": 1000, "default": 100},
+                                  "page size"),
+                       self.param("offset", "query", self.integer, "items to skip"),
+                       self.param("as_of", "query", self.integer, "answer as of this event id")]
+        self.as_of = [self.paging[2]]
+        self.post_body = {"required": False, "content": self.json_body({"type": "object"})}
+        self.want_id = self.param("want_id", "path", {"type": "string"}, "want id")
+        self.ref = self.param("ref", "path", {"type": "string"}, "partition ref (may contain /)")
+        self.run_id = self.param("job_run_id", "path", {"type": "string"}, "job run id")
+
+    @staticmethod
+    def schema(name):
+        """A reference to a schema of the document."""
+        return {"$ref": "#/components/schemas/" + name}
+
+    @staticmethod
+    def json_body(s):
+        """A JSON content of schema ``s``."""
+        return {"application/json": {"schema": s}}
+
+    @staticmethod
+    def answer(description, s=None, media="application/json"):
+        """A response, with content of schema ``s`` if given."""
+        r = {"description": description}
+        if s is not None:
+            r["content"] = {media: {"schema": s}}
+        return r
+
+    def errors(self, *codes):
+        """The error responses of ``codes`` (status -> response)."""
+        return {str(c): self.answer(self.ERROR_TEXT[c], self.schema("Error")) for c in codes}
+
+    @staticmethod
+    def param(name, where, s, description, required=False):
+        """A parameter (a path parameter is always required)."""
+        return {"name": name, "in": where, "required": required or where == "path",
+                "schema": s, "description": description}
+
+    def status_param(self, statuses):
+        """The ``status`` filter of a list."""
+        return self.param("status", "query", {"type": "string", "enum": list(statuses)},
+                          "only this status")
+
+    def envelope(self, item):
+        """A list answer: a page of ``item`` with its total."""
         return {"type": "object", "required": ["data", "total", "limit", "offset",
                                                "latest_event_id"],
-                "properties": {"data": {"type": "array", "items": schema(item)},
-                               "total": integer, "limit": integer, "offset": integer,
-                               "latest_event_id": integer}}
+                "properties": {"data": {"type": "array", "items": self.schema(item)},
+                               "total": self.integer, "limit": self.integer,
+                               "offset": self.integer, "latest_event_id": self.integer}}
 
-    def single(item):
-        return {"type": "object", "required": ["data"], "properties": {"data": schema(item)}}
+    def single(self, item):
+        """A single-object answer: ``{"data": item}``."""
+        return {"type": "object", "required": ["data"], "properties": {"data": self.schema(item)}}
 
-    post_body = {"required": False, "content": json_body({"type": "object"})}
-    want_id = param("want_id", "path", {"type": "string"}, "want id")
-    ref = param("ref", "path", {"type": "string"}, "partition ref (may contain /)")
-    run_id = param("job_run_id", "path", {"type": "string"}, "job run id")
-    paths = {
+
+def _openapi_service(o):
+    """The OpenAPI paths of the server itself (``_service_routes``)."""
+    return {
         "/health": {"get": {"summary": "Server health", "operationId": "health",
-                            "responses": {"200": answer("Healthy", schema("Health"))}}},
+                            "responses": {"200": o.answer("Healthy", o.schema("Health"))}}},
         "/metrics": {"get": {"summary": "Prometheus metrics (text format 0.0.4)",
                              "operationId": "metrics",
-                             "responses": {"200": answer("Metrics", {"type": "string"},
-                                                         "text/plain")}}},
+                             "responses": {"200": o.answer("Metrics", {"type": "string"},
+                                                           "text/plain")}}},
         "/api/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
-                                      "responses": {"200": answer("OpenAPI document",
-                                                                  {"type": "object"})}}},
+                                      "responses": {"200": o.answer("OpenAPI document",
+                                                                    {"type": "object"})}}},
         "/": {"get": {"summary": "Dashboard (HTML)", "operationId": "dashboard",
-                      "responses": {"200": answer("The dashboard page", {"type": "string"},
-                                                  "text/html")}}},
+                      "responses": {"200": o.answer("The dashboard page", {"type": "string"},
+                                                    "text/html")}}},
+        "/api/schedules": {
+            "get": {"summary": "The configured schedules, with their next and last ticks",
+                    "operationId": "listSchedules",
+                    "responses": {"200": o.answer("Schedules", o.envelope("Schedule"))}}},
+        "/api/jobs": {
+            "get": {"summary": "The configured jobs, with their job runs by status",
+                    "operationId": "listJobs", "parameters": o.as_of,
+                    "responses": {"200": o.answer("Jobs", o.envelope("Job"))}}},
+        "/api/events": {
+            "get": {"summary": "Events after an id, oldest first", "operationId": "listEvents",
+                    "parameters": [o.param("since", "query", o.integer, "events with a larger id"),
+                                   o.paging[0]],
+                    "responses": {"200": o.answer("Events", o.schema("EventList")),
+                                  **o.errors(400)}}},
+        "/api/shutdown": {
+            "post": {"summary": "Begin a graceful stop", "operationId": "shutdown",
+                     "requestBody": o.post_body,
+                     "responses": {"202": o.answer("Stopping", {"type": "object"}),
+                                   **o.errors(413, 415)}}},
+    }
+
+
+def _openapi_wants(o):
+    """The OpenAPI paths of wants (``_wants_routes``)."""
+    return {
         "/api/wants": {
             "get": {"summary": "List wants, newest first", "operationId": "listWants",
-                    "parameters": [status_param(WANT_STATUSES)] + paging,
-                    "responses": {"200": answer("Wants", envelope("Want")), **errors(400)}},
+                    "parameters": [o.status_param(WANT_STATUSES)] + o.paging,
+                    "responses": {"200": o.answer("Wants", o.envelope("Want")), **o.errors(400)}},
             "post": {"summary": "Create a want", "operationId": "createWant",
-                     "requestBody": {"required": True, "content": json_body(schema("WantRequest"))},
-                     "responses": {"201": answer("Created", single("Want")),
-                                   "200": answer("The existing want (same want_id and partitions)",
-                                                 single("Want")),
-                                   **errors(400, 409, 413, 415, 503)}}},
+                     "requestBody": {"required": True,
+                                     "content": o.json_body(o.schema("WantRequest"))},
+                     "responses": {"201": o.answer("Created", o.single("Want")),
+                                   "200": o.answer("The existing want (same want_id and "
+                                                   "partitions)", o.single("Want")),
+                                   **o.errors(400, 409, 413, 415, 503)}}},
         "/api/wants/{want_id}": {
             "get": {"summary": "One want", "operationId": "getWant",
-                    "parameters": [want_id] + as_of,
-                    "responses": {"200": answer("The want", single("Want")), **errors(400, 404)}},
+                    "parameters": [o.want_id] + o.as_of,
+                    "responses": {"200": o.answer("The want", o.single("Want")),
+                                  **o.errors(400, 404)}},
             "delete": {"summary": "Cancel a want", "operationId": "cancelWant",
-                       "parameters": [want_id],
-                       "responses": {"200": answer("The canceled want", single("Want")),
-                                     **errors(404, 409, 503)}}},
+                       "parameters": [o.want_id],
+                       "responses": {"200": o.answer("The canceled want", o.single("Want")),
+                                     **o.errors(404, 409, 503)}}},
+    }
+
+
+def _openapi_partitions(o):
+    """The OpenAPI paths of partitions (``_partitions_routes``)."""
+    return {
         "/api/partitions": {
             "get": {"summary": "List partitions, newest first", "operationId": "listPartitions",
-                    "parameters": [status_param(PARTITION_STATUSES),
-                                   param("prefix", "query", {"type": "string"},
-                                         "only refs starting with this")] + paging,
-                    "responses": {"200": answer("Partitions", envelope("Partition")),
-                                  **errors(400)}}},
+                    "parameters": [o.status_param(PARTITION_STATUSES),
+                                   o.param("prefix", "query", {"type": "string"},
+                                           "only refs starting with this")] + o.paging,
+                    "responses": {"200": o.answer("Partitions", o.envelope("Partition")),
+                                  **o.errors(400)}}},
         "/api/partitions/{ref}": {
             "get": {"summary": "One partition", "operationId": "getPartition",
-                    "parameters": [ref] + as_of,
-                    "responses": {"200": answer("The partition", single("Partition")),
-                                  **errors(400, 404)}}},
+                    "parameters": [o.ref] + o.as_of,
+                    "responses": {"200": o.answer("The partition", o.single("Partition")),
+                                  **o.errors(400, 404)}}},
         "/api/partitions/{ref}/taint": {
             "post": {"summary": "Taint a partition", "operationId": "taintPartition",
-                     "parameters": [ref],
+                     "parameters": [o.ref],
                      "requestBody": {"required": False,
-                                     "content": json_body(schema("TaintRequest"))},
-                     "responses": {"200": answer("The tainted partition, and every ref tainted "
-                                                 "(or, with dry_run, that would be)",
-                                                 schema("TaintAnswer")),
-                                   **errors(400, 404, 409, 413, 415, 503)}}},
+                                     "content": o.json_body(o.schema("TaintRequest"))},
+                     "responses": {"200": o.answer("The tainted partition, and every ref tainted "
+                                                   "(or, with dry_run, that would be)",
+                                                   o.schema("TaintAnswer")),
+                                   **o.errors(400, 404, 409, 413, 415, 503)}}},
         "/api/partitions/{ref}/lineage": {
             "get": {"summary": "What a partition was built from, and what was built from it",
                     "operationId": "partitionLineage",
-                    "parameters": [ref, param("depth", "query", {
+                    "parameters": [o.ref, o.param("depth", "query", {
                         "type": "integer", "minimum": 0, "default": 3,
-                        "maximum": DEFAULTS["lineage_depth_max"]}, "levels each way")] + as_of,
-                    "responses": {"200": answer("The lineage", {
-                        "type": "object", "properties": {"data": schema("Lineage")}}),
-                        **errors(400, 404)}}},
+                        "maximum": DEFAULTS["lineage_depth_max"]}, "levels each way")] + o.as_of,
+                    "responses": {"200": o.answer("The lineage", {
+                        "type": "object", "properties": {"data": o.schema("Lineage")}}),
+                        **o.errors(400, 404)}}},
         "/api/partitions/{ref}/explain": {
             "get": {"summary": "Why a partition is in its state: the events that led there",
-                    "operationId": "partitionExplain", "parameters": [ref],
-                    "responses": {"200": answer("The story", {
-                        "type": "object", "properties": {"data": schema("Explanation")}}),
-                        **errors(400)}}},
+                    "operationId": "partitionExplain", "parameters": [o.ref],
+                    "responses": {"200": o.answer("The story", {
+                        "type": "object", "properties": {"data": o.schema("Explanation")}}),
+                        **o.errors(400)}}},
+    }
+
+
+def _openapi_job_runs(o):
+    """The OpenAPI paths of job runs (``_job_runs_routes``)."""
+    return {
         "/api/job_runs": {
             "get": {"summary": "List job runs, newest first", "operationId": "listJobRuns",
-                    "parameters": [status_param(JOB_RUN_STATUSES),
-                                   param("job_label", "query", {"type": "string"}, "only this job"),
-                                   param("want_id", "query", {"type": "string"},
-                                         "only runs for this want")] + paging,
-                    "responses": {"200": answer("Job runs", envelope("JobRun")), **errors(400)}}},
+                    "parameters": [o.status_param(JOB_RUN_STATUSES),
+                                   o.param("job_label", "query", {"type": "string"},
+                                           "only this job"),
+                                   o.param("want_id", "query", {"type": "string"},
+                                           "only runs for this want")] + o.paging,
+                    "responses": {"200": o.answer("Job runs", o.envelope("JobRun")),
+                                  **o.errors(400)}}},
         "/api/job_runs/{job_run_id}": {
             "get": {"summary": "One job run", "operationId": "getJobRun",
-                    "parameters": [run_id] + as_of,
-                    "responses": {"200": answer("The job run", single("JobRun")),
-                                  **errors(400, 404)}}},
+                    "parameters": [o.run_id] + o.as_of,
+                    "responses": {"200": o.answer("The job run", o.single("JobRun")),
+                                  **o.errors(400, 404)}}},
         "/api/job_runs/{job_run_id}/cancel": {
             "post": {"summary": "Cancel a job run", "operationId": "cancelJobRun",
-                     "parameters": [run_id], "requestBody": post_body,
-                     "responses": {"200": answer("The canceled job run", single("JobRun")),
-                                   **errors(404, 409, 413, 415, 503)}}},
+                     "parameters": [o.run_id], "requestBody": o.post_body,
+                     "responses": {"200": o.answer("The canceled job run", o.single("JobRun")),
+                                   **o.errors(404, 409, 413, 415, 503)}}},
         "/api/job_runs/{job_run_id}/logs/{stream}": {
             "get": {"summary": "A job run's stdout or stderr; follow=true streams "
                                "Server-Sent Events (event: log per line, then event: complete)",
                     "operationId": "jobRunLog",
-                    "parameters": [run_id,
-                                   param("stream", "path", {"type": "string",
-                                                            "enum": ["stdout", "stderr"]},
-                                         "which stream"),
-                                   param("follow", "query", {"type": "boolean"},
-                                         "stream until the run ends"),
-                                   param("tail", "query", integer,
-                                         "only the last N bytes (without follow)")],
+                    "parameters": [o.run_id,
+                                   o.param("stream", "path", {"type": "string",
+                                                              "enum": ["stdout", "stderr"]},
+                                           "which stream"),
+                                   o.param("follow", "query", {"type": "boolean"},
+                                           "stream until the run ends"),
+                                   o.param("tail", "query", o.integer,
+                                           "only the last N bytes (without follow)")],
                     "responses": {"200": {"description": "The log",
                                           "content": {"text/plain": {"schema": {"type": "string"}},
                                                       "text/event-stream": {"schema": {
@@ -5686,34 +5746,21 @@ def openapi_document():
                                                                         "enum": ["log",
                                                                                  "complete"]},
                                                               "data": {"type": "string"}}}}}},
-                                  **errors(400, 404, 503)}}},
-        "/api/schedules": {
-            "get": {"summary": "The configured schedules, with their next and last ticks",
-                    "operationId": "listSchedules",
-                    "responses": {"200": answer("Schedules", envelope("Schedule"))}}},
-        "/api/jobs": {
-            "get": {"summary": "The configured jobs, with their job runs by status",
-                    "operationId": "listJobs", "parameters": as_of,
-                    "responses": {"200": answer("Jobs", envelope("Job"))}}},
-        "/api/events": {
-            "get": {"summary": "Events after an id, oldest first", "operationId": "listEvents",
-                    "parameters": [param("since", "query", integer, "events with a larger id"),
-                                   paging[0]],
-                    "responses": {"200": answer("Events", schema("EventList")), **errors(400)}}},
-        "/api/shutdown": {
-            "post": {"summary": "Begin a graceful stop", "operationId": "shutdown",
-                     "requestBody": post_body,
-                     "responses": {"202": answer("Stopping", {"type": "object"}),
-                                   **errors(413, 415)}}},
+                                  **o.errors(400, 404, 503)}}},
     }
-    schemas = {
+
+
+def _openapi_schemas(o):
+    """The OpenAPI schemas of the bodies and answers."""
+    return {
         "Error": {"type": "object", "required": ["error"],
                   "properties": {"error": {"type": "string"}}, "additionalProperties": True},
         "Health": {"type": "object", "required": ["status", "version", "latest_event_id",
                                                   "uptime_seconds"],
                    "properties": {"status": {"type": "string"}, "version": {"type": "string"},
-                                  "latest_event_id": integer, "uptime_seconds": {"type": "number"},
-                                  "pid": integer, "config_error": nullable_str}},
+                                  "latest_event_id": o.integer,
+                                  "uptime_seconds": {"type": "number"},
+                                  "pid": o.integer, "config_error": o.nullable_str}},
         "WantRequest": {"type": "object", "required": ["partitions"], "additionalProperties": False,
                         "properties": {"partitions": {"type": "array", "minItems": 1,
                                                       "maxItems": DEFAULTS[
@@ -5725,81 +5772,91 @@ def openapi_document():
                                                    "nullable": True},
                                        "data_timestamp": {"type": "number", "minimum": 0,
                                                           "nullable": True},
-                                       "ttl_seconds": positive_num, "sla_seconds": positive_num,
-                                       "comment": nullable_str, "user": nullable_str,
+                                       "ttl_seconds": o.positive_num, "sla_seconds": o.positive_num,
+                                       "comment": o.nullable_str, "user": o.nullable_str,
                                        "priority": {"type": "integer", "nullable": True,
                                                     "minimum": PRIORITY_RANGE[0],
                                                     "maximum": PRIORITY_RANGE[1]}}},
         "TaintRequest": {"type": "object", "additionalProperties": False,
-                         "properties": {"reason": nullable_str, "downstream": {"type": "boolean"},
+                         "properties": {"reason": o.nullable_str, "downstream": {"type": "boolean"},
                                         "dry_run": {"type": "boolean"}}},
         "TaintAnswer": {"type": "object", "required": ["data", "tainted", "dry_run"],
-                        "properties": {"data": schema("Partition"), "tainted": str_list,
+                        "properties": {"data": o.schema("Partition"), "tainted": o.str_list,
                                        "dry_run": {"type": "boolean"}}},
         "Lineage": {"type": "object", "required": ["ref", "upstream", "downstream"],
-                    "properties": {"ref": {"type": "string"}, "status": nullable_str,
+                    "properties": {"ref": {"type": "string"}, "status": o.nullable_str,
                                    "upstream": {"type": "array", "items": {"type": "object"}},
                                    "downstream": {"type": "array",
                                                   "items": {"type": "object"}}}},
         "Explanation": {"type": "object", "required": ["ref", "summary", "steps"],
-                        "properties": {"ref": {"type": "string"}, "status": nullable_str,
+                        "properties": {"ref": {"type": "string"}, "status": o.nullable_str,
                                        "summary": {"type": "string"},
                                        "steps": {"type": "array", "items": {"type": "object"}},
                                        "upstream_failures": {"type": "array",
                                                              "items": {"type": "object"}}}},
         "Want": {"type": "object", "properties": {
-            "want_id": {"type": "string"}, "partitions": str_list,
+            "want_id": {"type": "string"}, "partitions": o.str_list,
             "status": {"type": "string", "enum": list(WANT_STATUSES)},
             "partition_statuses": {"type": "object", "additionalProperties": {"type": "string"}},
-            "data_timestamp": {"type": "number"}, "ttl_seconds": nullable_num,
-            "sla_seconds": nullable_num, "sla_breached": {"type": "boolean"},
-            "source": {"type": "object"}, "parent_want_id": nullable_str,
-            "root_want_id": {"type": "string"}, "derivative_want_ids": str_list,
-            "job_run_ids": str_list, "comment": nullable_str, "terminal": {"type": "boolean"},
+            "data_timestamp": {"type": "number"}, "ttl_seconds": o.nullable_num,
+            "sla_seconds": o.nullable_num, "sla_breached": {"type": "boolean"},
+            "source": {"type": "object"}, "parent_want_id": o.nullable_str,
+            "root_want_id": {"type": "string"}, "derivative_want_ids": o.str_list,
+            "job_run_ids": o.str_list, "comment": o.nullable_str, "terminal": {"type": "boolean"},
             "priority": {"type": "integer"},
             "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"}}},
         "Partition": {"type": "object", "properties": {
             "ref": {"type": "string"},
             "status": {"type": "string", "enum": list(PARTITION_STATUSES)},
-            "job_label": nullable_str, "last_job_run_id": nullable_str,
-            "built_by_job_run_id": nullable_str, "want_ids": str_list, "missing_deps": str_list,
-            "upstream": str_list, "retry_at": {"type": "string", "nullable": True},
+            "job_label": o.nullable_str, "last_job_run_id": o.nullable_str,
+            "built_by_job_run_id": o.nullable_str, "want_ids": o.str_list,
+            "missing_deps": o.str_list,
+            "upstream": o.str_list, "retry_at": {"type": "string", "nullable": True},
             "updated_at": {"type": "string", "format": "date-time"}}},
         "JobRun": {"type": "object", "properties": {
-            "job_run_id": {"type": "string"}, "job_label": nullable_str, "partitions": str_list,
-            "want_ids": str_list, "status": {"type": "string", "enum": list(JOB_RUN_STATUSES)},
-            "attempt": integer, "exit_code": {"type": "integer", "nullable": True},
-            "missing_deps": str_list, "error": nullable_str,
+            "job_run_id": {"type": "string"}, "job_label": o.nullable_str, "partitions": o.str_list,
+            "want_ids": o.str_list, "status": {"type": "string", "enum": list(JOB_RUN_STATUSES)},
+            "attempt": o.integer, "exit_code": {"type": "integer", "nullable": True},
+            "missing_deps": o.str_list, "error": o.nullable_str,
             "queued_at": {"type": "string", "format": "date-time"},
-            "started_at": nullable_str, "finished_at": nullable_str,
+            "started_at": o.nullable_str, "finished_at": o.nullable_str,
             "duration_ms": {"type": "integer", "nullable": True},
-            "executor": {"type": "string"}, "external_id": nullable_str}},
+            "executor": {"type": "string"}, "external_id": o.nullable_str}},
         "Event": {"type": "object", "properties": {
-            "event_id": integer, "timestamp": {"type": "string", "format": "date-time"},
+            "event_id": o.integer, "timestamp": {"type": "string", "format": "date-time"},
             "type": {"type": "string"}, "payload": {"type": "object"}}},
         "Schedule": {"type": "object", "properties": {
-            "name": {"type": "string"}, "cron": nullable_str,
+            "name": {"type": "string"}, "cron": o.nullable_str,
             "interval_seconds": {"type": "integer", "nullable": True},
-            "timezone": {"type": "string"}, "partitions": str_list,
-            "lag_seconds": {"type": "number"}, "catch_up": integer,
-            "priority": {"type": "integer"}, "next_tick_at": nullable_str,
-            "last_tick_at": nullable_str, "last_want_id": nullable_str,
-            "last_want_status": nullable_str}},
+            "timezone": {"type": "string"}, "partitions": o.str_list,
+            "lag_seconds": {"type": "number"}, "catch_up": o.integer,
+            "priority": {"type": "integer"}, "next_tick_at": o.nullable_str,
+            "last_tick_at": o.nullable_str, "last_want_id": o.nullable_str,
+            "last_want_status": o.nullable_str}},
         "Job": {"type": "object", "properties": {
-            "label": {"type": "string"}, "partition_patterns": str_list,
-            "entrypoint": str_list, "executor": {"type": "string"},
-            "environment_keys": str_list, "max_partitions_per_run": integer,
-            "max_retries": integer, "timeout_seconds": {"type": "number"},
+            "label": {"type": "string"}, "partition_patterns": o.str_list,
+            "entrypoint": o.str_list, "executor": {"type": "string"},
+            "environment_keys": o.str_list, "max_partitions_per_run": o.integer,
+            "max_retries": o.integer, "timeout_seconds": {"type": "number"},
             "max_concurrent_runs": {"type": "integer", "nullable": True},
             "retry_backoff_seconds": {"type": "number"},
             "retry_backoff_max_seconds": {"type": "number"},
             "options": {"type": "object", "description": "the executor's own job keys"},
-            "job_runs": {"type": "object", "additionalProperties": integer}}},
+            "job_runs": {"type": "object", "additionalProperties": o.integer}}},
         "EventList": {"type": "object", "properties": {
-            "data": {"type": "array", "items": schema("Event")}, "total": integer,
-            "limit": integer, "since": integer, "latest_event_id": integer}},
+            "data": {"type": "array", "items": o.schema("Event")}, "total": o.integer,
+            "limit": o.integer, "since": o.integer, "latest_event_id": o.integer}},
     }
+
+
+def openapi_document():
+    """The OpenAPI 3 document of the HTTP API (served at /api/openapi.json):
+    the paths in one part per group of routes, as ``make_app`` has them."""
+    o = _OpenAPI()
+    paths = {}
+    for part in (_openapi_service, _openapi_wants, _openapi_partitions, _openapi_job_runs):
+        paths.update(part(o))
     # SPEC 12: every operation but /health needs the token (and may answer
     # 401); every one that reads a body or a query may answer 400.
     for path, operations in paths.items():
@@ -5807,9 +5864,9 @@ def openapi_document():
             if path == "/health":
                 op["security"] = []
                 continue
-            op["responses"].update(errors(401))
+            op["responses"].update(o.errors(401))
             if method == "post" or op.get("parameters"):
-                op["responses"].setdefault("400", errors(400)["400"])
+                op["responses"].setdefault("400", o.errors(400)["400"])
     return {"openapi": "3.0.3",
             "info": {"title": "databuild.py API", "version": __version__,
                      "description": "A want-driven data build system. Errors are JSON "
@@ -5819,7 +5876,7 @@ def openapi_document():
                                     "databuild_token cookie."},
             "security": [{"bearer": []}, {"cookie": []}],
             "paths": paths,
-            "components": {"schemas": schemas, "securitySchemes": {
+            "components": {"schemas": _openapi_schemas(o), "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "cookie": {"type": "apiKey", "in": "cookie", "name": TOKEN_COOKIE}}}}
 
