@@ -396,7 +396,7 @@ def test_python_warm_interpreter_crash_and_idle_stop(tmp_path, serve):
     assert not warm_pids(ws)
 
 
-def warm_pids(ws):
+def all_pids(ws):
     found = []
     for pid in os.listdir("/proc"):
         try:
@@ -406,6 +406,11 @@ def warm_pids(ws):
             continue
         if b"-c" in argv and ws.encode() in argv and b"job.py" in argv:
             found.append(int(pid))
+    return found
+
+
+def warm_pids(ws):
+    found = all_pids(ws)
     # The forks of a warm interpreter carry its command line: not counted.
     return [pid for pid in found if parent(pid) not in found]
 
@@ -416,3 +421,28 @@ def parent(pid):
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError):
         return None
+
+
+def test_python_run_left_by_a_killed_server_is_stopped_and_run_again(tmp_path, serve):
+    # kill -9 of the server while a python run sleeps: at the restart the
+    # fork it left (recognised by pid and start time) is stopped before its
+    # run fails "server restarted" and runs again; the old warm interpreter
+    # goes away once its child is gone.
+    ws = warm_workspace(tmp_path / "ws", plan={"nap": {"sleep": 60}})
+    server = serve(ws)
+    want = server.client.create_want(["nap"])
+    run = wait_for(lambda: run_of(server, "nap", "Running"))[0]
+    (old_warm,) = warm_pids(ws)
+    child = [p for p in all_pids(ws) if parent(p) == old_warm]
+    assert len(child) == 1
+    server.proc.kill()
+    server.stop()
+    set_helper(ws, {"nap": {"sleep": 0}}, "v2")  # the rerun is quick
+    again = serve(ws)
+    wait_for(lambda: again.client.get_want(want["want_id"])["status"] == "Successful", 30)
+    assert not databuild._pid_alive(child[0])
+    runs = {r["job_run_id"]: r for r in run_of(again, "nap")}
+    assert runs[run["job_run_id"]]["error"] == "server restarted"
+    assert sorted(r["status"] for r in runs.values()) == ["Failed", "Succeeded"]
+    wait_for(lambda: old_warm not in warm_pids(ws), 10)
+
