@@ -3448,6 +3448,9 @@ class PythonExecutor(LocalExecutor):
     name = "python"
     settings = {"idle_seconds": ("num", 0)}
 
+    def recover(self, runs, now):
+        return []  # what its forks left is stopped by the local executor's recover
+
     @classmethod
     def check_job(cls, job):
         _python_target(job.entrypoint)
@@ -5951,7 +5954,7 @@ ul.tree{list-style:none;padding-left:1.2em;margin:.2em 0}ul.tree>li{margin:.15em
 <div id="view"></div></main>
 <script>
 "use strict";
-var asOf = null, lastEvent = null, busy = false, follower = null, PAGE = 50;
+var asOf = null, lastEvent = null, busy = false, again = false, follower = null, PAGE = 50;
 var STATUSES = /*STATUSES*/, EVENT_TYPES = /*EVENT_TYPES*/;
 function $(id){return document.getElementById(id);}
 function esc(s){return String(s==null?"\u2013":s).replace(/[&<>"']/g,function(c){
@@ -6028,7 +6031,8 @@ var views = {
      ["error",function(x){return esc(x.error);}]],j.data)+pager("job_runs",q,j.total),
     wire:function(){$("flt").onchange=function(){go("job_runs",{status:this.value});};wirePager("job_runs",q);}};});},
  events: function(r){ var q=r.q,off=+(q.offset||0);
-  return api("/health",{}).then(function(h){var latest=asOf?Math.min(+asOf,h.latest_event_id):h.latest_event_id;
+  return fetch("/health",{credentials:"same-origin"}).then(answer).then(function(h){
+   var latest=asOf?Math.min(+asOf,h.latest_event_id):h.latest_event_id;
    var since=Math.max(0,latest-off-PAGE),limit=Math.min(PAGE,Math.max(0,latest-off));
    return fetch("/api/events?since="+since+"&limit="+Math.max(limit,1),{credentials:"same-origin"}).then(answer).then(function(j){
     var rows=j.data.filter(function(e){return e.event_id<=latest&&(!q.type||e.type===q.type);}).reverse();
@@ -6120,13 +6124,13 @@ function follow(id){stopFollow();follower={id:id,sources:[]};["stdout","stderr"]
  src.onerror=function(){src.close();};follower.sources.push(src);});}
 function stopFollow(){if(follower){follower.sources.forEach(function(s){s.close();});follower=null;}}
 
-function render(){if(busy)return;busy=true;var r=route(),v=views[r.kind]||views.wants;
+function render(){if(busy){again=true;return;}busy=true;again=false;var r=route(),v=views[r.kind]||views.wants;
  Promise.resolve(v(r)).then(function(out){
   if(!(out.keep&&follower)){stopFollow();var y=window.scrollY;$("view").innerHTML=out.html;window.scrollTo(0,y);
    wireActions();if(out.wire)out.wire();}
  }).catch(function(e){stopFollow();$("view").innerHTML="<h1>"+esc(e.status===404?"Not found":"Error")+"</h1><p>"+esc(e.message)+"</p>";
   if(e.status===401)$("view").innerHTML+='<p>Open the URL that <span class="mono">databuild.py dashboard</span> prints: it logs this browser in.</p>';
- }).then(function(){busy=false;});}
+ }).then(function(){busy=false;if(again)render();});}
 function poll(){fetch("/health",{credentials:"same-origin"}).then(answer).then(function(h){
   say((asOf?"as of event "+asOf+" of "+h.latest_event_id:"event "+h.latest_event_id)+" \u00b7 v"+h.version+(h.config_error?" \u00b7 config error: "+h.config_error:""),!!h.config_error);
   document.body.dataset.latest=h.latest_event_id;

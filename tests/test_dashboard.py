@@ -137,6 +137,8 @@ def test_time_travel_shows_a_view_as_it_was(tmp_path, serve, browser):
     until(b, "#msg", ["as of event %d" % before])
     table = until(b, "#view table", ["a", "Live"])
     assert "z" not in table.split() and "Tainted" not in table
+    b.get(server.url + "/#/events")  # the events up to that one, newest first
+    until(b, "#view table tr:nth-child(2) td", [str(before)])
     b.get(server.url + "/#/wants/" + first["want_id"])
     until(b, "#view h1", ["Successful"])
     assert all(not e.is_enabled() for e in b.find_elements(By.CSS_SELECTOR, "[data-act]"))
