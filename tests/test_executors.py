@@ -35,6 +35,10 @@ JOB = '[[jobs]]\nlabel = "t"\nentrypoint = ["true"]\npartition_patterns = ["x"]\
     ('[executors.local]\nsbatch_options = []\n' + JOB,
      "[executors.local] sbatch_options: unknown key (known: max_concurrent_job_runs)"),
     ('executors = 3\n' + JOB, "executors: must be a table of tables"),
+    (JOB + 'executor = "python"\n', "entrypoint: a python job's entrypoint is [interpreter, "
+     "script, ...]"),
+    ('[executors.python]\nidle_seconds = -1\n' + JOB,
+     "[executors.python] idle_seconds: must be at least 0"),
 ])
 def test_executor_config_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(databuild.ConfigError) as e:
