@@ -1487,13 +1487,17 @@ class EventLog:
     def _event(row):
         return Event(row[0], row[1], row[2], json.loads(row[3]))
 
-    def list_events(self, since=0, limit=None, upto=None):
-        """Durable events with ``since < event_id <= upto``, oldest first, at most ``limit``."""
+    def list_events(self, since=0, limit=None, upto=None, type_=None, newest_first=False):
+        """Durable events with ``since < event_id <= upto`` (of one type, if
+        given), oldest first (or newest first), at most ``limit``."""
         upto = self.durable_event_id if upto is None else min(upto, self.durable_event_id)
         sql = "SELECT event_id, timestamp, type, payload FROM events " \
               "WHERE event_id > ? AND event_id <= ?"
         args = [since, upto]
-        sql += " ORDER BY event_id"
+        if type_ is not None:
+            sql += " AND type = ?"
+            args.append(type_)
+        sql += " ORDER BY event_id DESC" if newest_first else " ORDER BY event_id"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
@@ -5452,13 +5456,24 @@ def _service_routes(app, api):
 
     @app.get("/api/events")
     def list_events():
-        api.query(("since", "limit"))
+        # Oldest first after ``since``; with ``before``, the newest before it
+        # first (a page back from there).  ``type`` keeps one type of event:
+        # its total is not counted (that would be a scan of the log).
+        api.query(("since", "limit", "before", "type"))
         since = api.int_param("since", 0)
+        before = api.int_param("before", None)
         limit = api.int_param("limit", DEFAULTS["list_limit"], 0, DEFAULTS["list_limit_max"])
-        events = api.read_model.log.list_events(since, limit)
-        latest = api.read_model.log.latest_event_id()
-        return {"data": [e.to_dict() for e in events], "total": max(0, latest - since),
-                "limit": limit, "since": since, "latest_event_id": latest}
+        type_ = api.text_param("type", empty_ok=False)
+        if type_ is not None and type_ not in EVENT_TYPES:
+            raise InvalidRequest("type must be one of %s" % ", ".join(EVENT_TYPES),
+                                 parameter="type", value=type_)
+        log = api.read_model.log
+        latest = log.latest_event_id()
+        upto = latest if before is None else min(latest, before - 1)
+        events = log.list_events(since, limit, upto, type_, newest_first=before is not None)
+        total = None if type_ is not None else max(0, upto - since)
+        return {"data": [e.to_dict() for e in events], "total": total, "limit": limit,
+                "since": since, "before": before, "type": type_, "latest_event_id": latest}
 
     @app.post("/api/shutdown")
     def shutdown():
@@ -5626,8 +5641,14 @@ def _openapi_service(o):
                     "operationId": "listJobs", "parameters": o.as_of,
                     "responses": {"200": o.answer("Jobs", o.envelope("Job"))}}},
         "/api/events": {
-            "get": {"summary": "Events after an id, oldest first", "operationId": "listEvents",
+            "get": {"summary": "Events after an id, oldest first (with before: newest first)",
+                    "operationId": "listEvents",
                     "parameters": [o.param("since", "query", o.integer, "events with a larger id"),
+                                   o.param("before", "query", o.integer,
+                                           "events with a smaller id, newest first"),
+                                   o.param("type", "query", {"type": "string",
+                                                             "enum": list(EVENT_TYPES)},
+                                           "only events of this type (then total is null)"),
                                    o.paging[0]],
                     "responses": {"200": o.answer("Events", o.schema("EventList")),
                                   **o.errors(400)}}},
@@ -5848,8 +5869,10 @@ def _openapi_schemas(o):
             "options": {"type": "object", "description": "the executor's own job keys"},
             "job_runs": {"type": "object", "additionalProperties": o.integer}}},
         "EventList": {"type": "object", "properties": {
-            "data": {"type": "array", "items": o.schema("Event")}, "total": o.integer,
-            "limit": o.integer, "since": o.integer, "latest_event_id": o.integer}},
+            "data": {"type": "array", "items": o.schema("Event")},
+            "total": {"type": "integer", "nullable": True}, "limit": o.integer,
+            "since": o.integer, "before": {"type": "integer", "nullable": True},
+            "type": o.nullable_str, "latest_event_id": o.integer}},
     }
 
 
@@ -6030,25 +6053,27 @@ var views = {
      ["duration",function(x){return x.duration_ms==null?"\u2013":(x.duration_ms/1000).toFixed(1)+"s";}],
      ["error",function(x){return esc(x.error);}]],j.data)+pager("job_runs",q,j.total),
     wire:function(){$("flt").onchange=function(){go("job_runs",{status:this.value});};wirePager("job_runs",q);}};});},
- events: function(r){ var q=r.q,off=+(q.offset||0);
-  return fetch("/health",{credentials:"same-origin"}).then(answer).then(function(h){
-   var latest=asOf?Math.min(+asOf,h.latest_event_id):h.latest_event_id;
-   var since=Math.max(0,latest-off-PAGE),limit=Math.min(PAGE,Math.max(0,latest-off));
-   return fetch("/api/events?since="+since+"&limit="+Math.max(limit,1),{credentials:"same-origin"}).then(answer).then(function(j){
-    var rows=j.data.filter(function(e){return e.event_id<=latest&&(!q.type||e.type===q.type);}).reverse();
-    var types=EVENT_TYPES;
-    return {html:"<h1>Events</h1>"+'<div class="bar"><select id="flt"><option value="">any type</option>'+types.map(function(t){
-      return "<option"+(q.type===t?" selected":"")+">"+t+"</option>";}).join("")+"</select>"+
-      '<span class="muted">newest first; the type filter applies to this page</span></div>'+
+ events: function(r){ var q=r.q,top=asOf?+asOf+1:9007199254740991,before=Math.min(+(q.before||top),top);
+  var params="before="+before+"&limit="+PAGE+(q.type?"&type="+encodeURIComponent(q.type):"");
+  return fetch("/api/events?"+params,{credentials:"same-origin"}).then(answer).then(function(j){
+   var rows=j.data,last=rows.length?rows[rows.length-1].event_id:0;
+   var shown=rows.length?(q.type?rows.length+" "+esc(q.type)+" events, #"+rows[0].event_id+" to #"+last:
+     "#"+rows[0].event_id+" to #"+last+" of "+Math.min(j.latest_event_id,top-1)):"none";
+   return {html:"<h1>Events</h1>"+'<div class="bar"><select id="flt"><option value="">any type</option>'+EVENT_TYPES.map(function(t){
+      return "<option"+(q.type===t?" selected":"")+">"+t+"</option>";}).join("")+'</select><span class="muted">newest first</span></div>'+
      table([["#",function(e){return '<a href="#" data-asof="'+e.event_id+'" title="show everything as of this event">'+e.event_id+"</a>";}],
       ["time",function(e){return when(e.timestamp);}],["type",function(e){return esc(e.type);}],
       ["about",function(e){var p=e.payload,h=[];if(p.want_id)h.push(wantLink(p.want_id));
         if(p.job_run_id)h.push(runLink(p.job_run_id));if(p.ref)h.push(refLink(p.ref));
         if(p.partitions)h.push(few(p.partitions,refLink,2));if(p.error)h.push(esc(p.error));
-        if(p.reason)h.push(esc(p.reason));return h.join(" ");}]],rows)+pager("events",q,latest),
-     wire:function(){$("flt").onchange=function(){go("events",{type:this.value});};wirePager("events",q);
+        if(p.reason)h.push(esc(p.reason));return h.join(" ");}]],rows)+
+     '<div class="bar"><span class="muted">'+shown+'</span><button id="newest"'+(q.before?"":" disabled")+
+     '>&larr; Newest</button><button id="older"'+(rows.length<PAGE||last<=1?" disabled":"")+'>Older &rarr;</button></div>',
+     wire:function(){$("flt").onchange=function(){go("events",{type:this.value});};
+      $("newest").onclick=function(){go("events",{type:q.type});};
+      $("older").onclick=function(){go("events",{type:q.type,before:last});};
       Array.prototype.forEach.call(document.querySelectorAll("[data-asof]"),function(a){
-       a.onclick=function(ev){ev.preventDefault();setAsOf(a.dataset.asof);};});}};});});},
+       a.onclick=function(ev){ev.preventDefault();setAsOf(a.dataset.asof);};});}};});},
  schedules: function(){return api("/api/schedules",{}).then(function(j){
   return {html:"<h1>Schedules</h1>"+table([["name",function(s){return esc(s.name);}],
    ["when",function(s){return esc(s.cron||("every "+s.interval_seconds+" s"))+" "+esc(s.timezone);}],
@@ -6851,9 +6876,11 @@ class Client:
         """GET /api/jobs: the configured jobs (list envelope)."""
         return self.request("GET", "/api/jobs", params={"as_of": as_of})
 
-    def events(self, since=0, limit=None):
-        """GET /api/events: events after ``since``, oldest first."""
-        return self.request("GET", "/api/events", params={"since": since, "limit": limit})
+    def events(self, since=0, limit=None, type=None, before=None):
+        """GET /api/events: events after ``since``, oldest first (with
+        ``before``: the newest before it first); ``type``: of that type only."""
+        return self.request("GET", "/api/events", params={
+            "since": since, "limit": limit, "type": type, "before": before})
 
     def shutdown(self):
         """POST /api/shutdown."""
@@ -7125,6 +7152,8 @@ def _build_parser():
     p.add_argument("--limit", type=int, default=20, metavar="N",
                    help="show at most N events (default 20, at most %d)"
                         % DEFAULTS["list_limit_max"])
+    p.add_argument("--type", choices=EVENT_TYPES, metavar="TYPE",
+                   help="only events of this type (%s)" % ", ".join(EVENT_TYPES))
 
     p = command(commands, "status", "show the workspace's server and what it holds (exit 1 "
                 "if none is running)", _cmd_status)
@@ -7548,20 +7577,28 @@ def _cmd_events(args):
     client = _connect(args)
     limit = max(0, min(args.limit, DEFAULTS["list_limit_max"]))
     since = args.since
+    if args.type and since is None:  # the newest of that type, shown oldest first
+        envelope = client.events(type=args.type, before=MAX_INT, limit=limit)
+        envelope["data"].reverse()
+        _out(args, envelope, format_table(envelope["data"], _EVENT_COLUMNS)
+             if envelope["data"] else "No %s events." % args.type)
+        return 0
     if since is None:  # the newest events, still shown oldest first (newest last)
         since = max(0, client.health()["latest_event_id"] - limit)
-    envelope = client.events(since=since, limit=limit)
+    envelope = client.events(since=since, limit=limit, type=args.type)
     events = envelope["data"]
-    columns = [("EVENT_ID", "event_id"), ("TIME", lambda e: e["timestamp"][:19] + "Z"),
-               ("TYPE", "type"), ("WHAT", lambda e: _summarise_payload(e["payload"]))]
-    text = format_table(events, columns) if events else "No events."
-    if envelope["total"] > len(events) or since:
+    text = format_table(events, _EVENT_COLUMNS) if events else "No events."
+    if envelope["total"] is not None and (envelope["total"] > len(events) or since):
         first = events[0]["event_id"] if events else since + 1
         text += "\n(%d of %d events shown: %d to %d; use --since N and --limit N, or --json)" % (
             len(events), envelope["latest_event_id"], first,
             events[-1]["event_id"] if events else since)
     _out(args, envelope, text)
     return 0
+
+
+_EVENT_COLUMNS = [("EVENT_ID", "event_id"), ("TIME", lambda e: e["timestamp"][:19] + "Z"),
+                  ("TYPE", "type"), ("WHAT", lambda e: _summarise_payload(e["payload"]))]
 
 
 def _summarise_payload(payload, width=60):

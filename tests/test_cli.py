@@ -244,6 +244,12 @@ def test_events_show_the_newest_last_with_a_note_and_readable_payloads(workspace
     assert [int(line.split()[0]) for line in since.stdout.splitlines()[1:4]] == [3, 4, 5]
     as_json = json.loads(server.cli("events", "--json", "--limit", "2", check=0).stdout)
     assert [e["event_id"] for e in as_json["data"]] == [latest - 1, latest]
+    # --type: the newest of that type, still newest last.
+    typed = server.cli("events", "--type", "want_create", "--limit", "2", check=0).stdout
+    rows = [line.split() for line in typed.splitlines()[1:]]
+    assert [r[2] for r in rows] == ["want_create"] * 2 and int(rows[0][0]) < int(rows[1][0])
+    assert "e3" in typed and "e1" not in typed
+    assert "invalid choice: 'nope'" in server.cli("events", "--type", "nope", check=2).stderr
 
 
 def test_ids_by_unique_prefix(workspace, serve):

@@ -115,6 +115,10 @@ def test_views_show_each_entity_and_link_them(tmp_path, serve, browser):
     first = until(b, "#view table tr:nth-child(2) td", [str(latest)])
     assert first.split()[0] == str(latest)
     shot(b, "events")
+    # The type filter asks the log for that type only, newest first.
+    b.get(server.url + "/#/events?type=job_run_failure")
+    table = until(b, "#view table", ["job_run_failure", "exit code 3"])
+    assert "job_run_start" not in table and "want_create" not in table
     b.get(server.url + "/#/jobs")
     until(b, "#view table", ["test", "local"])
     b.get(server.url + "/#/schedules")

@@ -155,6 +155,15 @@ def test_events_feed(app_server):
     assert feed["data"][0]["type"] == "want_create"
     rest = app_server.http.call("GET", "/api/events?since=2").json["data"]
     assert rest[0]["event_id"] == 3 and rest[-1]["type"] == "job_run_success"
+    # Newest first before an id, and one type only (its total is not counted).
+    back = app_server.http.call("GET", "/api/events?before=3&limit=5").json
+    assert [e["event_id"] for e in back["data"]] == [2, 1] and back["total"] == 2
+    typed = app_server.http.call("GET", "/api/events?type=want_create&before=99").json
+    assert [e["type"] for e in typed["data"]] == ["want_create"] and typed["total"] is None
+    assert [e["event_id"] for e in app_server.http.call(
+        "GET", "/api/events?type=job_run_start").json["data"]] == [3]
+    bad = app_server.http.call("GET", "/api/events?type=nope")
+    assert bad.status == 400 and bad.json["parameter"] == "type"
 
 
 @pytest.mark.parametrize("body, field", [
