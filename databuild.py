@@ -2655,6 +2655,7 @@ class Executor:
         self.wakeup = wakeup
         self.url = None
         self.token = None
+        self.clock = time.time  # the orchestrator's: deadlines are on it
         self._templates = {}  # job label -> (executable, env as a bytes dict)
         self._logs_dir = os.path.join(config.state_dir, "logs")
         os.makedirs(self._logs_dir, exist_ok=True)
@@ -2949,12 +2950,13 @@ class SlurmExecutor(Executor):
 
     def __init__(self, config, on_exit, wakeup):
         super().__init__(config, on_exit, wakeup)
-        self._cv = threading.Condition()  # guards _tracked and _changed
+        self._cv = threading.Condition()  # guards _tracked, _timeouts and _changed
         self._tracked = {}  # Slurm job id -> handle: the runs the poller watches
         self._changed = False  # a run was added: poll soon
         self._closing = False
         self._thread = None
         self._unknown_since = {}  # Slurm job id -> first poll that did not find it
+        self._timeouts = {}  # Slurm job id -> its job's timeout_seconds, until it runs
         #: Where the poller last found trouble (an squeue that failed), or None.
         self.problem = None
 
@@ -2993,15 +2995,17 @@ class SlurmExecutor(Executor):
         slurm_id = out.strip().split(";")[0]
         if not slurm_id.isdigit():
             raise ExecutorError("sbatch answered %r, not a job id" % out.strip()[:200])
-        handle = JobRunHandle(self, run.job_run_id, log_dir,
-                              now + job.timeout_seconds if job.timeout_seconds else None,
-                              external_id=slurm_id)
-        self._track(handle)
+        # The timeout counts from when Slurm runs the job, not while it waits
+        # in the queue: the poller sets the deadline (see _poll).
+        handle = JobRunHandle(self, run.job_run_id, log_dir, None, external_id=slurm_id)
+        self._track(handle, job.timeout_seconds)
         return handle
 
-    def _track(self, handle):
+    def _track(self, handle, timeout):
         with self._cv:
             self._tracked[handle.external_id] = handle
+            if timeout:
+                self._timeouts[handle.external_id] = timeout
             self._changed = True
             if self._thread is None:
                 self._thread = threading.Thread(target=self._poll_loop, name="databuild-slurm",
@@ -3025,15 +3029,15 @@ class SlurmExecutor(Executor):
         adopted = []
         unstarted = []
         for run in runs:
-            if getattr(run, "executor", None) == self.name and run.external_id:
+            if run.executor == self.name and run.external_id:
                 job = self.config.jobs_by_label.get(run.job_label)
-                timeout = job.timeout_seconds if job is not None else 0
-                handle = JobRunHandle(self, run.job_run_id, self.log_dir(run.job_run_id),
-                                      (run.started_at or now) + timeout if timeout else None,
+                handle = JobRunHandle(self, run.job_run_id, self.log_dir(run.job_run_id), None,
                                       external_id=run.external_id)
                 logger.info("Job run %s: Slurm job %s re-adopted", run.job_run_id,
                             run.external_id)
-                self._track(handle)
+                # Its timeout counts again from now on (the server did not see
+                # it run before).
+                self._track(handle, job.timeout_seconds if job is not None else 0)
                 adopted.append(handle)
             elif run.status == QUEUED:
                 unstarted.append(run.job_run_id)
@@ -3097,13 +3101,16 @@ class SlurmExecutor(Executor):
             ["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ",".join(tracked)], timeout=30)
         states = {}
         if code == 0:
+            if self.problem:
+                logger.info("squeue answers again")
             self.problem = None
             for line in out.splitlines():
                 slurm_id, _, state = line.partition("|")
                 states[slurm_id] = state.strip().split(" ")[0]
         elif "Invalid job id" not in err:  # (said when none of the ids is known)
+            if self.problem is None:  # once, not at every poll
+                logger.warning("squeue failed (retrying): %s", err[-300:])
             self.problem = "squeue failed: %s" % err[-300:]
-            logger.warning("%s", self.problem)
             return []
         now = time.monotonic()
         finished = []
@@ -3123,8 +3130,15 @@ class SlurmExecutor(Executor):
                 handle.error = "lost by slurm"
             else:
                 self._unknown_since.pop(slurm_id, None)
+                if state == "RUNNING":
+                    with self._cv:
+                        timeout = self._timeouts.pop(slurm_id, None)
+                    if timeout:  # read by the orchestrator thread; written once, here
+                        handle.deadline = self.clock() + timeout
                 continue
             self._unknown_since.pop(slurm_id, None)
+            with self._cv:
+                self._timeouts.pop(slurm_id, None)
             finished.append(handle)
         return finished
 
@@ -4083,6 +4097,7 @@ class Orchestrator:
             executor.adopt_orphans = self.adopt_orphans
         executor.url = self.url
         executor.token = self.token
+        executor.clock = self.clock
         return executor
 
     def _reap(self, now):
