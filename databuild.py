@@ -2742,7 +2742,8 @@ class Executor:
 
 
 class ExecutorError(OSError):
-    """A run could not be started by its executor (the message says why)."""
+    """A run could not be started by its executor; the message, the run's
+    error, says why (an OSError, as a spawn that fails is)."""
 
 
 class LocalExecutor(Executor):
@@ -2991,7 +2992,8 @@ class SlurmExecutor(Executor):
              "--output=%s" % os.path.join(log_dir, "stdout.log"),
              "--error=%s" % os.path.join(log_dir, "stderr.log")] + options + [script], env=env)
         if code != 0:
-            raise ExecutorError("sbatch failed: %s" % (err.splitlines() or ["exit %d" % code])[-1])
+            raise ExecutorError("cannot start job: sbatch failed: %s"
+                                % (err.splitlines() or ["exit %d" % code])[-1])
         slurm_id = out.strip().split(";")[0]
         if not slurm_id.isdigit():
             raise ExecutorError("sbatch answered %r, not a job id" % out.strip()[:200])
@@ -3335,7 +3337,7 @@ class _WarmPython:
         self.error = None
         self.files = []  # [path, mtime_ns, size] of the workspace files it imported
         self.children = {}  # job run id -> handle: forked, exit not yet reported
-        self.last_used = time.monotonic()
+        self.last_used = time.monotonic()  # (while starting: when it started)
         self._cv = threading.Condition()  # guards state, _pids and children
         self._pids = {}  # job run id -> pid, reported by the interpreter
         threading.Thread(target=self._read, name="databuild-python-%s" % job.label,
@@ -3464,7 +3466,7 @@ class PythonExecutor(LocalExecutor):
     """
 
     name = "python"
-    settings = {"idle_seconds": ("num", 0)}
+    settings = {"idle_seconds": ("num", 0), "import_timeout_seconds": ("num", 0)}
 
     def recover(self, runs, now):
         return []  # what its forks left is stopped by the local executor's recover
@@ -3509,7 +3511,12 @@ class PythonExecutor(LocalExecutor):
     def start(self, run, job, now):
         warm = self._warm_for(job)
         if warm.state == "starting":
-            return None  # importing: it wakes the orchestrator when ready
+            limit = self.config.executors.get("python", {}).get("import_timeout_seconds", 600)
+            if time.monotonic() - warm.last_used < limit:
+                return None  # importing: it wakes the orchestrator when ready
+            self._retire(job.label)
+            raise ExecutorError("the import of %s took longer than %s s"
+                                % (" ".join(_python_target(job.entrypoint)[1]), limit))
         if warm.state == "failed":
             self._retire(job.label)  # the next run tries the import again
             raise ExecutorError(warm.error)
@@ -4397,9 +4404,11 @@ class Orchestrator:
                     continue
                 try:
                     handle = executor.start(run, job, now)
+                except ExecutorError as e:  # its message says it all (SPEC 9)
+                    self._fail(run, now, str(e), self._may_retry(run))
+                    continue
                 except OSError as e:
-                    self._fail(run, now, "cannot start job: %s" % e,
-                               self._may_retry(run))
+                    self._fail(run, now, "cannot start job: %s" % e, self._may_retry(run))
                     continue
                 if handle is None:  # not now: the executor wakes us
                     held.append(entry)

@@ -56,7 +56,7 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-SchedulerParameters=sched_min_interval=0
+SchedulerParameters=sched_min_interval=0,sched_interval=1,bf_interval=1
 MpiDefault=none
 ReturnToService=2
 MinJobAge=300

@@ -349,7 +349,7 @@ def test_python_import_error_fails_one_run_and_the_next_retries(tmp_path, driver
     d = driver_for(ws)
     assert d.settle(d.want("a")["want_id"]) == databuild.FAILED
     (run,) = d.full().job_runs.values()
-    assert run.error == "cannot start job: ModuleNotFoundError: No module named 'helper'"
+    assert run.error == "ModuleNotFoundError: No module named 'helper'"  # SPEC 9: the import error
     set_helper(ws, {}, "v1")
     assert d.settle(d.want("b")["want_id"]) == databuild.SUCCESSFUL
 
