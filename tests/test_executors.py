@@ -463,3 +463,18 @@ def test_slurm_timeout_counts_from_when_the_job_runs(tmp_path, slurm_cluster, se
     (run,) = run_of(server, "q")
     assert run["status"] == "Succeeded", run
     assert run["duration_ms"] >= 3000  # it did wait in the queue
+
+
+def test_python_import_that_hangs_fails_a_run(tmp_path, driver_for):
+    ws = warm_workspace(tmp_path / "ws")
+    with open(os.path.join(ws, "helper.py"), "a") as f:
+        f.write("import time\ntime.sleep(30)\n")
+    with open(os.path.join(ws, "databuild.toml"), "a") as f:
+        f.write("\n[executors.python]\nimport_timeout_seconds = 0.5\n")
+    d = driver_for(ws)
+    started = time.monotonic()
+    assert d.settle(d.want("a")["want_id"]) == databuild.FAILED
+    assert time.monotonic() - started < 10
+    (run,) = d.full().job_runs.values()
+    assert run.error == "the import of job.py took longer than 0.5 s"
+    assert not warm_pids(ws)  # the hung interpreter is gone
