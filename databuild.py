@@ -290,6 +290,11 @@ class WaitTimeout(DatabuildError):
     """A client waited for something (``Client.wait_want``) longer than it was told to."""
 
 
+class ExecutorError(DatabuildError):
+    """An executor could not start a job run (or learn of it); the message
+    is the run's error as it is (SPEC 9)."""
+
+
 ###############################################################################
 # Utilities ###################################################################
 ###############################################################################
@@ -2711,8 +2716,8 @@ class Executor:
     def start(self, run, job, now):
         """Start ``run`` of ``job``; returns its JobRunHandle, or None for "not
         now" (the run stays queued; the executor wakes the orchestrator when
-        it can start runs again).  Raises OSError (or ExecutorError) if the
-        run could not start: it then fails."""
+        it can start runs again).  Raises ExecutorError (or OSError, from a
+        spawn) if the run could not start: it then fails."""
         raise NotImplementedError
 
     @classmethod
@@ -2739,11 +2744,6 @@ class Executor:
 
     def close(self):
         """Let go of everything (at shutdown, after the runs were stopped)."""
-
-
-class ExecutorError(OSError):
-    """A run could not be started by its executor; the message, the run's
-    error, says why (an OSError, as a spawn that fails is)."""
 
 
 class LocalExecutor(Executor):
@@ -3022,7 +3022,7 @@ class SlurmExecutor(Executor):
         try:
             code, _, err = self._command(argv, timeout=30)
         except ExecutorError as e:
-            code, err = 1, e.strerror or str(e)
+            code, err = 1, e.message
         if code != 0:
             logger.warning("scancel of Slurm job %s (job run %s) failed: %s",
                            handle.external_id, handle.job_run_id, err)
@@ -3412,7 +3412,7 @@ class _WarmPython:
         except OSError as e:
             with self._cv:
                 self.children.pop(run_id, None)
-            raise ExecutorError("the warm interpreter is gone: %s" % e.strerror) from None
+            raise ExecutorError("the warm interpreter is gone: %s" % e) from None
         deadline = time.monotonic() + timeout
         with self._cv:
             while run_id not in self._pids and self.state == "ready":
@@ -4405,7 +4405,7 @@ class Orchestrator:
                 try:
                     handle = executor.start(run, job, now)
                 except ExecutorError as e:  # its message says it all (SPEC 9)
-                    self._fail(run, now, str(e), self._may_retry(run))
+                    self._fail(run, now, e.message, self._may_retry(run))
                     continue
                 except OSError as e:
                     self._fail(run, now, "cannot start job: %s" % e, self._may_retry(run))
