@@ -3631,8 +3631,10 @@ class Orchestrator:
     ``step(now)`` is one reconciliation pass; ``start()`` runs steps in a named
     thread that sleeps until woken by a command, a job's exit or a deadline.
 
-    ``state`` (a BuildState) and the job processes belong to the orchestrator
-    thread (or to the test driving ``step``); nothing else may touch them.
+    ``state`` (a BuildState), the executors and the handles of the started
+    job runs belong to the orchestrator thread (or to the test driving
+    ``step``); nothing else may touch them.  Executors report a run's end
+    from any thread through ``_on_exit``.
     """
 
     def __init__(self, config, log, url=None, clock=time.time, watcher=None):
@@ -3786,7 +3788,7 @@ class Orchestrator:
             self._stopped.set()
 
     def wait(self, seconds):
-        """Sleep until a command arrives, a job process exits or ``seconds`` pass.
+        """Sleep until a command arrives, a job run ends or ``seconds`` pass.
 
         For the thread that steps (the loop, or a test driving ``step``).
         """
@@ -4453,7 +4455,8 @@ class Orchestrator:
         self._commit()
 
     def shutdown(self, now=None):
-        """Stop every job process and record its run Canceled ("server shutdown").
+        """Stop every job run (but those of executors that keep theirs, SPEC 9)
+        and record it Canceled ("server shutdown"); close the executors.
 
         Queued runs are canceled too; commands still in the inbox get 503.
         Called by the loop on exit; safe to call from a test driving ``step``.
@@ -4495,7 +4498,7 @@ class Orchestrator:
             self._waiting_cancels.clear()
 
 
-_LATER = object()  # a command answered later (when its job process has exited)
+_LATER = object()  # a command answered later (when its job run has ended)
 
 
 class _Syncer:
