@@ -2765,7 +2765,7 @@ class LocalExecutor(Executor):
         # runs in the workspace root (``serve`` moves there), Popen elsewhere.
         self._posix_spawn = (hasattr(os, "POSIX_SPAWN_OPEN")
                              and os.getcwd() == os.path.realpath(config.root))
-        self._pidfds = {}  # pidfd -> handle, watched by the wakeup
+        self._pidfds = {}  # pidfd -> handle, watched by the wakeup (orchestrator thread only)
         #: True where this process is its jobs' subreaper (``serve``): then
         #: descendants that a finished run left outside its group are stopped.
         self.adopt_orphans = False
@@ -3373,6 +3373,7 @@ class _WarmPython:
         self.executor.wakeup.set()
 
     def _message(self, message):
+        ended = None
         with self._cv:
             if "ready" in message:
                 self.state, self.files = "ready", message["files"]
@@ -3383,11 +3384,12 @@ class _WarmPython:
             elif "pid" in message:
                 self._pids[message["run"]] = message["pid"]
             elif "exit" in message:
-                handle = self.children.pop(message["exit"], None)
-                if handle is not None:
-                    handle.returncode = message["code"]
-                    self.executor.on_exit(handle)
+                ended = self.children.pop(message["exit"], None)
+                if ended is not None:
+                    ended.returncode = message["code"]
             self._cv.notify_all()
+        if ended is not None:  # (callbacks after the lock is let go)
+            self.executor.on_exit(ended)
         if "ready" in message or "import_error" in message:
             self.executor.wakeup.set()
 
@@ -3486,6 +3488,7 @@ class PythonExecutor(LocalExecutor):
 
     def __init__(self, config, on_exit, wakeup):
         super().__init__(config, on_exit, wakeup)
+        # Both the orchestrator thread's only (each _WarmPython has its own lock).
         self._warm = {}  # job label -> _WarmPython taking new runs
         self._retired = []  # replaced or idle ones, until their runs have ended
 
@@ -3536,16 +3539,36 @@ class PythonExecutor(LocalExecutor):
         return handle
 
     def orphaned(self, handle):
-        """A run whose warm interpreter died before it: learn its end by its
-        pidfd; its exit code only if this process adopted it (a subreaper)."""
-        self.watch(handle)
+        """A run whose warm interpreter died before it (called by the reader
+        thread): a thread of its own waits for its end and reports it."""
+        threading.Thread(target=self._wait_orphan, args=(handle,), daemon=True,
+                         name="databuild-orphan-%d" % handle.pid).start()
 
-    def _wait(self, handle):
+    def _wait_orphan(self, handle):
+        # Its exit code is known only where this process adopted it (``serve``
+        # is its jobs' subreaper); elsewhere it went to init.
+        pid = handle.pid
         try:
-            return super()._wait(handle)
-        except ChildProcessError:
-            handle.error = "its warm interpreter died while it ran: exit code unknown"
-            return handle
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            fd = None  # no pidfds: look every 0.1 s
+        else:
+            select.select([fd], [], [])  # readable once it has exited
+            os.close(fd)
+        while True:
+            try:
+                done, status = os.waitpid(pid, 0 if fd is not None else os.WNOHANG)
+            except ChildProcessError:  # not ours (or gone)
+                if fd is None and _pid_alive(pid):
+                    time.sleep(0.1)
+                    continue
+                handle.error = "its warm interpreter died while it ran: exit code unknown"
+                break
+            if done:
+                handle.returncode = os.waitstatus_to_exitcode(status)
+                break
+            time.sleep(0.1)
+        self.on_exit(handle)
 
     def maintain(self, now, ended, running):
         when = super().maintain(now, ended, running)
