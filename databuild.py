@@ -4488,6 +4488,10 @@ class Orchestrator:
         now = self.clock() if now is None else now
         stopping = {run_id: handle for run_id, handle in self._running.items()
                     if not handle.executor.keeps_runs}  # the others run on (SPEC 9)
+        kept = len(self._running) - len(stopping)
+        if kept:
+            logger.info("%d job run(s) go on in their executor (Slurm); the next server "
+                        "takes them back", kept)
         for handle in stopping.values():
             handle.stop(REASON_SERVER_SHUTDOWN, now, DEFAULTS["kill_grace_seconds"])
         deadline = time.monotonic() + DEFAULTS["kill_grace_seconds"]
