@@ -604,6 +604,19 @@ class _Tally:
 PROJECTION_VERSION = 7
 
 
+def _unindex(index, key, member):
+    """Take ``member`` out of the set ``index[key]``, and the key out of the
+    index once its set is empty; True if it was emptied."""
+    members = index.get(key)
+    if members is None:
+        return False
+    members.discard(member)
+    if members:
+        return False
+    del index[key]
+    return True
+
+
 class BuildState:
     """The state of wants, partitions and job runs: a pure reduction of events.
 
@@ -952,11 +965,7 @@ class BuildState:
         if upstream == part.upstream:
             return
         for dep in part.upstream:
-            refs = self.downstream.get(dep)
-            if refs is not None:
-                refs.discard(part.ref)
-                if not refs:
-                    del self.downstream[dep]
+            _unindex(self.downstream, dep, part.ref)
         for dep in upstream:
             self.downstream.setdefault(dep, set()).add(part.ref)
         part.upstream = upstream
@@ -1110,12 +1119,7 @@ class BuildState:
         # Stop waiting on upstream refs; one nobody waits on any more may have
         # become unwanted.
         for dep in part.waiting_on:
-            refs = self.waiters.get(dep)
-            if refs is None:
-                continue
-            refs.discard(part.ref)
-            if not refs:
-                del self.waiters[dep]
+            if _unindex(self.waiters, dep, part.ref):
                 self._refresh_pending(dep)
                 self._todo.append((BuildState._maybe_unwanted, dep, ts))
         part.waiting_on = _NOTHING
@@ -1157,13 +1161,9 @@ class BuildState:
         if status in TERMINAL_WANT_STATUSES:
             want.counts = None  # only live wants need them
             for ref in want.partitions:
-                live = self.live_wants_by_ref.get(ref)
-                if live is not None:
-                    live.discard(want.want_id)
-                    if not live:
-                        del self.live_wants_by_ref[ref]
-                        self._refresh_pending(ref)
-                        self._todo.append((BuildState._maybe_unwanted, ref, ts))
+                if _unindex(self.live_wants_by_ref, ref, want.want_id):
+                    self._refresh_pending(ref)
+                    self._todo.append((BuildState._maybe_unwanted, ref, ts))
 
     # -- queries ------------------------------------------------------------
 
