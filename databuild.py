@@ -3057,7 +3057,8 @@ class SlurmExecutor(Executor):
                 slurm_id, _, name = line.partition("|")
                 logger.warning("Canceling Slurm job %s (%s): its start never reached the log",
                                slurm_id, name)
-                self._command(["scancel", slurm_id])
+                self.signal(JobRunHandle(self, name[len("databuild-"):], self._logs_dir, None,
+                                         external_id=slurm_id), signal.SIGTERM)
         return adopted
 
     def close(self):
@@ -3168,7 +3169,10 @@ def main():
     chan = socket.socket(fileno=int(sys.argv[1]))
     root, target = sys.argv[2], sys.argv[3:]
     def say(**message):
-        chan.sendall((json.dumps(message) + "\n").encode())
+        try:
+            chan.sendall((json.dumps(message) + "\n").encode())
+        except OSError:
+            pass  # the server is gone: its runs are waited all the same
     os.chdir(root)
     code = None
     if target[0] == "-m":
@@ -3575,7 +3579,7 @@ class PythonExecutor(LocalExecutor):
         idle = self.config.executors.get("python", {}).get("idle_seconds", 300)
         clock = time.monotonic()
         for label, warm in list(self._warm.items()):
-            if not warm.children and clock - warm.last_used >= idle:
+            if warm.state == "ready" and not warm.children and clock - warm.last_used >= idle:
                 logger.info("Job %s: warm interpreter idle, stopped", label)
                 self._retire(label)
         self._retired = [w for w in self._retired if w.state not in ("gone", "failed")]

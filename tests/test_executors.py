@@ -478,3 +478,30 @@ def test_python_import_that_hangs_fails_a_run(tmp_path, driver_for):
     (run,) = d.full().job_runs.values()
     assert run.error == "the import of job.py took longer than 0.5 s"
     assert not warm_pids(ws)  # the hung interpreter is gone
+
+
+def test_a_slurm_job_whose_start_never_reached_the_log_is_canceled(
+        tmp_path, slurm_cluster, driver_for, monkeypatch):
+    # The server died between sbatch and the commit of the start: at the
+    # restart the Slurm job is found by its name and canceled, and the run
+    # is retried (never two builds of one partition at once).
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)
+    ws = slurm_workspace(tmp_path / "ws")
+    config = databuild.load_config(ws)
+    log = databuild.EventLog(os.path.join(config.state_dir, "events.db"))
+    now = time.time()
+    log.append([
+        ("want_create", {"want_id": "w", "partitions": ["p"], "data_timestamp": now,
+                         "ttl_seconds": None, "sla_seconds": None, "priority": 0,
+                         "source": {"type": "manual", "user": None}, "parent_want_id": None,
+                         "root_want_id": "w", "comment": None}, now),
+        ("job_run_queue", {"job_run_id": "r1", "job_label": "t", "partitions": ["p"],
+                           "want_ids": ["w"], "attempt": 1, "executor": "slurm"}, now)])
+    log.close()
+    slurm_id = slurm_cluster.run("sbatch", "--parsable", "--job-name=databuild-r1",
+                                 "--output=/dev/null", "--wrap", "sleep 120").strip()
+    wait_for(lambda: squeue_state(slurm_cluster, slurm_id) == "RUNNING", 30)
+    d = driver_for(ws)
+    wait_for(lambda: squeue_state(slurm_cluster, slurm_id) == "CANCELLED", 30)
+    assert d.full().job_runs["r1"].error == "server restarted"
+    assert d.settle("w", 60) == databuild.SUCCESSFUL
