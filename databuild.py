@@ -111,6 +111,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import string
 import subprocess
 import sys
 import threading
@@ -182,16 +183,18 @@ WANT_STATUSES = (IDLE, BUILDING, UPSTREAM_BUILDING, SUCCESSFUL, FAILED,
                  UPSTREAM_FAILED, CANCELED, EXPIRED)
 TERMINAL_WANT_STATUSES = frozenset((SUCCESSFUL, FAILED, UPSTREAM_FAILED, CANCELED, EXPIRED))
 
-# Partition statuses (Building, UpstreamBuilding, Failed and UpstreamFailed are
-# shared with wants).
+# Partition statuses (Building, UpstreamBuilding, Failed, UpstreamFailed and
+# Canceled are shared with wants).
 UP_FOR_RETRY = "UpForRetry"
 LIVE = "Live"
 TAINTED = "Tainted"
 PARTITION_STATUSES = (BUILDING, UPSTREAM_BUILDING, UP_FOR_RETRY, LIVE, FAILED,
-                      UPSTREAM_FAILED, TAINTED)
+                      UPSTREAM_FAILED, TAINTED, CANCELED)
 #: A partition in one of these statuses (or with no partition yet) needs a job
 #: run whenever something wants it.
-NEEDS_BUILD = frozenset((None, UP_FOR_RETRY, TAINTED))
+NEEDS_BUILD = frozenset((None, UP_FOR_RETRY, TAINTED, CANCELED))
+#: A want ends when each of its partitions is in one of these (README "Backfills").
+SETTLED = frozenset((LIVE, FAILED, UPSTREAM_FAILED))
 LIVE_WANT_STATUSES = (IDLE, BUILDING, UPSTREAM_BUILDING)
 _NOTHING = frozenset()  # the shared "waits on nothing" of partitions
 
@@ -348,6 +351,73 @@ def check_ref(ref):
     return ref
 
 
+_RANGE_RE = re.compile(r"\[([^\[\]]*)\.\.([^\[\]]*)\]")
+#: The kinds of range ends (README "Backfills"): a regex, how to read an end,
+#: the step from one value to the next, and how to write one.
+_RANGE_KINDS = (
+    ("day", re.compile(r"\d{4}-\d{2}-\d{2}"),
+     lambda t: datetime.datetime.strptime(t, "%Y-%m-%d"), "%Y-%m-%d"),
+    ("hour", re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}"),
+     lambda t: datetime.datetime.strptime(t, "%Y-%m-%dT%H"), "%Y-%m-%dT%H"),
+    ("month", re.compile(r"\d{4}-\d{2}"),
+     lambda t: datetime.datetime.strptime(t, "%Y-%m"), "%Y-%m"),
+    ("integer", re.compile(r"\d{1,18}"), int, None),
+)
+
+
+def _range_values(text, first, last):
+    # The values of one range ``[first..last]`` as (count, iterator of text).
+    kinds = [(name, parse, fmt) for name, regex, parse, fmt in _RANGE_KINDS
+             if regex.fullmatch(first) and regex.fullmatch(last)]
+    if not kinds:
+        raise InvalidRequest("Bad range %s: both ends must be dates (YYYY-MM-DD), months "
+                             "(YYYY-MM), hours (YYYY-MM-DDTHH) or integers, of one kind"
+                             % text, range=text)
+    name, parse, fmt = kinds[0]
+    try:
+        low, high = parse(first), parse(last)
+    except ValueError as e:
+        raise InvalidRequest("Bad range %s: %s" % (text, e), range=text) from None
+    if low > high:
+        raise InvalidRequest("Bad range %s: %s comes after %s" % (text, first, last), range=text)
+    if name == "integer":
+        width = len(first) if first.startswith("0") and len(first) > 1 else 0
+        return high - low + 1, ("%0*d" % (width, n) for n in range(low, high + 1))
+    if name == "month":
+        start, end = low.year * 12 + low.month - 1, high.year * 12 + high.month - 1
+        return end - start + 1, ("%04d-%02d" % (m // 12, m % 12 + 1)
+                                 for m in range(start, end + 1))
+    step = datetime.timedelta(days=1) if name == "day" else datetime.timedelta(hours=1)
+    count = int((high - low) / step) + 1
+    return count, ((low + i * step).strftime(fmt) for i in range(count))
+
+
+def expand_ranges(refs, limit):
+    """``refs`` with each ``[FROM..TO]`` range expanded, in order (README
+    "Backfills"): days, months, hours or integers, inclusive, zero padding
+    kept.  InvalidRequest naming the range if it is bad, or if the refs come
+    to more than ``limit``."""
+    out, total = [], 0
+    for ref in refs:
+        matches = list(_RANGE_RE.finditer(ref)) if isinstance(ref, str) and "[" in ref else ()
+        if not matches:
+            out.append(ref)
+            total += 1
+        else:
+            if len(matches) > 1:
+                raise InvalidRequest("Bad range in %r: a ref holds at most one [FROM..TO]"
+                                     % _shown(ref), ref=_shown(ref))
+            m = matches[0]
+            count, values = _range_values(m.group(0), m.group(1), m.group(2))
+            total += count
+            if total <= limit:
+                out.extend(ref[:m.start()] + v + ref[m.end():] for v in values)
+        if total > limit:
+            raise InvalidRequest("A want may name at most %d partitions; this one names %d"
+                                 % (limit, total), field="partitions", count=total)
+    return out
+
+
 #: The shortest prefix of a want or job run id that stands for the id (as in git).
 MIN_ID_PREFIX = 4
 
@@ -500,9 +570,11 @@ class Want(_Entity):
     def to_dict(self, state):
         """The want as the API shows it; partition statuses come from ``state``."""
         statuses = {ref: state.partition_status(ref) for ref in self.partitions}
+        counts = collections.Counter(statuses.values())
+        counts["total"] = len(self.partitions)
         return {
             "want_id": self.want_id, "partitions": list(self.partitions),
-            "status": self.status, "partition_statuses": statuses,
+            "status": self.status, "partition_statuses": statuses, "counts": dict(counts),
             "data_timestamp": self.data_timestamp, "ttl_seconds": self.ttl_seconds,
             "sla_seconds": self.sla_seconds, "sla_breached": self.sla_breached,
             "source": dict(self.source), "parent_want_id": self.parent_want_id,
@@ -601,7 +673,7 @@ class _Tally:
 
 
 #: Bumped when the projection's rows change shape: an older projection is rebuilt.
-PROJECTION_VERSION = 7
+PROJECTION_VERSION = 8
 
 
 def _unindex(index, key, member):
@@ -814,8 +886,10 @@ class BuildState:
         # The partitions of the runs whose dep misses led here, nearest first:
         # what cycle detection needs, kept with the want (those runs are over).
         source_run = self.job_runs.get(want.source.get("job_run_id") or "")
-        want.chain = ((tuple(source_run.partitions),) if source_run is not None else ()) + (
-            parent.chain if parent is not None else ())
+        declared_by = want.source.get("ref") if want.source.get("type") == "deps" else None
+        link = ((tuple(source_run.partitions),) if source_run is not None
+                else ((declared_by,),) if declared_by is not None else ())
+        want.chain = link + (parent.chain if parent is not None else ())
         self.wants[want.want_id] = want
         self._touch("wants", want.want_id, want)
         for ref in want.partitions:
@@ -840,6 +914,8 @@ class BuildState:
             self._link("want_derivatives", parent.want_id, want.want_id,
                        parent.derivative_want_ids)
         self._update_want_status(want, ts)
+        if declared_by is not None:
+            self._wait_on_declared(declared_by, p.get("job_label"), want.partitions, ts)
 
     def _end_want_tree(self, want_id, status, ts):
         # Cancel and expiry reach the want's derivative wants too: their work
@@ -887,28 +963,15 @@ class BuildState:
         self.job_runs_by_status[QUEUED][run.job_run_id] = None
         self._count_run(run, None, QUEUED)
         self._touch("job_runs", run.job_run_id, run)
+        declared = p.get("deps") or {}
         for ref in run.partitions:
             part = self.partitions.get(ref)
             if part is None:
-                part = Partition()
-                part.ref = ref
-                part.status = None
-                part.job_label = run.job_label
-                part.built_by_job_run_id = None
-                part.want_ids = []
-                for want_id in sorted(self.live_wants_by_ref.get(ref, ()),
-                                      key=lambda wid: self.wants[wid].seq):
-                    self._link("partition_wants", ref, want_id, part.want_ids)
-                part.waiting_on = _NOTHING
-                part.retries = 0
-                part.upstream = []
-                part.reported_deps = []
-                part.retry_at = None
-                part.seq = self.seqs["partitions"]
-                self.seqs["partitions"] += 1
-                self.partitions[ref] = part
+                part = self._new_partition(ref, run.job_label)
             elif part.status == UPSTREAM_BUILDING:
                 self._drop_waits(part, ts)
+            if ref in declared:  # upstream once built, with what the run reads
+                part.reported_deps = sorted(set(part.reported_deps).union(declared[ref]))
             part.last_job_run_id = run.job_run_id
             part.retry_at = None
             part.missing_deps = []
@@ -918,6 +981,52 @@ class BuildState:
             want = self.wants.get(want_id)
             if want is not None:  # a new run: never linked before
                 self._link("want_job_runs", want_id, run.job_run_id, want.job_run_ids)
+
+    def _new_partition(self, ref, job_label):
+        part = Partition()
+        part.ref = ref
+        part.status = None
+        part.job_label = job_label
+        part.last_job_run_id = part.built_by_job_run_id = None
+        part.missing_deps = []
+        part.want_ids = []
+        for want_id in sorted(self.live_wants_by_ref.get(ref, ()),
+                              key=lambda wid: self.wants[wid].seq):
+            self._link("partition_wants", ref, want_id, part.want_ids)
+        part.waiting_on = _NOTHING
+        part.retries = 0
+        part.upstream = []
+        part.reported_deps = []
+        part.retry_at = None
+        part.seq = self.seqs["partitions"]
+        self.seqs["partitions"] += 1
+        self.partitions[ref] = part
+        return part
+
+    def _wait_on_declared(self, ref, job_label, deps, ts):
+        # A want of source "deps" wants the declared deps of ``ref`` that
+        # are not Live: ``ref`` waits on them as on a dep miss, without a run,
+        # and they are its upstream in lineage already (README "Backfills").
+        part = self.partitions.get(ref)
+        if part is None:
+            part = self._new_partition(ref, job_label)
+        elif part.status == UPSTREAM_BUILDING:
+            self._drop_waits(part, ts)
+        self._set_upstream(part, sorted(set(part.upstream).union(deps) - {ref}))
+        unmet = [d for d in deps if self._status_of(d) != LIVE]
+        failed = [d for d in unmet if self._status_of(d) in (FAILED, UPSTREAM_FAILED)]
+        if failed or not self.is_wanted(ref):
+            self._set_partition_status(part, UPSTREAM_FAILED if failed
+                                       else self._dropped_status(part), ts)
+            return
+        if not unmet:
+            self._set_partition_status(part, UP_FOR_RETRY, ts)
+            return
+        part.waiting_on = set(unmet)
+        for dep in unmet:
+            self.waiters.setdefault(dep, set()).add(ref)
+            self._refresh_pending(dep)
+        self._set_partition_status(part, UPSTREAM_BUILDING, ts)
 
     def _on_job_run_start(self, p, ts):
         run = self.job_runs[p["job_run_id"]]
@@ -1009,7 +1118,14 @@ class BuildState:
     def _on_job_run_cancel(self, p, ts):
         run = self._finish_run(p, CANCELED, ts)
         for ref in run.partitions:
-            self._set_partition_status(self.partitions[ref], UP_FOR_RETRY, ts)
+            part = self.partitions[ref]
+            self._set_partition_status(part, self._dropped_status(part), ts)
+
+    @staticmethod
+    def _dropped_status(part):
+        # A partition whose work was dropped (its run canceled, or nobody
+        # wants what it waits on) and that was never built says so.
+        return CANCELED if part.built_by_job_run_id is None else UP_FOR_RETRY
 
     def _on_partition_taint(self, p, ts):
         part = self.partitions.get(p["ref"])
@@ -1131,18 +1247,17 @@ class BuildState:
         part = self.partitions.get(ref)
         if part is not None and part.status == UPSTREAM_BUILDING and not self.is_wanted(ref):
             self._drop_waits(part, ts)
-            self._set_partition_status(part, UP_FOR_RETRY, ts)
+            self._set_partition_status(part, self._dropped_status(part), ts)
 
     def _update_want_status(self, want, ts):
         if want.status in TERMINAL_WANT_STATUSES:
             return
+        # A want ends when every partition is settled (README "Backfills"): a
+        # failed partition never stops its siblings from being built.
         counts = want.counts
-        if counts[FAILED]:
-            status = FAILED
-        elif counts[UPSTREAM_FAILED]:
-            status = UPSTREAM_FAILED
-        elif counts[LIVE] == len(want.partitions):
-            status = SUCCESSFUL
+        if counts[LIVE] + counts[FAILED] + counts[UPSTREAM_FAILED] == len(want.partitions):
+            status = (SUCCESSFUL if counts[LIVE] == len(want.partitions)
+                      else FAILED if counts[FAILED] else UPSTREAM_FAILED)
         elif counts[BUILDING]:
             status = BUILDING
         elif counts[UPSTREAM_BUILDING]:
@@ -1855,7 +1970,7 @@ _SERVER_KEYS = ("host", "port", "idle_timeout_seconds", "max_concurrent_job_runs
                 "cors_origins", "auth", "allowed_hosts")
 _JOB_KEYS = ("label", "entrypoint", "partition_patterns", "environment",
              "max_partitions_per_run", "max_retries", "timeout_seconds", "max_concurrent_runs",
-             "executor",
+             "executor", "deps",
              "retry_backoff_seconds", "retry_backoff_max_seconds")
 
 
@@ -1865,7 +1980,7 @@ class JobConfig:
     def __init__(self, label, entrypoint, partition_patterns, environment=None,
                  max_partitions_per_run=1, max_retries=0, timeout_seconds=0,
                  max_concurrent_runs=None, retry_backoff_seconds=0,
-                 retry_backoff_max_seconds=3600, executor="local", options=None):
+                 retry_backoff_max_seconds=3600, executor="local", options=None, deps=()):
         self.label = label
         self.entrypoint = list(entrypoint)
         self.partition_patterns = list(partition_patterns)
@@ -1879,6 +1994,21 @@ class JobConfig:
         self.retry_backoff_max_seconds = retry_backoff_max_seconds
         self.executor = executor  # a name in ``executors`` (SPEC 9)
         self.options = dict(options or {})  # the executor's own job keys (sbatch_options)
+        #: Declared deps: templates filled from the named groups of the pattern
+        #: a ref matched, e.g. ``raw/date={date}`` (README "Backfills").
+        self.deps = list(deps)
+
+    def declared_deps(self, ref):
+        """The refs ``ref`` declares it needs (its job's ``deps``, filled in); []
+        if none.  KeyError if a template names a group the matching pattern lacks."""
+        if not self.deps:
+            return []
+        for pattern in self.patterns:
+            match = pattern.fullmatch(ref)
+            if match is not None:
+                groups = match.groupdict()
+                return list(dict.fromkeys(t.format_map(groups) for t in self.deps))
+        return []
 
     def retry_delay(self, attempt, rng=random.random):
         """Seconds before retry ``attempt`` (2, 3, ...) may start (SPEC 10):
@@ -2223,6 +2353,88 @@ def _parse_executors(data):
     return tables
 
 
+def _parse_deps(where, templates, patterns):
+    # Each template may name only groups that every pattern of the job has.
+    _config_value(where, "deps", templates, "str_list")
+    for template in templates:
+        try:
+            names = {name for _, name, spec, conv in string.Formatter().parse(template)
+                     if name is not None}
+        except ValueError as e:
+            raise ConfigError("%s deps: bad template %r: %s" % (where, template, e)) from None
+        for name in sorted(names):
+            for pattern in patterns:
+                if name not in re.compile(pattern).groupindex:
+                    raise ConfigError("%s deps: template %r names {%s}, which pattern %r has "
+                                      "no named group (?P<%s>...) for" % (
+                                          where, template, name, pattern, name))
+    return templates
+
+
+def _check_deps_built(job, config):
+    # A declared dep that no job builds is a config error: checked on an
+    # example ref made from each pattern (where the pattern is simple enough
+    # to make one; otherwise the run that needs the dep fails saying so).
+    for pattern in job.patterns:
+        example = _example_of(pattern)
+        if example is None:
+            continue
+        groups = pattern.fullmatch(example).groupdict()
+        for template in job.deps:
+            dep = template.format_map(groups)
+            try:
+                config.job_for(dep)
+            except InvalidRequest as e:
+                raise ConfigError("[[jobs]] %r deps: template %r gives %r for %r: %s" % (
+                    job.label, template, dep, example, e.message)) from None
+
+
+def _example_of(pattern):
+    """A short string that the compiled ``pattern`` fully matches, or None if
+    the pattern uses more than literals, classes, groups, repeats and branches."""
+    from re import _parser  # the stdlib's regex parser (sre_parse)
+
+    def text(items):
+        out = []
+        for op, av in items:
+            op = str(op)
+            if op == "LITERAL":
+                out.append(chr(av))
+            elif op == "ANY":
+                out.append("x")
+            elif op == "IN":
+                out.append(one_of(av))
+            elif op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                low, _, sub = av
+                out.append(text(sub) * max(low, 0))
+            elif op == "SUBPATTERN":
+                out.append(text(av[-1]))
+            elif op == "BRANCH":
+                out.append(text(av[1][0]))
+            elif op == "AT":
+                continue
+            else:
+                raise ValueError(op)
+        return "".join(out)
+
+    def one_of(items):
+        op, av = items[0]
+        op = str(op)
+        if op == "LITERAL":
+            return chr(av)
+        if op == "RANGE":
+            return chr(av[0])
+        if op == "CATEGORY" and str(av) in ("CATEGORY_DIGIT", "CATEGORY_WORD"):
+            return "0"
+        raise ValueError(op)
+
+    try:
+        example = text(_parser.parse(pattern.pattern, pattern.flags))
+    except Exception:
+        return None
+    return example if pattern.fullmatch(example) else None
+
+
 def load_config(workspace):
     """Read ``<workspace>/databuild.toml`` into a Config; ConfigError names file, key, problem."""
     path = os.path.join(os.path.abspath(workspace), CONFIG_FILE)
@@ -2343,13 +2555,15 @@ def _parse_config(root, data, path):
                           "num", 0),
             _config_value(where, "retry_backoff_max_seconds",
                           job.get("retry_backoff_max_seconds", 3600), "num", 0),
-            executor, options))
+            executor, options, _parse_deps(where, job.get("deps", []), patterns)))
         try:
             executors[executor].check_job(jobs[-1])
         except ConfigError as e:
             raise ConfigError("%s entrypoint: %s" % (where, e.message)) from None
     config = Config(root, jobs, path=path, **server)
     config.executors = executor_tables
+    for job in jobs:
+        _check_deps_built(job, config)
     schedules_data = data.get("schedules", [])
     if not isinstance(schedules_data, list):
         raise ConfigError("schedules: must be an array of tables ([[schedules]])")
@@ -3636,6 +3850,21 @@ def _stop_orphan(pid):
 # Orchestrator ################################################################
 ###############################################################################
 
+def _find_cycle(refs, deps, chain):
+    """``[dep, ..., dep]`` if one of ``deps`` (asked for by ``refs``) is among
+    ``refs`` or in ``chain`` (a want's chain: the refs whose deps led to it,
+    nearest first); else None."""
+    for dep in deps:
+        if dep in refs:
+            return [dep, dep]
+        path = [refs[0]]
+        for upstream in chain:
+            if dep in upstream:
+                return [dep] + path[::-1] + [dep]
+            path.append(upstream[0])
+    return None
+
+
 class _Command:
     """A write request in the orchestrator's inbox, answered through ``done``."""
 
@@ -4010,6 +4239,57 @@ class Orchestrator:
         reply = self._want_reply(want_id)
         return lambda: (True, reply())
 
+    def _cmd_retry_want(self, now, want_id):
+        # README "Backfills": a new want for every partition of the want
+        # that is not Live, whatever it is (Failed, Canceled, never built).
+        want = self.find_want(want_id)
+        if want is None:
+            raise NotFound("Want not found", want_id=want_id)
+        refs = [ref for ref in want.partitions if self.state._status_of(ref) != LIVE]
+        if not refs:
+            raise Conflict("Every partition of want %s is Live: nothing to retry" % want_id,
+                           want_id=want_id, status=want.status)
+        retry_id = new_id()
+        self._emit(WANT_CREATE, {
+            "want_id": retry_id, "partitions": refs, "data_timestamp": now,
+            "ttl_seconds": want.ttl_seconds, "sla_seconds": want.sla_seconds,
+            "priority": want.priority, "source": {"type": "retry", "want_id": want_id},
+            "parent_want_id": None, "root_want_id": retry_id,
+            "comment": "retry of want %s" % want_id}, now)
+        return self._want_reply(retry_id)
+
+    def _cmd_plan_want(self, now, request):
+        # README "Backfills": the runs a want would start, transitively over
+        # declared deps, from the state as it is; nothing is written.
+        state, config = self.state, self.config
+        refs = list(dict.fromkeys(request["partitions"]))
+        plan, seen, todo = [], set(refs), collections.deque(refs)
+        jobs = collections.Counter()
+        while todo:
+            ref = todo.popleft()
+            job = config.job_for(ref)
+            try:
+                deps = job.declared_deps(ref)
+            except KeyError:
+                deps = []
+            status = state._status_of(ref)
+            if status == LIVE:
+                action = "live"
+            elif ref in state.active_run_by_ref or status in (UPSTREAM_BUILDING, BUILDING):
+                action = "building"
+            else:
+                unmet = [d for d in deps if state._status_of(d) != LIVE]
+                action = "waiting" if unmet else "build"
+                jobs[job.label] += 1
+                for dep in unmet:
+                    if dep not in seen:
+                        seen.add(dep)
+                        todo.append(dep)
+            plan.append({"ref": ref, "job_label": job.label, "action": action, "deps": deps})
+        runs = {label: -(-n // config.jobs_by_label[label].max_partitions_per_run)
+                for label, n in jobs.items()}
+        return {"partitions": refs, "plan": plan, "runs": sum(runs.values()), "jobs": runs}
+
     def _cmd_cancel_want(self, now, want_id):
         want = self.find_want(want_id)
         if want is None:
@@ -4211,7 +4491,11 @@ class Orchestrator:
                 self._fail(run, now, "missing dependency %r: %s" % (dep, e.message), False,
                            exit_code=code)
                 return
-        cycle = self._find_cycle(run, missing)
+        cycle = None
+        for want_id in run.want_ids:
+            want = self.state.wants.get(want_id)
+            cycle = cycle or _find_cycle(run.partitions, missing,
+                                         want.chain if want is not None else ())
         if cycle:
             self._fail(run, now, "dependency cycle: " + " -> ".join(cycle), False,
                        exit_code=code)
@@ -4233,20 +4517,6 @@ class Orchestrator:
             "parent_want_id": parent.want_id, "root_want_id": parent.root_want_id,
             "comment": None, "priority": parent.priority,
         }, now)
-
-    def _find_cycle(self, run, missing):
-        # SPEC 5: a dep miss on a ref already in the run's own want chain.
-        for dep in missing:
-            if dep in run.partitions:
-                return [dep, dep]
-            for want_id in run.want_ids:
-                want = self.state.wants.get(want_id)
-                path = [run.partitions[0]]
-                for upstream in (want.chain if want is not None else ()):
-                    if dep in upstream:
-                        return [dep] + path[::-1] + [dep]
-                    path.append(upstream[0])
-        return None
 
     def _enforce_deadlines(self, now):
         for handle in self._running.values():
@@ -4278,7 +4548,35 @@ class Orchestrator:
         if not state.pending_refs:
             return
         by_job = {}
-        for ref in list(state.pending_refs):
+        seen = set()
+        while True:  # again for what this pass wanted (declared deps, upstream first)
+            refs = [ref for ref in state.pending_refs if ref not in seen]
+            if not refs:
+                break
+            seen.update(refs)
+            self._sort_pending(refs, now, by_job)
+        for job, refs in by_job.values():
+            size = job.max_partitions_per_run
+            for i in range(0, len(refs), size):
+                chunk = refs[i:i + size]
+                want_ids = set()
+                for ref in chunk:
+                    want_ids.update(state.live_wants_by_ref.get(ref, ()))
+                retries = max((state.partitions[r].retries for r in chunk
+                               if r in state.partitions), default=0)
+                payload = {
+                    "job_run_id": new_id(), "job_label": job.label, "partitions": chunk,
+                    "want_ids": sorted(want_ids, key=lambda w: state.wants[w].seq),
+                    "attempt": retries + 1, "executor": job.executor}
+                if job.deps:  # lineage: declared deps are upstream (README "Backfills")
+                    payload["deps"] = {ref: job.declared_deps(ref) for ref in chunk}
+                self._emit(JOB_RUN_QUEUE, payload, now)
+
+    def _sort_pending(self, refs, now, by_job):
+        # Each pending ref waits (backoff, upstream first, declared deps),
+        # fails (no job for it) or joins its job's list in ``by_job``.
+        state = self.state
+        for ref in refs:
             part = state.partitions.get(ref)
             if part is not None and part.retry_at is not None and part.retry_at > now:
                 # SPEC 10 backoff: UpForRetry until retry_at; the heap wakes us.
@@ -4291,25 +4589,70 @@ class Orchestrator:
             try:
                 job = self.config.job_for(ref)
             except InvalidRequest as e:  # the config changed under an old want
-                run_id = new_id()
-                self._emit(JOB_RUN_QUEUE, {"job_run_id": run_id, "job_label": None,
-                                           "partitions": [ref], "want_ids": [], "attempt": 1}, now)
-                self._fail(state.job_runs[run_id], now, e.message, False)
+                self._fail_unrunnable(ref, None, e.message, now)
+                continue
+            if job.deps and self._want_declared_deps(ref, job, now):
                 continue
             by_job.setdefault(job.label, (job, []))[1].append(ref)
-        for job, refs in by_job.values():
-            size = job.max_partitions_per_run
-            for i in range(0, len(refs), size):
-                chunk = refs[i:i + size]
-                want_ids = set()
-                for ref in chunk:
-                    want_ids.update(state.live_wants_by_ref.get(ref, ()))
-                retries = max((state.partitions[r].retries for r in chunk
-                               if r in state.partitions), default=0)
-                self._emit(JOB_RUN_QUEUE, {
-                    "job_run_id": new_id(), "job_label": job.label, "partitions": chunk,
-                    "want_ids": sorted(want_ids, key=lambda w: state.wants[w].seq),
-                    "attempt": retries + 1, "executor": job.executor}, now)
+
+    def _fail_unrunnable(self, ref, job_label, error, now):
+        # A partition that no run can build (no job for it any more, a
+        # declared dep that cannot be, a dependency cycle) fails through a run
+        # that never starts, so its story is in the log like any failure.
+        run_id = new_id()
+        self._emit(JOB_RUN_QUEUE, {"job_run_id": run_id, "job_label": job_label,
+                                   "partitions": [ref], "want_ids": sorted(
+                                       self.state.live_wants_by_ref.get(ref, ())),
+                                   "attempt": 1}, now)
+        self._fail(self.state.job_runs[run_id], now, error, False)
+
+    def _want_declared_deps(self, ref, job, now):
+        # README "Backfills": a run is queued only once the partition's
+        # declared deps are Live.  Those that are not are wanted by one
+        # derivative want (source "deps"), in whose event the partition
+        # starts waiting on them.  True while ``ref`` must wait.
+        state = self.state
+        try:
+            deps = job.declared_deps(ref)
+            for dep in deps:
+                self.config.job_for(dep)
+        except (KeyError, InvalidRequest) as e:
+            error = e.message if isinstance(e, InvalidRequest) else "no group %s" % e
+            self._fail_unrunnable(ref, job.label, "declared dependency of %r: %s"
+                                  % (ref, error), now)
+            return True
+        unmet = [dep for dep in deps if state._status_of(dep) != LIVE]
+        if not unmet:
+            return False
+        parent = self._parent_want(ref)
+        cycle = _find_cycle([ref], unmet, parent.chain if parent is not None else ())
+        if cycle:
+            self._fail_unrunnable(ref, job.label, "dependency cycle: " + " -> ".join(cycle), now)
+            return True
+        self._emit(WANT_CREATE, {
+            "want_id": new_id(), "partitions": unmet,
+            "data_timestamp": parent.data_timestamp if parent else now,
+            "ttl_seconds": parent.ttl_seconds if parent else None,
+            "sla_seconds": parent.sla_seconds if parent else None,
+            "source": {"type": "deps", "ref": ref}, "job_label": job.label,
+            "parent_want_id": parent.want_id if parent else None,
+            "root_want_id": parent.root_want_id if parent else None,
+            "comment": None, "priority": parent.priority if parent else 0}, now)
+        return True
+
+    def _parent_want(self, ref):
+        # The want a derivative want for ``ref``'s upstream hangs under: the
+        # oldest live want naming ``ref``, else one naming a partition that
+        # waits on it (nearest first); None if nothing live wants it.
+        state, seen, frontier = self.state, {ref}, [ref]
+        while frontier:
+            wants = [state.wants[w] for r in frontier for w in state.live_wants_by_ref.get(r, ())]
+            if wants:
+                return min(wants, key=lambda w: w.seq)
+            frontier = [x for r in frontier for x in sorted(state.waiters.get(r, ()))
+                        if x not in seen]
+            seen.update(frontier)
+        return None
 
     # -- schedules (SPEC 11) ------------------------------------------------
 
@@ -4384,9 +4727,7 @@ class Orchestrator:
             elif state._status_of(dep) == TAINTED and not state.is_wanted(dep):
                 want.append(dep)
         if want:
-            parents = sorted((state.wants[w] for w in state.live_wants_by_ref.get(ref, ())),
-                             key=lambda w: w.seq)
-            parent = parents[0] if parents else None
+            parent = self._parent_want(ref)
             want_id = new_id()
             self._emit(WANT_CREATE, {
                 "want_id": want_id, "partitions": want,
@@ -5034,9 +5375,7 @@ def parse_want_request(body, config):
     refs = body.get("partitions")
     if not isinstance(refs, list) or not refs:
         raise InvalidRequest("partitions must be a non-empty list of refs", field="partitions")
-    if len(refs) > DEFAULTS["max_partitions_per_want"]:
-        raise InvalidRequest("A want may name at most %d partitions"
-                             % DEFAULTS["max_partitions_per_want"], field="partitions")
+    refs = expand_ranges(refs, DEFAULTS["max_partitions_per_want"])
     for ref in refs:
         try:
             check_ref(ref)
@@ -5247,6 +5586,13 @@ class _Api:
                                  parameter=name, value=_shown(raw))
         return value
 
+    def bool_param(self, name):
+        raw = (self.text_param(name, empty_ok=False) or "false").lower()
+        if raw not in ("true", "false", "1", "0"):
+            raise InvalidRequest("%s must be true or false" % name, parameter=name,
+                                 value=_shown(raw))
+        return raw in ("true", "1")
+
     def status_param(self, allowed):
         raw = self.text_param("status", empty_ok=False)
         if raw is None:
@@ -5310,7 +5656,7 @@ class _Api:
 
 
 def _wants_routes(app, api):
-    """The routes of wants: list, create, get, cancel."""
+    """The routes of wants: list, create (or plan), get, cancel, retry."""
 
     @app.get("/api/wants")
     def list_wants():
@@ -5323,10 +5669,25 @@ def _wants_routes(app, api):
 
     @app.post("/api/wants")
     def create_want():
-        api.query(())
+        api.query(("dry_run",))
+        dry_run = api.bool_param("dry_run")
         want_request = parse_want_request(api.body_json(), api.server.config)
+        if dry_run:  # the plan (README "Backfills"): nothing written
+            return {"data": api.orchestrator().submit("plan_want", request=want_request)}
         created, want = api.orchestrator().submit("create_want", request=want_request)
         api.response.status = 201 if created else 200
+        return {"data": want}
+
+    @app.post("/api/wants/<want_id>/retry")
+    def retry_want(want_id):
+        api.query(())
+        body = api.body_json()
+        if body:
+            raise InvalidRequest("A retry takes no fields (send {} or no body)",
+                                 fields=sorted(body) if isinstance(body, dict) else None)
+        want_id = api.full_id("wants", want_id)
+        want = api.orchestrator().submit("retry_want", want_id=want_id)
+        api.response.status = 201
         return {"data": want}
 
     @app.get("/api/wants/<want_id>")
@@ -5433,10 +5794,7 @@ def _job_runs_routes(app, api):
         job_run_id = api.full_id("job_runs", job_run_id)
         # The path is built from a known job run id, never from user input.
         path = job_run_log_path(api.server.config.state_dir, job_run_id, stream)
-        follow = (api.text_param("follow", empty_ok=False) or "false").lower()
-        if follow not in ("true", "false", "1", "0"):
-            raise InvalidRequest("follow must be true or false", parameter="follow", value=follow)
-        if follow in ("true", "1"):
+        if api.bool_param("follow"):
             stream_slot = api.server.streams.acquire(blocking=False)
             if not stream_slot:
                 raise Unavailable("Too many log streams open; try again later")
@@ -5725,13 +6083,26 @@ def _openapi_wants(o):
             "get": {"summary": "List wants, newest first", "operationId": "listWants",
                     "parameters": [o.status_param(WANT_STATUSES)] + o.paging,
                     "responses": {"200": o.answer("Wants", o.envelope("Want")), **o.errors(400)}},
-            "post": {"summary": "Create a want", "operationId": "createWant",
+            "post": {"summary": "Create a want; with dry_run=true, only plan it",
+                     "operationId": "createWant",
+                     "parameters": [o.param("dry_run", "query", {"type": "boolean"},
+                                            "answer the plan, write nothing")],
                      "requestBody": {"required": True,
                                      "content": o.json_body(o.schema("WantRequest"))},
                      "responses": {"201": o.answer("Created", o.single("Want")),
-                                   "200": o.answer("The existing want (same want_id and "
-                                                   "partitions)", o.single("Want")),
+                                   "200": o.answer(
+                                       "The existing want (same want_id and partitions), "
+                                       "or the plan (dry_run)",
+                                       {"type": "object", "required": ["data"], "properties": {
+                                           "data": {"anyOf": [o.schema("Want"),
+                                                              o.schema("Plan")]}}}),
                                    **o.errors(400, 409, 413, 415, 503)}}},
+        "/api/wants/{want_id}/retry": {
+            "post": {"summary": "Want every partition of a want that is not Live again, "
+                                "as a new want", "operationId": "retryWant",
+                     "parameters": [o.want_id], "requestBody": o.post_body,
+                     "responses": {"201": o.answer("The new want", o.single("Want")),
+                                   **o.errors(400, 404, 409, 413, 415, 503)}}},
         "/api/wants/{want_id}": {
             "get": {"summary": "One want", "operationId": "getWant",
                     "parameters": [o.want_id] + o.as_of,
@@ -5880,6 +6251,7 @@ def _openapi_schemas(o):
             "want_id": {"type": "string"}, "partitions": o.str_list,
             "status": {"type": "string", "enum": list(WANT_STATUSES)},
             "partition_statuses": {"type": "object", "additionalProperties": {"type": "string"}},
+            "counts": {"type": "object", "additionalProperties": o.integer},
             "data_timestamp": {"type": "number"}, "ttl_seconds": o.nullable_num,
             "sla_seconds": o.nullable_num, "sla_breached": {"type": "boolean"},
             "source": {"type": "object"}, "parent_want_id": o.nullable_str,
@@ -5888,6 +6260,15 @@ def _openapi_schemas(o):
             "priority": {"type": "integer"},
             "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"}}},
+        "Plan": {"type": "object", "required": ["partitions", "plan", "runs", "jobs"],
+                 "properties": {
+                     "partitions": o.str_list, "runs": o.integer,
+                     "jobs": {"type": "object", "additionalProperties": o.integer},
+                     "plan": {"type": "array", "items": {"type": "object", "properties": {
+                         "ref": {"type": "string"}, "job_label": {"type": "string"},
+                         "action": {"type": "string",
+                                    "enum": ["live", "build", "building", "waiting"]},
+                         "deps": o.str_list}}}}},
         "Partition": {"type": "object", "properties": {
             "ref": {"type": "string"},
             "status": {"type": "string", "enum": list(PARTITION_STATUSES)},

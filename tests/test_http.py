@@ -35,7 +35,7 @@ def test_create_get_list_want(app_server):
                sla_seconds=60, data_timestamp=stamp)
     assert r.status == 201
     want = r.json["data"]
-    assert set(want) == {"want_id", "partitions", "status", "partition_statuses",
+    assert set(want) == {"want_id", "partitions", "status", "partition_statuses", "counts",
                          "data_timestamp", "ttl_seconds", "sla_seconds", "sla_breached",
                          "source", "parent_want_id", "root_want_id", "derivative_want_ids",
                          "job_run_ids", "comment", "created_at", "updated_at", "terminal",

@@ -82,7 +82,17 @@ def test_status_order_of_a_multi_partition_want(log):
     log.queue("rc", "c", want_ids=["w1"])
     assert want.status == BUILDING  # Building outranks UpstreamBuilding
     log("job_run_failure", job_run_id="rc", error="boom", retry=False)
-    assert want.status == FAILED
+    # c settled Failed, but b is not settled: the want goes on (README "Backfills").
+    assert want.status == UPSTREAM_BUILDING
+    log("want_create", want_id="w2", partitions=["x"], parent_want_id="w1",
+        root_want_id="w1", source={"type": "job", "job_run_id": "rb"})
+    log.queue("rx", "x", want_ids=["w2"])
+    log("job_run_success", job_run_id="rx")
+    assert want.status == IDLE and "b" in log.state.pending_refs
+    log.queue("rb2", "b", want_ids=["w1"])
+    log("job_run_success", job_run_id="rb2")
+    assert want.status == FAILED  # all settled: a and b Live, c Failed
+    assert want.to_dict(log.state)["counts"] == {"total": 3, LIVE: 2, FAILED: 1}
 
 
 def test_failure_with_retry_goes_up_for_retry(log):
@@ -193,7 +203,7 @@ def test_cancel_reaches_derivative_wants_and_drops_waits(log):
     log("want_cancel", want_id="w1")
     assert log.state.wants["w1"].status == CANCELED
     assert log.state.wants["w2"].status == CANCELED
-    assert log.state.partitions["b"].status == UP_FOR_RETRY
+    assert log.state.partitions["b"].status == CANCELED  # never built, its work dropped
     assert not log.state.pending_refs and not log.state.waiters
     assert not log.state.is_wanted("a")
 
@@ -217,15 +227,23 @@ def test_expire_and_sla(log):
     assert not log.state.pending_refs
 
 
-def test_job_run_cancel_puts_partitions_up_for_retry(log):
+def test_job_run_cancel_marks_never_built_partitions_canceled(log):
     want = log.want("w1", "a")
     log.queue("r1", "a", want_ids=["w1"])
     log("job_run_start", job_run_id="r1")
     log("job_run_cancel", job_run_id="r1", reason="canceled by user")
     assert log.state.job_runs["r1"].status == CANCELED
     assert log.state.job_runs["r1"].error == "canceled by user"
-    assert log.state.partitions["a"].status == UP_FOR_RETRY
+    assert log.state.partitions["a"].status == CANCELED
+    # Canceled is not settled: a want that still wants it builds it again.
     assert want.status == IDLE and "a" in log.state.pending_refs
+    log.queue("r2", "a", want_ids=["w1"])
+    log("job_run_success", job_run_id="r2")
+    log("partition_taint", ref="a")
+    log.want("w2", "a")
+    log.queue("r3", "a", want_ids=["w2"])
+    log("job_run_cancel", job_run_id="r3", reason="canceled by user")
+    assert log.state.partitions["a"].status == UP_FOR_RETRY  # built before: not Canceled
 
 
 def test_taint_makes_a_wanted_partition_pending(log):
@@ -302,3 +320,97 @@ def test_upstream_is_read_deps_plus_deps_reported_missing_since_the_last_success
     assert part.upstream == ["y"] and log.state.downstream == {"y": {"c"}}
     # The same events give the same lineage (replay).
     assert BuildState.from_events(log.events).downstream == {"y": {"c"}}
+
+
+# -- backfills: a want settles only when all its partitions have --------------
+
+def test_a_failed_partition_never_stops_its_siblings(log):
+    refs = ["out/%d" % i for i in range(5)]
+    want = log.want("w1", *refs)
+    for i, ref in enumerate(refs):
+        log.queue("r%d" % i, ref, want_ids=["w1"])
+    log("job_run_failure", job_run_id="r0", error="boom", retry=False)
+    assert want.status == BUILDING  # settled one, four still building
+    log("job_run_failure", job_run_id="r1", error="boom", retry=True)
+    assert log.state.partitions["out/1"].status == UP_FOR_RETRY
+    assert "out/1" in log.state.pending_refs  # its retry is still wanted
+    for i in (2, 3, 4):
+        log("job_run_success", job_run_id="r%d" % i)
+    assert want.status == IDLE  # out/1 waits for its retry
+    log.queue("r1b", "out/1", want_ids=["w1"], attempt=2)
+    log("job_run_success", job_run_id="r1b")
+    assert want.status == FAILED
+    assert want.to_dict(log.state)["counts"] == {"total": 5, LIVE: 4, FAILED: 1}
+
+
+def test_an_upstream_failure_settles_one_partition_and_the_rest_go_on(log):
+    want = log.want("w1", "out/1", "out/2")
+    log.queue("r1", "out/1", want_ids=["w1"])
+    log.queue("r2", "out/2", want_ids=["w1"])
+    log("job_run_missing_deps", job_run_id="r1", missing_deps=["raw/1"])
+    log("job_run_missing_deps", job_run_id="r2", missing_deps=["raw/2"])
+    log.want("d1", "raw/1", parent_want_id="w1", root_want_id="w1",
+             source={"type": "job", "job_run_id": "r1"})
+    log.want("d2", "raw/2", parent_want_id="w1", root_want_id="w1",
+             source={"type": "job", "job_run_id": "r2"})
+    log.queue("q1", "raw/1", want_ids=["d1"])
+    log.queue("q2", "raw/2", want_ids=["d2"])
+    log("job_run_failure", job_run_id="q1", error="bad day", retry=False)
+    assert log.state.partitions["out/1"].status == UPSTREAM_FAILED
+    assert want.status == UPSTREAM_BUILDING  # out/2 waits on raw/2, still building
+    log("job_run_success", job_run_id="q2")
+    assert "out/2" in log.state.pending_refs  # not abandoned: rebuilt now
+    log.queue("r2b", "out/2", want_ids=["w1"])
+    log("job_run_success", job_run_id="r2b")
+    assert want.status == UPSTREAM_FAILED
+    assert want.to_dict(log.state)["counts"] == {"total": 2, LIVE: 1, UPSTREAM_FAILED: 1}
+
+
+def test_cancel_and_expiry_still_end_an_unsettled_want_at_once(log):
+    want = log.want("w1", "a", "b")
+    log.queue("ra", "a", want_ids=["w1"])
+    log("job_run_failure", job_run_id="ra", error="boom", retry=False)
+    log("want_cancel", want_id="w1")
+    assert want.status == CANCELED
+    want2 = log.want("w2", "c", "d", ttl_seconds=5)
+    log.queue("rc", "c", want_ids=["w2"])
+    log("job_run_success", job_run_id="rc")
+    log("want_expire", want_id="w2")
+    assert want2.status == EXPIRED
+    counts = want2.to_dict(log.state)["counts"]  # on finished wants too
+    assert counts == {"total": 2, LIVE: 1, IDLE: 1}
+
+
+def test_declared_deps_want_makes_the_partition_wait_without_a_run(log):
+    want = log.want("w1", "out/1")
+    log("want_create", want_id="d1", partitions=["raw/1"], parent_want_id="w1",
+        root_want_id="w1", source={"type": "deps", "ref": "out/1"}, job_label="out")
+    part = log.state.partitions["out/1"]
+    assert part.status == UPSTREAM_BUILDING and part.last_job_run_id is None
+    assert part.upstream == ["raw/1"]  # in lineage before anything is built
+    assert log.state.downstream["raw/1"] == {"out/1"}
+    assert "out/1" not in log.state.pending_refs and "raw/1" in log.state.pending_refs
+    assert log.state.wants["d1"].chain == (("out/1",),)
+    log.queue("q1", "raw/1", want_ids=["d1"])
+    log("job_run_success", job_run_id="q1")
+    assert part.status == UP_FOR_RETRY and "out/1" in log.state.pending_refs
+    log("job_run_queue", job_run_id="r1", job_label="out", partitions=["out/1"],
+        want_ids=["w1"], attempt=1, deps={"out/1": ["raw/1"]})
+    log("job_run_success", job_run_id="r1", read_deps=["other"])
+    assert part.status == LIVE and part.upstream == ["other", "raw/1"]
+    assert want.status == SUCCESSFUL
+
+
+def test_a_failed_declared_dep_makes_the_partition_upstream_failed(log):
+    want = log.want("w1", "out/1", "out/2")
+    for n in (1, 2):
+        log("want_create", want_id="d%d" % n, partitions=["raw/%d" % n], parent_want_id="w1",
+            root_want_id="w1", source={"type": "deps", "ref": "out/%d" % n}, job_label="out")
+        log.queue("q%d" % n, "raw/%d" % n, want_ids=["d%d" % n])
+    log("job_run_failure", job_run_id="q1", error="bad day", retry=False)
+    assert log.state.partitions["out/1"].status == UPSTREAM_FAILED
+    assert log.state.partitions["out/1"].last_job_run_id is None  # no run of its job
+    assert want.status == UPSTREAM_BUILDING
+    log("want_cancel", want_id="w1")
+    assert log.state.partitions["out/2"].status == CANCELED
+    assert want.to_dict(log.state)["counts"] == {"total": 2, UPSTREAM_FAILED: 1, CANCELED: 1}
