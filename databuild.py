@@ -570,11 +570,11 @@ class Want(_Entity):
     def to_dict(self, state):
         """The want as the API shows it; partition statuses come from ``state``."""
         statuses = {ref: state.partition_status(ref) for ref in self.partitions}
-        counts = collections.Counter(statuses.values())
-        counts["total"] = len(self.partitions)
+        counts = {"total": len(self.partitions)}
+        counts.update(collections.Counter(statuses.values()))
         return {
             "want_id": self.want_id, "partitions": list(self.partitions),
-            "status": self.status, "partition_statuses": statuses, "counts": dict(counts),
+            "status": self.status, "partition_statuses": statuses, "counts": counts,
             "data_timestamp": self.data_timestamp, "ttl_seconds": self.ttl_seconds,
             "sla_seconds": self.sla_seconds, "sla_breached": self.sla_breached,
             "source": dict(self.source), "parent_want_id": self.parent_want_id,
@@ -7212,10 +7212,21 @@ class Client:
             status=status, limit=limit, offset=offset, as_of=as_of))
 
     def create_want(self, partitions, **fields):
-        """POST /api/wants; returns the want."""
+        """POST /api/wants; returns the want.  Refs may hold a range
+        ``[FROM..TO]`` (README "Backfills")."""
         body = {"partitions": list(partitions)}
         body.update({k: v for k, v in fields.items() if v is not None})
         return self.request("POST", "/api/wants", body)["data"]
+
+    def plan_want(self, partitions, **fields):
+        """POST /api/wants?dry_run=true; returns the plan, writes nothing."""
+        body = {"partitions": list(partitions)}
+        body.update({k: v for k, v in fields.items() if v is not None})
+        return self.request("POST", "/api/wants", body, params={"dry_run": "true"})["data"]
+
+    def retry_want(self, want_id):
+        """POST /api/wants/<want_id>/retry; returns the new want."""
+        return self.request("POST", "/api/wants/%s/retry" % want_id, {})["data"]
 
     def get_want(self, want_id, as_of=None):
         """GET /api/wants/<want_id>."""
@@ -7508,16 +7519,25 @@ def _build_parser():
                    help="stop after S idle seconds (default: [server] idle_timeout_seconds; "
                         "0 = never)")
 
+    range_help = (" A ref may hold one range [FROM..TO] of days (2025-01-01), months "
+                  "(2025-01), hours (2025-01-01T00) or integers: quote it for the shell.")
     p = command(commands, "build", "want partitions built (and optionally wait for them)",
                 _cmd_build)
-    refs(p, "a partition to build, e.g. 'raw/reviews/date=2025-01-01'")
+    refs(p, "a partition to build, e.g. 'raw/reviews/date=2025-01-01' or "
+            "'raw/reviews/date=[2025-01-01..2025-01-31]'." + range_help)
     p.add_argument("--wait", action="store_true",
-                   help="follow the want until it ends; exit 0 only if Successful")
+                   help="follow the want until every partition has settled, showing "
+                        "progress; exit 0 only if Successful")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only show the plan: the runs the want would start, over declared "
+                        "deps; nothing is written")
     want_fields(p)
 
     want = group("want", "create, list, show, cancel and retry wants")
     p = command(want, "create", "create a want for partitions (without waiting)", _cmd_build)
-    refs(p, "a partition the want asks for")
+    refs(p, "a partition the want asks for." + range_help)
+    p.add_argument("--dry-run", action="store_true",
+                   help="only show the plan; nothing is written")
     want_fields(p)
     p.set_defaults(wait=False)
     p = command(want, "list", "list wants, newest first", _cmd_want_list)
@@ -7526,8 +7546,8 @@ def _build_parser():
     p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
     p = command(want, "cancel", "cancel a want (and the work only it needs)", _cmd_want_cancel)
     p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
-    p = command(want, "retry", "want the Failed (and UpstreamFailed) partitions of a want "
-                "again, as a new want", _cmd_want_retry)
+    p = command(want, "retry", "want every partition of a want that is not Live (Failed, "
+                "UpstreamFailed, Canceled, never built) again, as a new want", _cmd_want_retry)
     p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
     p.add_argument("--wait", action="store_true",
                    help="follow the new want until it ends; exit 0 only if Successful")
@@ -7701,6 +7721,7 @@ def _date(ts):
 
 
 _WANT_COLUMNS = [("WANT_ID", "want_id"), ("STATUS", "status"),
+                 ("LIVE", lambda w: "%d/%d" % (w["counts"].get(LIVE, 0), w["counts"]["total"])),
                  ("PARTITIONS", lambda w: _few(w["partitions"], 1)),
                  ("SOURCE", lambda w: w["source"].get("type")),
                  ("DATA_TIME", lambda w: _date(w["data_timestamp"])), ("CREATED", "created_at")]
@@ -7743,18 +7764,40 @@ def _cmd_build(args):
     client = _connect(args)
     fields = {"comment": args.comment, "user": _user(), "priority": _opt(args, "priority"),
               "ttl_seconds": _opt(args, "ttl"), "sla_seconds": _opt(args, "sla")}
-    return _create_and_follow(args, client, args.refs, fields)
+    if _opt(args, "dry_run"):
+        plan = client.plan_want(args.refs, **fields)
+        _out(args, plan, format_plan(plan))
+        return 0
+    return _follow_new_want(args, client, lambda: client.create_want(args.refs, **fields))
 
 
-def _create_and_follow(args, client, refs, fields):
+def format_plan(plan):
+    """A want's plan (README "Backfills") as a table with its totals."""
+    columns = [("REF", "ref"), ("JOB", "job_label"), ("ACTION", "action"),
+               ("DEPS", lambda e: _few(e["deps"], 2) if e["deps"] else "-")]
+    actions = collections.Counter(e["action"] for e in plan["plan"])
+    lines = [format_table(plan["plan"], columns), "",
+             "%d partitions wanted, %d in the plan: %s." % (
+                 len(plan["partitions"]), len(plan["plan"]),
+                 ", ".join("%d %s" % (actions[a], a) for a in ("build", "waiting", "building",
+                                                               "live") if actions[a])),
+             "%d job runs would start%s" % (plan["runs"], ": " + ", ".join(
+                 "%s %d" % kv for kv in sorted(plan["jobs"].items())) if plan["jobs"] else ".")]
+    return "\n".join(lines)
+
+
+def _follow_new_want(args, client, create):
+    # Create a want (``create()``); with --wait, follow it to its end.
     cursor = client.health()["latest_event_id"] if args.wait else 0
-    want = client.create_want(refs, **fields)
+    want = create()
     if not args.wait:
-        _out(args, want, "Want %s: %s" % (want["want_id"], want["status"]))
+        _out(args, want, "Want %s: %s (%d partitions)" % (
+            want["want_id"], want["status"], len(want["partitions"])))
         return 0
     try:
-        print("Want %s: %s" % (want["want_id"], want["status"]), file=sys.stderr)
-        want = _follow_want(client, want, cursor)
+        print("Want %s: %d partitions" % (want["want_id"], len(want["partitions"])),
+              file=sys.stderr)
+        want = _follow_want(client, want, cursor, sys.stderr)
     except KeyboardInterrupt:
         print("\nStopped following. Want %s goes on building; cancel it with: "
               "%s want cancel %s" % (want["want_id"], _prog(), want["want_id"]),
@@ -7763,12 +7806,8 @@ def _create_and_follow(args, client, refs, fields):
     if _opt(args, "json"):
         _out(args, want, "")
     else:
-        print(format_object(want, ["want_id", "status", "partition_statuses",
-                                   "derivative_want_ids", "job_run_ids"]))
-    if want["status"] != SUCCESSFUL:
-        _explain_failure(client, want)
-        return 1
-    return 0
+        print(_want_outcome(client, want))
+    return 0 if want["status"] == SUCCESSFUL else 1
 
 
 def _prog():
@@ -7777,16 +7816,7 @@ def _prog():
 
 def _cmd_want_retry(args):
     client = _connect(args)
-    want = client.get_want(args.want_id)
-    failed = [ref for ref, status in want["partition_statuses"].items()
-              if status in (FAILED, UPSTREAM_FAILED)]
-    if not failed:
-        raise Conflict("Want %s has no Failed or UpstreamFailed partition (it is %s)"
-                       % (want["want_id"], want["status"]), want_id=want["want_id"])
-    fields = {"comment": "retry of want %s" % want["want_id"], "user": _user(),
-              "ttl_seconds": want["ttl_seconds"], "sla_seconds": want["sla_seconds"],
-              "priority": want["priority"] or None}
-    return _create_and_follow(args, client, failed, fields)
+    return _follow_new_want(args, client, lambda: client.retry_want(args.want_id))
 
 
 def _cmd_job_runs_cancel(args):
@@ -7832,22 +7862,31 @@ def _user():
         return None
 
 
-def _follow_want(client, want, cursor):
-    """Poll a want until it is terminal, printing progress on stderr.
+def _progress_line(want, runs):
+    counts = want["counts"]
+    rest = ", ".join("%d %s" % (n, s) for s, n in sorted(counts.items())
+                     if s not in ("total", LIVE) and n)
+    return "%s: %d/%d live%s; job runs: %d started, %d succeeded, %d missing deps, " \
+        "%d failed" % (want["status"], counts.get(LIVE, 0), counts["total"],
+                       ", " + rest if rest else "", runs[JOB_RUN_START], runs[JOB_RUN_SUCCESS],
+                       runs[JOB_RUN_MISSING_DEPS], runs[JOB_RUN_FAILURE])
 
-    Besides the want's own partitions, the event feed (from a cursor) tells
-    how much work the workspace did meanwhile: upstream builds show up there
-    long before the want's own partitions move.  ``cursor``: the latest
-    event id before the want was created.
+
+def _follow_want(client, want, cursor, out, clock=time.monotonic):
+    """Poll a want until it is terminal, showing one progress line on ``out``.
+
+    On a terminal the line is rewritten in place; elsewhere (a log, a CI
+    job) a line is printed when the want's status changes, when another
+    tenth of its partitions has settled, or every 30 seconds: a long
+    backfill's output stays short.  Job runs are counted from the event
+    feed, from ``cursor`` (the latest event id before the want was made).
     """
-    started = time.monotonic()
+    started = last_print = clock()
+    tty = out.isatty()
     runs = collections.Counter()
-    last = None
+    shown, shown_status, shown_tenth = None, None, -1
     delay = 0.05
-    while want["status"] not in TERMINAL_WANT_STATUSES:
-        time.sleep(delay)
-        delay = min(0.5, delay * 1.5)
-        want = client.get_want(want["want_id"])
+    while True:
         while True:
             events = client.events(since=cursor, limit=1000)["data"]
             for event in events:
@@ -7855,37 +7894,60 @@ def _follow_want(client, want, cursor):
             if not events:
                 break
             cursor = events[-1]["event_id"]
-        statuses = collections.Counter(want["partition_statuses"].values())
-        line = "%s: %d/%d partitions live%s; job runs: %d started, %d succeeded, " \
-               "%d missing deps, %d failed" % (
-                   want["status"], statuses.get(LIVE, 0), len(want["partitions"]),
-                   "".join(", %d %s" % (n, s) for s, n in sorted(statuses.items()) if s != LIVE),
-                   runs[JOB_RUN_START], runs[JOB_RUN_SUCCESS], runs[JOB_RUN_MISSING_DEPS],
-                   runs[JOB_RUN_FAILURE])
-        if line != last:
-            print("[%6.1fs] %s" % (time.monotonic() - started, line), file=sys.stderr)
-            last = line
-    print("[%6.1fs] Want %s ended %s" % (time.monotonic() - started, want["want_id"],
-                                         want["status"]), file=sys.stderr)
-    return want
+        line = "[%6.1fs] %s" % (clock() - started, _progress_line(want, runs))
+        counts = want["counts"]
+        settled = sum(counts.get(s, 0) for s in SETTLED)
+        tenth = settled * 10 // max(1, counts["total"])
+        terminal = want["status"] in TERMINAL_WANT_STATUSES
+        if tty:
+            if line[9:] != shown:
+                out.write("\r\x1b[K" + line)
+                out.flush()
+                shown = line[9:]
+        elif (want["status"] != shown_status or tenth != shown_tenth or terminal
+              or clock() - last_print >= 30):
+            print(line, file=out, flush=True)
+            shown_status, shown_tenth, last_print = want["status"], tenth, clock()
+        if terminal:
+            if tty:
+                out.write("\n")
+            return want
+        time.sleep(delay)
+        delay = min(0.5, delay * 1.5)
+        want = client.get_want(want["want_id"])
 
 
-def _explain_failure(client, want):
-    seen = set()
-    stack = [want]
-    while stack:
-        w = stack.pop()
-        for run_id in w["job_run_ids"]:
-            if run_id in seen:
-                continue
-            seen.add(run_id)
-            run = client.get_job_run(run_id)
-            if run["status"] == FAILED:
-                print("  job run %s (%s %s) failed: %s" % (
-                    run_id, run["job_label"], " ".join(run["partitions"]), run["error"]),
-                    file=sys.stderr)
-        for child in w["derivative_want_ids"]:
-            stack.append(client.get_want(child))
+def _want_outcome(client, want, most=10):
+    """How a want ended, for people: its counts, then its partitions that are
+    not Live with why (at most ``most``, then "and N more")."""
+    counts = want["counts"]
+    lines = ["Want %s: %s, %d/%d live" % (want["want_id"], want["status"],
+                                          counts.get(LIVE, 0), counts["total"])]
+    bad = [(ref, s) for ref, s in want["partition_statuses"].items() if s != LIVE]
+    bad.sort(key=lambda rs: (rs[1] != FAILED, rs[1] != UPSTREAM_FAILED))
+    for ref, status in bad[:most]:
+        lines.append("  %s  %s  %s" % (ref, status, _why_not_live(client, ref, status)))
+    if len(bad) > most:
+        lines.append("  and %d more (%s want get %s)" % (len(bad) - most, _prog(),
+                                                         want["want_id"]))
+    if bad and want["status"] in TERMINAL_WANT_STATUSES:
+        lines.append("Retry what is not Live with: %s want retry %s" % (_prog(),
+                                                                       want["want_id"]))
+    return "\n".join(lines)
+
+
+def _why_not_live(client, ref, status):
+    # One short reason: a failed run's error, the upstream that failed.
+    try:
+        part = client.get_partition(ref)
+    except NotFound:
+        return "never built"
+    if status == FAILED and part["last_job_run_id"]:
+        error = client.get_job_run(part["last_job_run_id"])["error"] or "failed"
+        return _shown(error.splitlines()[0] if error.strip() else error, 160)
+    if status == UPSTREAM_FAILED:
+        return "upstream failed: " + _few(part["missing_deps"] or part["upstream"], 2)
+    return "-"
 
 
 def _cmd_want_list(args):

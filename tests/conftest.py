@@ -99,8 +99,10 @@ class Driver:
         return cmd.result
 
     def want(self, *refs, **fields):
-        request = {"partitions": list(refs)}
-        request.update(fields)
+        """Create a want as POST /api/wants does (its body checked, ranges expanded)."""
+        body = {"partitions": list(refs)}
+        body.update(fields)
+        request = databuild.parse_want_request(body, self.config)
         created, want = self.command("create_want", request=request)
         return want
 

@@ -33,13 +33,16 @@ def test_reviews_example_builds_a_real_chain(reviews, serve):
     server = serve(reviews)
     r = server.cli("build", "report/weekly/week=2025-01-06", "--wait", check=0)
     assert "Successful" in r.stdout
-    assert "ended Successful" in r.stderr  # progress went to stderr
-    # 8 missing deps (the report's, then each daily's); raw reviews are batched
-    # (up to 7 a run), so how many raw runs there were depends on timing.
-    counts = re.findall(r"job runs: (\d+) started, (\d+) succeeded, 8 missing deps, 0 failed",
+    assert "Successful: 1/1 live" in r.stderr  # progress went to stderr
+    # One missing deps (the report's); the dailies declare their raw day, so
+    # each daily runs once.  Raw reviews are batched (up to 7 a run), so how
+    # many raw runs there were depends on timing.
+    counts = re.findall(r"job runs: (\d+) started, (\d+) succeeded, 1 missing deps, 0 failed",
                         r.stderr)
     started, succeeded = map(int, counts[-1])
-    assert 1 + 7 + 1 <= succeeded <= 7 + 7 + 1 and started == succeeded + 8
+    assert 1 + 7 + 1 <= succeeded <= 7 + 7 + 1 and started == succeeded + 1
+    dailies = server.client.list_job_runs(job_label="daily_aggregates")["data"]
+    assert len(dailies) == 7 and {r["status"] for r in dailies} == {"Succeeded"}
     report = os.path.join(reviews, "data", "report", "weekly", "week=2025-01-06", "report.md")
     with open(report) as f:
         text = f.read()
@@ -69,7 +72,9 @@ def test_a_bad_week_fails_with_a_clear_reason(reviews, serve):
     server = serve(reviews)
     r = server.cli("build", "report/weekly/week=2025-01-07", "--wait")
     assert r.returncode == 1
-    assert "a week starts on a Monday" in r.stderr
+    # The outcome names the failed partition and its run's error.
+    assert "report/weekly/week=2025-01-07  Failed" in r.stdout
+    assert "a week starts on a Monday" in r.stdout
 
 
 def test_want_commands_tables_and_json(workspace, serve):
@@ -80,13 +85,14 @@ def test_want_commands_tables_and_json(workspace, serve):
     want_id = created["want_id"]
     assert created["comment"] == "note" and created["source"]["type"] == "manual"
     table = server.cli("want", "list", check=0).stdout.splitlines()
-    assert table[0].split() == ["WANT_ID", "STATUS", "PARTITIONS", "SOURCE", "DATA_TIME",
-                                "CREATED"]
-    assert want_id in table[1]
+    assert table[0].split() == ["WANT_ID", "STATUS", "LIVE", "PARTITIONS", "SOURCE",
+                                "DATA_TIME", "CREATED"]
+    assert want_id in table[1] and " 0/1 " in table[1]
     # Columns are aligned: every row has STATUS at the same offset.
     assert table[1].index(created["status"]) == table[0].index("STATUS")
     text = server.cli("want", "get", want_id, check=0).stdout
     assert "want_id:" in text and want_id in text and "partition_statuses:" in text
+    assert "counts:" in text and "total=1" in text
     canceled = server.cli("want", "cancel", want_id, check=0).stdout
     assert "Canceled" in canceled
     again = server.cli("want", "cancel", want_id)
@@ -299,7 +305,7 @@ def test_jobs_and_want_retry(tmp_path, serve):
     assert retry["partitions"] == ["bad"] and retry["status"] == "Successful"
     assert retry["comment"] == "retry of want %s" % want_id
     again = server.cli("want", "retry", retry["want_id"])
-    assert again.returncode == 1 and "no Failed" in again.stderr
+    assert again.returncode == 1 and "is Live: nothing to retry" in again.stderr
 
 
 def test_status_does_not_start_a_server(workspace):

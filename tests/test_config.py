@@ -78,6 +78,26 @@ partition_patterns = ['agg/x']
         config.job_for("raw/date=2025-01-01x")  # patterns must match fully
 
 
+DEPS = """
+[[jobs]]
+label = "raw"
+entrypoint = ["x"]
+partition_patterns = ['raw/.+']
+[[jobs]]
+label = "out"
+entrypoint = ["x"]
+partition_patterns = ['out/%s']
+deps = ['%s']
+"""
+
+
+def test_declared_deps_are_filled_from_the_named_groups(tmp_path):
+    config = load_config(write(tmp_path, DEPS % ("(?P<date>[0-9-]+)", "raw/date={date}")))
+    out = config.jobs_by_label["out"]
+    assert out.declared_deps("out/2025-01-01") == ["raw/date=2025-01-01"]
+    assert config.jobs_by_label["raw"].declared_deps("raw/x") == []
+
+
 @pytest.mark.parametrize("text, expected", [
     ("[server\nport=1", "databuild.toml"),
     ("[server]\nprot = 1", "[server] prot: unknown key"),
@@ -100,6 +120,15 @@ partition_patterns = ['agg/x']
      "environment: must be a table of strings"),
     ("jobs = 3", "jobs: must be an array"),
     ("[other]", "unknown top-level key"),
+    (DEPS % ("(?P<date>.+)", "raw/{day}"),
+     "[[jobs]] 'out' deps: template 'raw/{day}' names {day}, which pattern 'out/(?P<date>.+)' "
+     "has no named group"),
+    (DEPS % ("(?P<date>\\d{4})", "nothing/{date}"),
+     "[[jobs]] 'out' deps: template 'nothing/{date}' gives 'nothing/0000' for 'out/0000': "
+     "No job produces partition 'nothing/0000'"),
+    (DEPS % ("(?P<date>.+)", "raw/{date"), "[[jobs]] 'out' deps: bad template 'raw/{date'"),
+    ("[[jobs]]\nlabel='a'\nentrypoint=['x']\npartition_patterns=['a']\ndeps='a'",
+     "[[jobs]] 'a' deps: must be a list of strings"),
 ])
 def test_config_errors_name_file_key_and_problem(tmp_path, text, expected):
     path = write(tmp_path, text)

@@ -717,3 +717,123 @@ def test_a_config_reload_between_ticks_keeps_the_next_tick(tmp_path, driver_for)
     clock.now = 1767225600.0 + 3600
     d.orch.step(clock.now)
     assert [w[0] for w in _schedule_wants(d)] == ["schedule:hourly:2026-01-01T01:00:00Z"]
+
+
+# -- backfills (README "Backfills") --------------------------------------------
+
+TWO_STAGES = [{"label": "raw", "partition_patterns": [r"raw/date=(?P<date>[0-9-]+)"]},
+              {"label": "out", "partition_patterns": [r"out/date=(?P<date>[0-9-]+)"]}]
+
+
+def days(n):
+    return ["2025-01-%02d" % d for d in range(1, n + 1)]
+
+
+def test_a_backfill_with_bad_days_still_builds_every_good_day(tmp_path, driver_for):
+    # Dep misses: out reports raw missing; raw fails for two days.
+    plan = {"out/date=%s" % d: {"deps": ["raw/date=%s" % d]} for d in days(12)}
+    plan.update({"raw/date=2025-01-03": {"exit": 1}, "raw/date=2025-01-07": {"exit": 1}})
+    ws = write_workspace(tmp_path / "ws", jobs=TWO_STAGES, plan=plan)
+    d = driver_for(ws)
+    want = d.want("out/date=[2025-01-01..2025-01-12]")
+    assert len(want["partitions"]) == 12
+    assert d.settle(want["want_id"], timeout=60) == UPSTREAM_FAILED
+    final = d.orch.find_want(want["want_id"]).to_dict(d.full())
+    assert final["counts"] == {"total": 12, "Live": 10, "UpstreamFailed": 2}
+    for day in days(12):
+        bad = day in ("2025-01-03", "2025-01-07")
+        assert built(ws, "out/date=" + day) is not bad
+    assert not d.state.pending_refs and not d.state.job_runs  # nothing left behind
+
+
+def test_declared_deps_run_each_partition_once(tmp_path, driver_for):
+    jobs = [TWO_STAGES[0], dict(TWO_STAGES[1], deps=["raw/date={date}"])]
+    plan = {"raw/date=2025-01-02": {"exit": 1}}
+    ws = write_workspace(tmp_path / "ws", jobs=jobs, plan=plan)
+    d = driver_for(ws)
+    want = d.want("out/date=[2025-01-01..2025-01-04]")
+    # Before anything is built: waiting on the declared deps, in lineage.
+    part = d.state.partitions["out/date=2025-01-01"]
+    assert part.status == databuild.UPSTREAM_BUILDING and part.upstream == ["raw/date=2025-01-01"]
+    assert d.settle(want["want_id"], timeout=30) == UPSTREAM_FAILED
+    full = d.full()
+    for day in days(4):
+        runs = runs_of(full, "out/date=" + day)
+        if day == "2025-01-02":
+            assert runs == [] and run_count(ws, "out/date=" + day) == 0  # no run at all
+            assert full.partitions["out/date=" + day].status == UPSTREAM_FAILED
+        else:
+            assert [r.status for r in runs] == [SUCCEEDED]  # once, never a DepMiss
+            assert full.partitions["out/date=" + day].upstream == ["raw/date=" + day]
+    deps_wants = [w for w in full.wants.values() if w.source["type"] == "deps"]
+    assert len(deps_wants) == 4
+    assert {w.source["ref"] for w in deps_wants} == {"out/date=" + day for day in days(4)}
+    assert all(w.root_want_id == want["want_id"] for w in deps_wants)
+
+
+def test_declared_dep_cycle_and_unbuildable_dep_fail_the_partition(tmp_path, driver_for):
+    jobs = [{"label": "a", "partition_patterns": [r"a/(?P<n>\d+)"], "deps": ["b/{n}"]},
+            {"label": "b", "partition_patterns": [r"b/(?P<n>\d+)"], "deps": ["a/{n}"]}]
+    ws = write_workspace(tmp_path / "ws", jobs=jobs)
+    d = driver_for(ws)
+    want = d.want("a/1")
+    assert d.settle(want["want_id"]) == UPSTREAM_FAILED
+    errors = [r.error for r in d.full().job_runs.values()]
+    assert errors == ["dependency cycle: a/1 -> b/1 -> a/1"]
+
+
+def test_a_restart_in_the_middle_of_a_backfill_goes_on(tmp_path, driver_for):
+    jobs = [TWO_STAGES[0], dict(TWO_STAGES[1], deps=["raw/date={date}"])]
+    plan = {"raw/date=%s" % day: {"sleep": 0.3} for day in days(6)}
+    plan["raw/date=2025-01-05"] = {"exit": 1}
+    ws = write_workspace(tmp_path / "ws", jobs=jobs, plan=plan, server={
+        "max_concurrent_job_runs": 2})
+    d = driver_for(ws)
+    want = d.want("out/date=[2025-01-01..2025-01-06]")
+    d.until(lambda s: s.partitions.get("out/date=2025-01-01") is not None
+            and s.partitions["raw/date=2025-01-01"].status == databuild.LIVE)
+    d.close()  # as a crash would: runs left Running, the want unsettled
+    d2 = driver_for(ws)
+    assert d2.want_status(want["want_id"]) not in databuild.TERMINAL_WANT_STATUSES
+    assert d2.settle(want["want_id"], timeout=60) == UPSTREAM_FAILED
+    counts = d2.orch.find_want(want["want_id"]).to_dict(d2.full())["counts"]
+    assert counts == {"total": 6, "Live": 5, "UpstreamFailed": 1}
+
+
+def test_plan_lists_the_runs_a_want_would_start_and_writes_nothing(tmp_path, driver_for):
+    jobs = [TWO_STAGES[0], dict(TWO_STAGES[1], deps=["raw/date={date}"])]
+    ws = write_workspace(tmp_path / "ws", jobs=jobs)
+    d = driver_for(ws)
+    done = d.want("raw/date=2025-01-01")
+    d.settle(done["want_id"])
+    head = d.log.latest_event_id()
+    plan = d.command("plan_want", request={"partitions": ["out/date=2025-01-01",
+                                                           "out/date=2025-01-02"]})
+    assert d.log.latest_event_id() == head  # nothing written
+    actions = {e["ref"]: (e["job_label"], e["action"], e["deps"]) for e in plan["plan"]}
+    assert actions == {
+        "out/date=2025-01-01": ("out", "build", ["raw/date=2025-01-01"]),
+        "out/date=2025-01-02": ("out", "waiting", ["raw/date=2025-01-02"]),
+        "raw/date=2025-01-02": ("raw", "build", []),
+    }
+    assert plan["runs"] == 3 and plan["jobs"] == {"out": 2, "raw": 1}
+    assert plan["partitions"] == ["out/date=2025-01-01", "out/date=2025-01-02"]
+    assert d.command("plan_want", request={"partitions": ["raw/date=2025-01-01"]})["plan"][0][
+        "action"] == "live"
+
+
+def test_retry_wants_every_partition_that_is_not_live(tmp_path, driver_for):
+    plan = {"b": {"fail_times": 1}}
+    ws = write_workspace(tmp_path / "ws", plan=plan)
+    d = driver_for(ws)
+    want = d.want("a", "b", "c", priority=5, ttl_seconds=3600)
+    assert d.settle(want["want_id"]) == FAILED
+    retry = d.command("retry_want", want_id=want["want_id"])
+    assert retry["partitions"] == ["b"]
+    assert retry["source"] == {"type": "retry", "want_id": want["want_id"]}
+    assert (retry["priority"], retry["ttl_seconds"]) == (5, 3600)
+    assert d.settle(retry["want_id"]) == SUCCESSFUL
+    with pytest.raises(Conflict):
+        d.command("retry_want", want_id=retry["want_id"])
+    with pytest.raises(NotFound):
+        d.command("retry_want", want_id="nope")

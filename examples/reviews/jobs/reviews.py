@@ -2,8 +2,10 @@
 
 Invoked by databuild as ``python3 jobs/reviews.py STAGE REF...`` from the
 workspace root.  Each stage writes its partition under ``data/<ref>/`` and a
-``_SUCCESS`` marker last; a stage whose inputs are not there yet prints the
-databuild missing-deps line and exits, and databuild builds them first.  A
+``_SUCCESS`` marker last.  ``daily``'s input is declared in databuild.toml
+(``deps``), so databuild builds it first; ``weekly`` finds out what it misses
+at run time: it prints the databuild missing-deps line and exits, databuild
+builds them and runs it again.  A
 stage that built its partition prints the refs it read (the read-deps line),
 so databuild records the lineage: ``explain``, ``lineage`` and
 ``taint --downstream`` then know that the report was built from the dailies,
