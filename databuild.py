@@ -1159,6 +1159,9 @@ class BuildState:
             run = self.job_runs.get(p["job_run_id"])
             return run.partitions if run is not None else ()
         if event.type == WANT_CREATE:
+            declared_by = (p.get("source") or {}).get("ref")
+            if declared_by is not None and p["source"].get("type") == "deps":
+                return list(p["partitions"]) + [declared_by]
             return p["partitions"]
         if event.type in (WANT_CANCEL, WANT_EXPIRE):
             want = self.wants.get(p["want_id"])
@@ -5138,7 +5141,7 @@ def explain_partition(view, ref, job_for, depth=3):
         return answer
     last = steps[-1] if steps else None
     if status == UPSTREAM_FAILED and depth > 0:
-        for dep in part["missing_deps"]:
+        for dep in part["missing_deps"] or part["upstream"]:  # reported, or declared
             dep_part = view.partition(dep)
             if dep_part is not None and dep_part["status"] in (FAILED, UPSTREAM_FAILED):
                 answer["upstream_failures"].append(
@@ -5154,7 +5157,11 @@ def _explain_summary(status, part, last, upstream_failures):
         return "UpstreamFailed: upstream %s is %s -- %s" % (first["ref"], first["status"],
                                                            first["summary"])
     if status == UPSTREAM_BUILDING:
-        return "UpstreamBuilding: waiting for %s" % ", ".join(part["missing_deps"])
+        return "UpstreamBuilding: waiting for %s" % _few(part["missing_deps"]
+                                                        or part["upstream"], 5)
+    if status == CANCELED:
+        return "Canceled: its work was dropped before it was ever built (%s); a new want " \
+            "builds it" % said
     if status == LIVE:
         return "Live, built by run %s" % _short(part["built_by_job_run_id"])
     return "%s: %s" % (status, said)
@@ -5181,6 +5188,10 @@ def _explain_step(event, view, runs):
             why = "as a dep of run %s" % _short(source.get("job_run_id"))
         elif source.get("type") == "lineage":
             why = "to rebuild it before %s, which was built from it" % source.get("ref")
+        elif source.get("type") == "deps":
+            why = "as declared deps (%s) of %s" % (_few(p["partitions"]), source.get("ref"))
+        elif source.get("type") == "retry":
+            why = "as a retry of want %s" % _short(source.get("want_id"))
         else:
             why = "(%s%s)" % (source.get("type", "manual"),
                               ", by %s" % source["user"] if source.get("user") else "")
@@ -6529,10 +6540,17 @@ var views = {
 function wantView(id){return api("/api/wants/"+encodeURIComponent(id)).then(function(j){var w=j.data;
  var runs=w.job_run_ids.length?api("/api/job_runs",{want_id:w.want_id,limit:100}):Promise.resolve({data:[]});
  return Promise.all([runs,tree(w,0)]).then(function(a){
+  var c=w.counts,live=c.Live||0;
   var acts=w.terminal?[]:[action("Cancel want","danger",function(){if(!confirm("Cancel want "+w.want_id+"?"))return;
     return send("DELETE","/api/wants/"+encodeURIComponent(w.want_id)).then(function(){return "Want canceled";});})];
+  if(w.terminal&&live<c.total)acts.push(action("Retry","",function(){
+    return send("POST","/api/wants/"+encodeURIComponent(w.want_id)+"/retry").then(function(j){
+     location.hash="#/wants/"+encodeURIComponent(j.data.want_id);return "Retry want created";});}));
   return {html:"<h1>Want "+esc(w.want_id)+" "+st(w.status)+"</h1>"+actions(acts)+
-   '<div class="grid"><div>'+fields([["status",st(w.status)],["source",esc(JSON.stringify(w.source))],
+   '<div class="grid"><div>'+fields([["status",st(w.status)],
+    ["progress",'<progress data-live="'+live+'" value="'+live+'" max="'+c.total+'"></progress> '+live+"/"+c.total+" live"+
+     Object.keys(c).filter(function(k){return k!=="total"&&k!=="Live";}).map(function(k){return ", "+c[k]+" "+st(k);}).join("")],
+    ["source",esc(JSON.stringify(w.source))],
     ["parent",wantLink(w.parent_want_id)],["root",wantLink(w.root_want_id)],["priority",esc(w.priority)],
     ["data time",epoch(w.data_timestamp)],["TTL",w.ttl_seconds?esc(w.ttl_seconds)+" s (expires "+epoch(w.data_timestamp+w.ttl_seconds)+")":"none"],
     ["SLA",w.sla_seconds?esc(w.sla_seconds)+" s"+(w.sla_breached?' <span class="s-Failed status">breached</span>':""):"none"],

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import databuild
-from conftest import run_count, set_plan, wait_for
+from conftest import run_count, set_plan, wait_for, write_workspace
 
 
 def raw_request(url, method="GET", path="/", headers=None, body=None, token=None):
@@ -430,3 +430,109 @@ def test_api_fuzzer_finds_no_server_error_and_no_answer_off_the_document(
     assert server.client.health()["status"] == "ok"
     assert server.stop() == 0
     assert "Traceback" not in server.stderr and "Unhandled error" not in server.stderr
+
+
+# -- backfills over HTTP (README "Backfills") ---------------------------------
+
+BACKFILL_JOBS = [
+    {"label": "raw", "partition_patterns": [r"raw/date=(?P<date>\d{4}-\d{2}-\d{2})"]},
+    {"label": "out", "partition_patterns": [r"out/date=(?P<date>\d{4}-\d{2}-\d{2})"],
+     "deps": ["raw/date={date}"]},
+    {"label": "num", "partition_patterns": [r"n/\d+", r"m/\d{4}-\d{2}", r"h/\d{4}-\d{2}-\d{2}T\d{2}"]},
+]
+
+
+@pytest.fixture
+def backfill_ws(tmp_path):
+    return write_workspace(tmp_path / "bf", jobs=BACKFILL_JOBS,
+                           plan={"raw/date=2025-01-05": {"exit": 1}})
+
+
+def post(server, path, body):
+    """(status, JSON answer) of a POST over a real socket."""
+    host = server.url.split("//")[1]
+    status, _, raw = raw_request(server.url, "POST", path, token=server.token,
+                                 headers={"Content-Type": "application/json", "Host": host},
+                                 body=json.dumps(body).encode())
+    return status, json.loads(raw)
+
+
+@pytest.mark.parametrize("ref, count, first, last", [
+    ("raw/date=[2025-01-30..2025-03-01]", 31, "raw/date=2025-01-30", "raw/date=2025-03-01"),
+    ("m/[2024-11..2025-02]", 4, "m/2024-11", "m/2025-02"),
+    ("h/[2025-01-01T22..2025-01-02T01]", 4, "h/2025-01-01T22", "h/2025-01-02T01"),
+    ("n/[0098..0101]", 4, "n/0098", "n/0101"),
+])
+def test_a_range_is_expanded_into_the_wants_refs(backfill_ws, serve, ref, count, first, last):
+    server = serve(backfill_ws)
+    plan = server.client.plan_want([ref])
+    assert len(plan["partitions"]) == count
+    assert (plan["partitions"][0], plan["partitions"][-1]) == (first, last)
+
+
+@pytest.mark.parametrize("ref, says", [
+    ("raw/date=[2025-01-02..2025-01-01]", "comes after"),
+    ("raw/date=[2025-01..2025-01-03]", "of one kind"),
+    ("raw/date=[2025-02-29..2025-03-01]", "day is out of range"),
+    ("n/[1..2]/[3..4]", "at most one [FROM..TO]"),
+    ("n/[0..10000]", "at most 10000 partitions; this one names 10001"),
+    ("raw/date=[2025-01-01..2025-01-02]x", "No job produces partition"),
+])
+def test_a_bad_range_is_a_400_naming_it_and_writes_nothing(backfill_ws, serve, ref, says):
+    server = serve(backfill_ws)
+    before = server.client.health()["latest_event_id"]
+    for path in ("/api/wants", "/api/wants?dry_run=true"):
+        status, body = post(server, path, {"partitions": [ref]})
+        assert status == 400 and says in body["error"], body
+    assert server.client.health()["latest_event_id"] == before
+
+
+def test_a_backfill_with_a_bad_day_plans_runs_settles_and_retries(backfill_ws, serve):
+    server = serve(backfill_ws)
+    before = server.client.health()["latest_event_id"]
+    status, planned = post(server, "/api/wants?dry_run=true",
+                           {"partitions": ["out/date=[2025-01-01..2025-01-08]"]})
+    assert status == 200 and planned["data"]["runs"] == 16
+    assert planned["data"]["jobs"] == {"out": 8, "raw": 8}
+    assert {e["action"] for e in planned["data"]["plan"]} == {"waiting", "build"}
+    assert server.client.health()["latest_event_id"] == before  # a plan writes nothing
+    want = server.client.create_want(["out/date=[2025-01-01..2025-01-08]"])
+    assert want["counts"]["total"] == 8
+    final = settled(server.client, want["want_id"])
+    assert final["status"] == "UpstreamFailed"
+    assert final["counts"] == {"total": 8, "Live": 7, "UpstreamFailed": 1}
+    # Each out partition ran once (declared deps: no dep-miss runs), the bad one never.
+    outs = server.client.list_job_runs(job_label="out")["data"]
+    assert sorted(r["status"] for r in outs) == ["Succeeded"] * 7
+    lineage = server.client.request("GET", "/api/partitions/out/date=2025-01-05/lineage")
+    assert [u["ref"] for u in lineage["data"]["upstream"]] == ["raw/date=2025-01-05"]
+    # Retry wants what is not Live, once the bad day is mended.
+    set_plan(server.workspace, {})
+    status, retry = post(server, "/api/wants/%s/retry" % want["want_id"], {})
+    assert status == 201
+    assert retry["data"]["partitions"] == ["out/date=2025-01-05"]
+    assert retry["data"]["source"] == {"type": "retry", "want_id": want["want_id"]}
+    assert settled(server.client, retry["data"]["want_id"])["status"] == "Successful"
+    status, body = post(server, "/api/wants/%s/retry" % retry["data"]["want_id"], {})
+    assert status == 409 and "nothing to retry" in body["error"]
+    status, body = post(server, "/api/wants/nope-nope/retry", {})
+    assert status == 404 and body["want_id"] == "nope-nope"
+    status, body = post(server, "/api/wants/%s/retry" % want["want_id"], {"x": 1})
+    assert status == 400
+
+
+def test_canceling_a_backfill_marks_never_built_partitions_canceled(backfill_ws, serve):
+    write_workspace(backfill_ws, jobs=BACKFILL_JOBS, server={"max_concurrent_job_runs": 1},
+                    plan={"raw/date=2025-01-01": {"sleep": 30}})
+    server = serve(backfill_ws)
+    want = server.client.create_want(["out/date=[2025-01-01..2025-01-03]"])
+    wait_for(lambda: server.client.list_job_runs(status="Running")["data"])
+    canceled = server.client.cancel_want(want["want_id"])
+    assert canceled["status"] == "Canceled"
+    final = wait_for(lambda: (lambda w: w if w["counts"].get("Canceled") == 3 else None)(
+        server.client.get_want(want["want_id"])))
+    assert final["counts"] == {"total": 3, "Canceled": 3}
+    raw = server.client.get_partition("raw/date=2025-01-01")
+    assert raw["status"] == "Canceled"
+    explained = server.client.request("GET", "/api/partitions/out/date=2025-01-01/explain")
+    assert explained["data"]["summary"].startswith("Canceled")

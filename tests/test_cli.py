@@ -466,3 +466,54 @@ def test_a_workspace_with_schedules_is_never_idle(tmp_path):
         assert not timer.check(now=100.0) and not fired
     finally:
         server.close()
+
+
+# -- backfills (README "Backfills") --------------------------------------------
+
+BACKFILL = [{"label": "raw", "partition_patterns": [r"raw/date=(?P<date>[0-9-]+)"]},
+            {"label": "out", "partition_patterns": [r"out/date=(?P<date>[0-9-]+)"],
+             "deps": ["raw/date={date}"], "max_partitions_per_run": 10}]
+
+
+def test_a_60_day_backfill_with_a_bad_day_plan_run_progress_retry(tmp_path, serve):
+    ws = write_workspace(tmp_path / "ws", jobs=BACKFILL, server={"max_concurrent_job_runs": 4},
+                         plan={"raw/date=2025-02-03": {"exit": 1}})
+    server = serve(ws)
+    refs = "out/date=[2025-01-01..2025-03-01]"
+    plan = server.cli("build", refs, "--dry-run", check=0).stdout
+    assert plan.splitlines()[0].split() == ["REF", "JOB", "ACTION", "DEPS"]
+    assert "60 partitions wanted, 120 in the plan: 60 build, 60 waiting." in plan
+    assert "66 job runs would start: out 6, raw 60" in plan
+    assert server.client.list_wants()["total"] == 0  # the plan wrote nothing
+    r = server.cli("build", refs, "--wait")
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert len(out.encode()) < 2048, out  # off a terminal, a long backfill stays short
+    want_id = re.search(r"Want (\S+): UpstreamFailed, 59/60 live", r.stdout).group(1)
+    assert "out/date=2025-02-03  UpstreamFailed  upstream failed: raw/date=2025-02-03" \
+        in r.stdout
+    assert re.search(r"\] UpstreamFailed: 59/60 live, 1 UpstreamFailed", r.stderr)
+    listing = server.cli("want", "list", check=0).stdout
+    assert re.search(want_id + r" +UpstreamFailed +59/60 ", listing)
+    assert "UpstreamFailed=1" in server.cli("want", "get", want_id[:8], check=0).stdout
+    set_plan(ws, {})
+    retried = server.cli("want", "retry", want_id[:8], "--wait")
+    assert retried.returncode == 0, retried.stderr
+    assert "Successful, 1/1 live" in retried.stdout
+    retry_id = re.search(r"Want (\S+): Successful", retried.stdout).group(1)
+    again = server.cli("want", "retry", retry_id)
+    assert again.returncode == 1 and "is Live: nothing to retry" in again.stderr
+    assert again.stderr.count("\n") == 1
+
+
+def test_build_wait_lists_at_most_ten_failures(tmp_path, serve):
+    ws = write_workspace(tmp_path / "ws", plan={"f/%02d" % i: {"exit": 2} for i in range(13)})
+    server = serve(ws)
+    r = server.cli("build", "f/[00..12]", "--wait")
+    assert r.returncode == 1
+    lines = [line for line in r.stdout.splitlines() if line.startswith("  f/")]
+    assert len(lines) == 10 and "Failed  exit code 2: planned exit 2 for f/00" in lines[0]
+    assert "  and 3 more" in r.stdout
+    bad = server.cli("build", "f/[3..1]")
+    assert bad.returncode == 1 and "Bad range [3..1]: 3 comes after 1" in bad.stderr
+    assert bad.stderr.count("\n") == 1

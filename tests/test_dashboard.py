@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import TEST_JOB, wait_for, write_workspace
+from conftest import TEST_JOB, set_plan, wait_for, write_workspace
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.common.exceptions import (  # noqa: E402
@@ -218,3 +218,25 @@ def test_light_and_dark(tmp_path, serve, browser):
     click(b, By.ID, "theme")
     assert background() == light
     b.execute_script("localStorage.clear()")
+
+
+def test_want_view_shows_progress_and_retries_what_is_not_live(tmp_path, serve, browser):
+    ws = write_workspace(tmp_path / "ws", plan={"p/2": {"exit": 3}})
+    server = serve(ws)
+    want = server.client.wait_want(server.client.create_want(["p/[1..4]"])["want_id"], 30)
+    assert want["status"] == "Failed"
+    b = browser
+    login(b, server, "/wants/" + want["want_id"])
+    text = until(b, "#view", ["3/4 live", "Retry"])
+    assert "1 Failed" in text
+    bar = b.find_element(By.CSS_SELECTOR, "progress[data-live]")
+    assert (bar.get_attribute("value"), bar.get_attribute("max")) == ("3", "4")
+    shot(b, "want_progress")
+    set_plan(ws, {})
+    click(b, By.XPATH, "//button[text()='Retry']")
+    wait_for(lambda: "#/wants/" in b.current_url and want["want_id"] not in b.current_url, 10)
+    retry_id = b.current_url.split("#/wants/")[1]
+    retry = server.client.wait_want(retry_id, 30)
+    assert retry["partitions"] == ["p/2"] and retry["status"] == "Successful"
+    until(b, "#view h1", ["Successful"])
+    assert "Retry" not in text_of(b, "#view .bar button")  # a Successful want has none
