@@ -3376,11 +3376,25 @@ class SlurmExecutor(Executor):
 # The warm interpreter of the python executor: run by the job's own
 # interpreter (so only the standard library, and no databuild), with the
 # channel's fd, the workspace and the entrypoint's target as arguments.  It
-# imports the target once, says which workspace files it imported, then forks
-# a child per request; the child runs the target as __main__ (SPEC 9).
+# runs only the target's top-level import statements (found with ast), says
+# which workspace files it imported, then forks a child per request; the
+# child runs the whole target as __main__, as ``python script.py`` would
+# (README "Warm Python jobs").
 _WARM_PYTHON = r'''
-import atexit, importlib, importlib.util, io, json, os, runpy, select, signal, socket, sys
-import traceback
+import ast, atexit, importlib, importlib.util, io, json, os, runpy, select, signal, socket
+import sys, traceback
+
+def import_ahead(path, package=None):
+    # Only the module-level ``import`` statements: what the script does
+    # besides runs in each run, where it would run in a cold start.
+    with open(path, "rb") as f:
+        tree = ast.parse(f.read(), path)
+    body = [node for node in tree.body if isinstance(node, ast.Import) or (
+        isinstance(node, ast.ImportFrom) and node.module != "__future__"
+        and (node.level == 0 or package))]
+    if body:
+        exec(compile(ast.Module(body=body, type_ignores=[]), path, "exec"),
+             {"__name__": "__databuild_imports__", "__package__": package})
 
 def main():
     chan = socket.socket(fileno=int(sys.argv[1]))
@@ -3400,20 +3414,20 @@ def main():
         sys.path.insert(0, os.path.dirname(script))
     try:
         if module:
-            importlib.import_module(module)
+            spec = importlib.util.find_spec(module)  # (imports its parent packages)
+            if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+                raise ImportError("No module named %r" % module)
+            source = spec.origin
+            import_ahead(source, spec.parent)
         else:
-            spec = importlib.util.spec_from_file_location("__databuild_job__", script)
-            if spec is None:
-                raise ImportError("cannot import %s" % script)
-            loaded = importlib.util.module_from_spec(spec)
-            sys.modules["__databuild_job__"] = loaded
-            spec.loader.exec_module(loaded)
+            source = script
             with open(script, "rb") as f:  # compiled once, run as __main__ per fork
                 code = compile(f.read(), script, "exec")
+            import_ahead(script)
     except BaseException as e:
         say(import_error="%s: %s" % (type(e).__name__, e), traceback=traceback.format_exc())
         return
-    files = []
+    files = [[source, os.stat(source).st_mtime_ns, os.stat(source).st_size]]
     for m in list(sys.modules.values()):
         path = getattr(m, "__file__", None)
         if path and os.path.abspath(path).startswith(root + os.sep):
@@ -3492,22 +3506,29 @@ def run(request, module, script, code_object, chan, wake_r, wake_w):
             if module:
                 runpy.run_module(module, run_name="__main__", alter_sys=True)
             else:
-                sys.argv[0] = script
-                main = type(sys)("__main__")
+                main = type(sys)("__main__")  # argv[0] stays as the entrypoint wrote it
                 main.__file__, main.__builtins__ = script, __builtins__
                 sys.modules["__main__"] = main
                 exec(code_object, main.__dict__)
         except SystemExit as e:
-            if e.code is None:
-                code = 0
-            elif isinstance(e.code, int):
-                code = e.code & 0xFF
-            else:
-                print(e.code, file=sys.stderr)
-                code = 1
+            code = exit_code(e)
+        except BaseException as e:
+            # As a cold run shows it: from the user's first frame on.
+            tb = e.__traceback__
+            while tb is not None and (tb.tb_frame.f_code.co_filename == "<string>"
+                                      or "runpy" in tb.tb_frame.f_code.co_filename):
+                tb = tb.tb_next
+            sys.excepthook(type(e), e.with_traceback(tb), tb)
+            code = 1
+        # What the interpreter does at exit: wait for non-daemon threads,
+        # then the atexit handlers, then flush.
+        try:
+            if "threading" in sys.modules:
+                sys.modules["threading"]._shutdown()
+        except SystemExit as e:
+            code = exit_code(e)
         except BaseException:
             traceback.print_exc()
-            code = 1
         atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -3516,6 +3537,14 @@ def run(request, module, script, code_object, chan, wake_r, wake_w):
                 pass
     finally:
         os._exit(code)
+
+def exit_code(e):
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code & 0xFF
+    print(e.code, file=sys.stderr)
+    return 1
 
 main()
 '''

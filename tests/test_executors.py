@@ -354,6 +354,75 @@ def test_python_import_error_fails_one_run_and_the_next_retries(tmp_path, driver
     assert d.settle(d.want("b")["want_id"]) == databuild.SUCCESSFUL
 
 
+PLAIN_SCRIPT = '''
+import atexit, json, os, sys, threading, time
+import helper  # imported ahead by the warm interpreter (a top-level import)
+
+ref = sys.argv[1]  # module-level work, no __main__ guard: as users write scripts
+plan = helper.PLAN.get(ref, {})
+os.makedirs("built", exist_ok=True)
+
+
+def later():
+    time.sleep(0.3)
+    with open(os.path.join("built", ref + ".thread"), "w") as f:
+        f.write("done")
+
+
+atexit.register(lambda: open(os.path.join("built", ref + ".atexit"), "w").close())
+threading.Thread(target=later).start()  # not a daemon: the run waits for it
+with open(os.path.join("built", ref), "w") as f:
+    json.dump({"argv0": sys.argv[0], "name": __name__, "pid": os.getpid()}, f)
+
+
+def fail():
+    raise ValueError("bad " + ref)
+
+
+if plan.get("raise"):
+    fail()
+if "exit" in plan:
+    sys.exit(plan["exit"])
+'''
+
+
+def test_python_runs_plain_scripts_as_a_cold_start_would(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", jobs=[{
+        "label": "w", "partition_patterns": ["[a-z0-9]+"], "executor": "python",
+        "entrypoint": [sys.executable, "./plain.py"]}])
+    with open(os.path.join(ws, "plain.py"), "w") as f:
+        f.write(PLAIN_SCRIPT)
+    set_helper(ws, {"boom": {"raise": True}, "msg": {"exit": "no input for msg"},
+                    "three": {"exit": 3}}, "v1")
+    d = driver_for(ws)
+    assert d.settle(d.want("a", "b")["want_id"]) == databuild.SUCCESSFUL
+    for ref in ("a", "b"):
+        record = json.loads(read(ws, "built", ref))
+        assert record["argv0"] == "./plain.py" and record["name"] == "__main__"
+        assert read(ws, "built", ref + ".thread") == "done"  # the thread was waited for
+        assert os.path.exists(os.path.join(ws, "built", ref + ".atexit"))
+    assert imports(ws) == 1  # helper imported once, ahead, for both runs
+    for ref in ("boom", "msg", "three"):
+        d.settle(d.want(ref)["want_id"])
+    runs = {r.partitions[0]: r for r in d.full().job_runs.values()}
+    assert (runs["three"].exit_code, runs["msg"].exit_code) == (3, 1)
+    assert runs["msg"].error == "exit code 1: no input for msg"
+    assert runs["boom"].exit_code == 1
+    stderr = read(d.config.state_dir, "logs", runs["boom"].job_run_id, "stderr.log")
+    lines = stderr.splitlines()
+    # As `python plain.py boom` shows it: the user's frames only.
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[1].startswith('  File "%s", line ' % os.path.join(ws, "./plain.py"))
+    assert "<string>" not in stderr and "runpy" not in stderr
+    assert lines[-1] == "ValueError: bad boom"
+    assert os.path.exists(os.path.join(ws, "built", "boom.atexit"))
+    # An edit of the script itself starts a new warm interpreter.
+    with open(os.path.join(ws, "plain.py"), "a") as f:
+        f.write("\nopen(os.path.join('built', ref + '.v2'), 'w').close()\n")
+    assert d.settle(d.want("c")["want_id"]) == databuild.SUCCESSFUL
+    assert os.path.exists(os.path.join(ws, "built", "c.v2")) and imports(ws) == 2
+
+
 def test_python_cancel_timeout_and_live_lines(tmp_path, driver_for):
     ws = warm_workspace(tmp_path / "ws", timeout_seconds=4, plan={  # (slow is canceled first)
         "slow": {"lines": 3, "pause": 0.2, "sleep": 60}, "late": {"sleep": 60}})
@@ -505,3 +574,23 @@ def test_a_slurm_job_whose_start_never_reached_the_log_is_canceled(
     wait_for(lambda: squeue_state(slurm_cluster, slurm_id) == "CANCELLED", 30)
     assert d.full().job_runs["r1"].error == "server restarted"
     assert d.settle("w", 60) == databuild.SUCCESSFUL
+
+
+def test_python_runs_a_module_with_m_as_a_cold_start_would(tmp_path, driver_for):
+    ws = write_workspace(tmp_path / "ws", jobs=[{
+        "label": "m", "partition_patterns": ["[a-z0-9]+"], "executor": "python",
+        "entrypoint": [sys.executable, "-m", "pkg.job", "--flag"]}])
+    os.makedirs(os.path.join(ws, "pkg"))
+    with open(os.path.join(ws, "pkg", "__init__.py"), "w") as f:
+        f.write("")
+    with open(os.path.join(ws, "pkg", "util.py"), "w") as f:
+        f.write("PREFIX = 'from util'\n")
+    with open(os.path.join(ws, "pkg", "job.py"), "w") as f:
+        f.write("import os, sys\nfrom .util import PREFIX\n"
+                "os.makedirs('built', exist_ok=True)\n"
+                "open(os.path.join('built', sys.argv[-1]), 'w').write("
+                "PREFIX + ' ' + __name__ + ' ' + ' '.join(sys.argv[1:]) + ' ' + sys.argv[0])\n")
+    d = driver_for(ws)
+    assert d.settle(d.want("a")["want_id"]) == databuild.SUCCESSFUL
+    assert read(ws, "built", "a") == "from util __main__ --flag a " + os.path.join(
+        ws, "pkg", "job.py")
