@@ -158,7 +158,16 @@ DEFAULTS = {
     "lineage_depth_max": 50,
     "cli_start_timeout_seconds": 15.0,
     "commit_retry_seconds": 2.0,  # after a failed commit, no job run starts for this long
+    # Pending partitions one step looks at (queues, or wants deps for): a
+    # backfill of 10,000 is queued over a few steps, each answered quickly.
+    "schedule_batch": 1000,
 }
+
+#: The ranges of a want's numbers (README "HTTP API"): checked before anything
+#: is written, so every want in the log has times a server can compute with.
+PRIORITY_RANGE = (-1000000, 1000000)
+DURATION_RANGE = (1, 315360000)  # ttl_seconds, sla_seconds: 1 s to ten years
+DATA_TIME_RANGE = (0, 253402300799)  # data_timestamp: 1970 to the end of year 9999
 
 #: Upper bounds (seconds) of the job run duration histogram of /metrics.
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, float("inf"))
@@ -2278,11 +2287,12 @@ def _parse_schedule(i, data, jobs_config):
     if not partitions:
         raise ConfigError("%s partitions: must not be empty" % where)
     kwargs = {}
-    for key, kind, minimum in (("lag_seconds", "num", 0), ("catch_up", "int", 0),
-                               ("priority", "int", PRIORITY_RANGE[0]),
-                               ("ttl_seconds", "num", 0), ("sla_seconds", "num", 0)):
+    for key, kind, bounds in (("lag_seconds", "num", (0, DURATION_RANGE[1])),
+                              ("catch_up", "int", (0, None)), ("priority", "int", PRIORITY_RANGE),
+                              ("ttl_seconds", "num", DURATION_RANGE),
+                              ("sla_seconds", "num", DURATION_RANGE)):
         if key in data:
-            kwargs[key] = _config_value(where, key, data[key], kind, minimum)
+            kwargs[key] = _config_value(where, key, data[key], kind, *bounds)
     try:
         schedule = ScheduleConfig(
             name, partitions, cron=_config_value(where, "cron", data["cron"], "str")
@@ -2314,9 +2324,12 @@ def _parse_schedule(i, data, jobs_config):
     return schedule
 
 
-def _config_value(where, key, value, kind, minimum=None):
+def _config_value(where, key, value, kind, minimum=None, maximum=None):
     def bad(what):
         raise ConfigError("%s %s: %s" % (where, key, what))
+    if maximum is not None and kind in ("int", "num") and isinstance(value, (int, float)) \
+            and not isinstance(value, bool) and value > maximum:
+        bad("must be at most %s, not %s" % (maximum, value))
     if kind == "int":
         if not isinstance(value, int) or isinstance(value, bool):
             bad("must be an integer, not %r" % (value,))
@@ -3952,6 +3965,7 @@ class Orchestrator:
         self._next_tick = {}  # schedule name -> its planned next tick
         self._retry_waits = []  # heap of (retry_at, ref): partitions in backoff
         self._retry_waiting = set()  # the refs in _retry_waits
+        self._schedule_more = False  # the last step left pending refs for the next
         self._stop_requested = False
         self._no_starts_until = 0.0  # after a failed commit: start no job run before this
         #: True where this process is its jobs' subreaper (``serve``): then
@@ -3967,9 +3981,7 @@ class Orchestrator:
         for want in self.state.wants.values():  # the live wants: a working set
             self._push_deadlines(want)
         self._recover(now)
-        for run_id in self.state.job_runs_by_status[QUEUED]:
-            self._push_queued(self.state.job_runs[run_id])
-        self._plan_schedules(now)
+        self._plan_from_state(now)
 
     def _open_state(self):
         # The working set from the projection; if the projection does not
@@ -4083,6 +4095,8 @@ class Orchestrator:
         self._wake.wait(seconds)  # local exits are reported from inside it
 
     def _sleep_seconds(self, now):
+        if self._schedule_more:
+            return 0.0
         when = min(now + DEFAULTS["orchestrator_tick_seconds"], self._maintain_at)
         if self._ticks:
             when = min(when, self._ticks[0][0])
@@ -4112,6 +4126,7 @@ class Orchestrator:
             commands.append(self._inbox.popleft())
         for cmd in commands:
             self._current_command = cmd
+            emitted = len(self._entries)
             try:
                 result = getattr(self, "_cmd_" + cmd.kind)(now, **cmd.args)
             except DatabuildError as e:
@@ -4124,6 +4139,9 @@ class Orchestrator:
                     self._replies.append((cmd, result))
             if cmd.error is not None:
                 cmd.done.set()
+                if len(self._entries) > emitted:  # failed half-way: write none of the step
+                    self._discard_step(now, cmd.kind)
+                    return
         reaped = self._reap(now)
         if reaped or now >= self._maintain_at:
             self._maintain_at = min([executor.maintain(now, bool(reaped), self._running)
@@ -4153,11 +4171,32 @@ class Orchestrator:
                 self._running.pop(handle.job_run_id, None)
             self._exited.extendleft(reversed(reaped))
             self._no_starts_until = now + DEFAULTS["commit_retry_seconds"]
-            self._queues = {}  # the queued runs and the schedules are the log's again
-            for run_id in self.state.job_runs_by_status[QUEUED]:
-                self._push_queued(self.state.job_runs[run_id])
-            self._plan_schedules(now)
+            self._plan_from_state(now)  # the queued runs and schedules are the log's again
             raise
+
+    def _discard_step(self, now, kind):
+        # A command failed after it had emitted events: none of this step's
+        # events is written (a half-applied change never reaches the log),
+        # the state is the log's again, and the step's other commands are
+        # answered 503.  Nothing had started yet: commands come first.
+        logger.error("Command %s failed after changing the state: this step's %d events are "
+                     "not written", kind, len(self._entries))
+        self._entries = []
+        replies, self._replies = self._replies, []
+        for cmd, _ in replies:
+            cmd.error = Unavailable("Not written: another request of the same step failed; "
+                                    "send it again")
+            cmd.done.set()
+        self.state = self._reload_state()
+        self._plan_from_state(now)
+        self._wake.set()  # the rest of the work: in the next step, at once
+
+    def _plan_from_state(self, now):
+        # The queued runs and the schedules' ticks, as the state (the log's) has them.
+        self._queues = {}
+        for run_id in self.state.job_runs_by_status[QUEUED]:
+            self._push_queued(self.state.job_runs[run_id])
+        self._plan_schedules(now)
 
     def _commit(self):
         """Append this step's events with the projection rows they changed, in
@@ -4234,12 +4273,14 @@ class Orchestrator:
                        (-self._run_priority(run), run.seq, run.job_run_id))
 
     def _push_deadlines(self, want, ttl=True):
-        if ttl and want.ttl_seconds:
-            heapq.heappush(self._deadlines,
-                           (want.data_timestamp + want.ttl_seconds, "ttl", want.want_id))
-        if want.sla_seconds:
-            heapq.heappush(self._deadlines,
-                           (want.data_timestamp + want.sla_seconds, "sla", want.want_id))
+        for kind, seconds in (("ttl", want.ttl_seconds if ttl else None),
+                              ("sla", want.sla_seconds)):
+            if seconds:
+                try:  # (a log from before the ranges were checked may hold any number)
+                    when = float(want.data_timestamp) + float(seconds)
+                except (OverflowError, TypeError, ValueError):
+                    continue
+                heapq.heappush(self._deadlines, (when, kind, want.want_id))
 
     # -- commands -------------------------------------------------------------
 
@@ -4581,12 +4622,18 @@ class Orchestrator:
             return
         by_job = {}
         seen = set()
-        while True:  # again for what this pass wanted (declared deps, upstream first)
+        budget = DEFAULTS["schedule_batch"]  # refs given work this step; the rest next step
+        self._schedule_more = False
+        while not self._schedule_more:  # again for what this pass wanted (deps, upstream)
             refs = [ref for ref in state.pending_refs if ref not in seen]
             if not refs:
                 break
-            seen.update(refs)
-            self._sort_pending(refs, now, by_job)
+            for ref in refs:
+                if budget <= 0:
+                    self._schedule_more = True  # the next step comes at once
+                    break
+                seen.add(ref)
+                budget -= self._sort_pending(ref, now, by_job)
         for job, refs in by_job.values():
             size = job.max_partitions_per_run
             for i in range(0, len(refs), size):
@@ -4604,28 +4651,29 @@ class Orchestrator:
                     payload["deps"] = {ref: job.declared_deps(ref) for ref in chunk}
                 self._emit(JOB_RUN_QUEUE, payload, now)
 
-    def _sort_pending(self, refs, now, by_job):
-        # Each pending ref waits (backoff, upstream first, declared deps),
-        # fails (no job for it) or joins its job's list in ``by_job``.
-        state = self.state
-        for ref in refs:
-            part = state.partitions.get(ref)
-            if part is not None and part.retry_at is not None and part.retry_at > now:
-                # SPEC 10 backoff: UpForRetry until retry_at; the heap wakes us.
-                if ref not in self._retry_waiting:
-                    self._retry_waiting.add(ref)
-                    heapq.heappush(self._retry_waits, (part.retry_at, ref))
-                continue
-            if self._rebuild_upstream_first(ref, now):
-                continue
-            try:
-                job = self.config.job_for(ref)
-            except InvalidRequest as e:  # the config changed under an old want
-                self._fail_unrunnable(ref, None, e.message, now)
-                continue
-            if job.deps and self._want_declared_deps(ref, job, now):
-                continue
-            by_job.setdefault(job.label, (job, []))[1].append(ref)
+    def _sort_pending(self, ref, now, by_job):
+        # A pending ref waits (backoff, upstream first, declared deps), fails
+        # (no job for it) or joins its job's list in ``by_job``.  1 if that
+        # gave it work (events now or a run to queue), 0 if it only waits.
+        state, emitted = self.state, len(self._entries)
+        part = state.partitions.get(ref)
+        if part is not None and part.retry_at is not None and part.retry_at > now:
+            # SPEC 10 backoff: UpForRetry until retry_at; the heap wakes us.
+            if ref not in self._retry_waiting:
+                self._retry_waiting.add(ref)
+                heapq.heappush(self._retry_waits, (part.retry_at, ref))
+            return 0
+        if self._rebuild_upstream_first(ref, now):
+            return int(len(self._entries) > emitted)
+        try:
+            job = self.config.job_for(ref)
+        except InvalidRequest as e:  # the config changed under an old want
+            self._fail_unrunnable(ref, None, e.message, now)
+            return 1
+        if job.deps and self._want_declared_deps(ref, job, now):
+            return 1
+        by_job.setdefault(job.label, (job, []))[1].append(ref)
+        return 1
 
     def _fail_unrunnable(self, ref, job_label, error, now):
         # A partition that no run can build (no job for it any more, a
@@ -5311,8 +5359,6 @@ HTTP_STATUS = (
 JSON_TYPE = "application/json; charset=utf-8"
 _WANT_FIELDS = ("partitions", "want_id", "data_timestamp", "ttl_seconds", "sla_seconds",
                 "comment", "user", "priority")
-#: The range of a want's priority (SPEC 10).
-PRIORITY_RANGE = (-1000000, 1000000)
 _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _DIGITS_RE = re.compile(r"[0-9]+")
 #: The largest integer a query parameter takes (2**53 - 1: exact in every JSON client).
@@ -5380,16 +5426,15 @@ def http_status_for(error):
     return 500
 
 
-def _number(body, name, positive=False, allow_none=True):
+def _number(body, name, low, high):
+    # A JSON number (not a boolean) from ``low`` to ``high``, or None if absent.
     value = body.get(name)
     if value is None:
-        if allow_none:
-            return None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
-            and abs(value) != float("inf") and (value > 0 if positive else value >= 0):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
         return value
-    raise InvalidRequest("%s must be a %s number" % (name, "positive" if positive else
-                                                      "non-negative"), field=name, value=value)
+    raise InvalidRequest("%s must be a number from %d to %d" % (name, low, high),
+                         field=name, value=_shown(value, 40))
 
 
 def _string(body, name, max_len):
@@ -5428,9 +5473,9 @@ def parse_want_request(body, config):
         raise InvalidRequest("want_id must be 1 to 128 characters of [A-Za-z0-9_.:-]",
                              field="want_id")
     return {"partitions": refs, "want_id": want_id,
-            "data_timestamp": _number(body, "data_timestamp"),
-            "ttl_seconds": _number(body, "ttl_seconds", positive=True),
-            "sla_seconds": _number(body, "sla_seconds", positive=True),
+            "data_timestamp": _number(body, "data_timestamp", *DATA_TIME_RANGE),
+            "ttl_seconds": _number(body, "ttl_seconds", *DURATION_RANGE),
+            "sla_seconds": _number(body, "sla_seconds", *DURATION_RANGE),
             "comment": _string(body, "comment", 10000), "user": _string(body, "user", 200),
             "priority": _priority(body)}
 
@@ -6012,7 +6057,11 @@ class _OpenAPI:
     integer = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
     nullable_str = {"type": "string", "nullable": True}
     nullable_num = {"type": "number", "nullable": True}
-    positive_num = {"type": "number", "nullable": True, "minimum": 0, "exclusiveMinimum": True}
+
+    @staticmethod
+    def number_in(bounds):
+        """A nullable number from ``bounds[0]`` to ``bounds[1]``."""
+        return {"type": "number", "nullable": True, "minimum": bounds[0], "maximum": bounds[1]}
     str_list = {"type": "array", "items": {"type": "string"}}
 
     def __init__(self):
@@ -6263,9 +6312,9 @@ def _openapi_schemas(o):
                                        "want_id": {"type": "string", "pattern": _ID_RE.pattern,
                                                    "minLength": 1, "maxLength": 128,
                                                    "nullable": True},
-                                       "data_timestamp": {"type": "number", "minimum": 0,
-                                                          "nullable": True},
-                                       "ttl_seconds": o.positive_num, "sla_seconds": o.positive_num,
+                                       "data_timestamp": o.number_in(DATA_TIME_RANGE),
+                                       "ttl_seconds": o.number_in(DURATION_RANGE),
+                                       "sla_seconds": o.number_in(DURATION_RANGE),
                                        "comment": o.nullable_str, "user": o.nullable_str,
                                        "priority": {"type": "integer", "nullable": True,
                                                     "minimum": PRIORITY_RANGE[0],

@@ -431,7 +431,8 @@ def test_python_cancel_timeout_and_live_lines(tmp_path, driver_for):
     d.until(lambda s: s.job_runs_by_status[databuild.RUNNING])
     (run_id,) = d.state.job_runs_by_status[databuild.RUNNING]
     log = os.path.join(d.config.state_dir, "logs", run_id, "stdout.log")
-    d.until(lambda s: read(ws, log).count("line") == 3)  # each line as it is printed
+    # Each line as it is printed (the file appears once the fork has opened it).
+    d.until(lambda s: os.path.exists(log) and read(ws, log).count("line") == 3)
     pid = d.orch._running[run_id].pid
     d.orch.enqueue("cancel_job_run", job_run_id=run_id)
     d.settle(slow["want_id"])

@@ -180,6 +180,17 @@ def test_events_feed(app_server):
     ({"partitions": ["a"], "want_id": "has space"}, "want_id"),
     ({"partitions": ["a"], "comment": 5}, "comment"),
     ([1, 2], None),
+    # Numbers in their ranges only (README "HTTP API"), before anything is written.
+    ({"partitions": ["a"], "ttl_seconds": 10 ** 400}, "ttl_seconds"),
+    ({"partitions": ["a"], "ttl_seconds": 10 ** 30}, "ttl_seconds"),
+    ({"partitions": ["a"], "ttl_seconds": 315360001}, "ttl_seconds"),
+    ({"partitions": ["a"], "ttl_seconds": 0.5}, "ttl_seconds"),
+    ({"partitions": ["a"], "sla_seconds": 1e300}, "sla_seconds"),
+    ({"partitions": ["a"], "data_timestamp": 1e300}, "data_timestamp"),
+    ({"partitions": ["a"], "data_timestamp": 253402300800}, "data_timestamp"),
+    ({"partitions": ["a"], "data_timestamp": -1}, "data_timestamp"),
+    ({"partitions": ["a"], "priority": 1000001}, "priority"),
+    ({"partitions": ["a"], "priority": 10 ** 400}, "priority"),
 ])
 def test_bad_want_bodies_are_400_and_leave_no_trace(app_server, body, field):
     r = app_server.http.call("POST", "/api/wants", body)

@@ -225,7 +225,7 @@ def test_ttl_expires_a_want_and_drops_its_work(tmp_path, driver_for):
     ws = write_workspace(tmp_path / "ws", server={"max_concurrent_job_runs": 1},
                          plan={"a": {"sleep": 30}})
     d = driver_for(ws)
-    want = d.want("a", ttl_seconds=0.3)
+    want = d.want("a", ttl_seconds=1, data_timestamp=time.time() - 0.7)  # expires in 0.3 s
     assert d.settle(want["want_id"]) == EXPIRED
     d.until(lambda s: not s.job_runs_by_status[RUNNING])
     (run,) = d.full().job_runs.values()
@@ -235,7 +235,7 @@ def test_ttl_expires_a_want_and_drops_its_work(tmp_path, driver_for):
 def test_sla_breach_is_recorded(tmp_path, driver_for):
     ws = write_workspace(tmp_path / "ws", plan={"a": {"sleep": 1}, "b": {}})
     d = driver_for(ws)
-    late = d.want("a", sla_seconds=0.2)
+    late = d.want("a", sla_seconds=1, data_timestamp=time.time() - 0.8)
     fine = d.want("b", sla_seconds=5)
     d.until(lambda s: d.orch.find_want(late["want_id"]).sla_breached)
     assert d.settle(late["want_id"]) == SUCCESSFUL
@@ -837,3 +837,26 @@ def test_retry_wants_every_partition_that_is_not_live(tmp_path, driver_for):
         d.command("retry_want", want_id=retry["want_id"])
     with pytest.raises(NotFound):
         d.command("retry_want", want_id="nope")
+
+
+def test_a_large_want_is_queued_over_several_steps(tmp_path, driver_for, monkeypatch):
+    # Each step gives work to at most schedule_batch pending partitions, so a
+    # 10,000-partition backfill is answered at once and queued in steps that
+    # follow one another without sleeping.
+    monkeypatch.setitem(databuild.DEFAULTS, "schedule_batch", 5)
+    ws = write_workspace(tmp_path / "ws", plan={"p/03": {"fail_times": 1}},
+                         jobs=[{"label": "t", "partition_patterns": ["p/.*"], "max_retries": 1,
+                                "retry_backoff_seconds": 30}])
+    clock = [1000.0]
+    d = driver_for(ws, clock=lambda: clock[0])
+    want = d.want("p/[00..11]")
+    assert len(d.state.partitions) == 5  # queued (four of them started)
+    assert d.orch._sleep_seconds(clock[0]) == 0  # the rest at once
+    d.orch.step()
+    assert len(d.state.partitions) == 10
+    d.until(lambda s: s.partitions["p/03"].retry_at is not None)
+    d.until(lambda s: len(s.partitions_by_status[databuild.LIVE]) == 11)
+    # p/03 waits in backoff: it takes none of a step's budget, nothing spins.
+    assert d.orch._sleep_seconds(clock[0]) > 0
+    clock[0] += 40
+    assert d.settle(want["want_id"]) == SUCCESSFUL

@@ -6,7 +6,8 @@ to ``{"deps": [...], "exit": N, "sleep": S, "sleep_times": N, "fail_times": N,
 "reads": [...]}``
 (every key optional; ``leave`` starts a process that outlives the job, its pid
 in ``runs/<ref>.left``; ``reads`` are printed as the read-deps line; an unplanned ref
-just succeeds; ``sleep_times`` limits the sleep to the first N invocations).  A ref is "built" when
+just succeeds; ``sleep_times`` limits the sleep to the first N invocations; with ``ignore_term``
+each SIGTERM it ignores adds a line to ``runs/terms``).  A ref is "built" when
 ``built/<ref>`` exists.  Each invocation appends a line to ``runs/<ref>``.
 """
 import json
@@ -57,7 +58,10 @@ def main(refs):
             with open(os.path.join("runs", fname(ref) + ".left"), "w") as f:
                 f.write("%d\n" % child.pid)
     if any(plan.get(ref, {}).get("ignore_term") for ref in refs):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        def ignored(signum, frame):  # ignored, but said (runs/terms), for tests to wait on
+            with open(os.path.join("runs", "terms"), "a") as f:
+                f.write("%d\n" % os.getpid())
+        signal.signal(signal.SIGTERM, ignored)
     with open(os.path.join("runs", "pids"), "a") as f:
         f.write("%d\n" % os.getpid())
     time.sleep(max((plan.get(ref, {}).get("sleep", 0) for ref in refs
