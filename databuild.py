@@ -2116,8 +2116,9 @@ class ConfigWatcher:
     def _reload(self):
         try:
             config = load_config(self.config.root)
-        except ConfigError as e:
-            self.error = e.message
+        except Exception as e:  # whatever the file holds, the server goes on
+            self.error = e.message if isinstance(e, ConfigError) else "%s: %s: %s" % (
+                self.config.path, type(e).__name__, e)
             logger.error("%s changed but does not load; the previous config stays in force: "
                          "%s", CONFIG_FILE, e.message)
             return
@@ -2456,10 +2457,17 @@ def load_config(workspace):
     path = os.path.join(os.path.abspath(workspace), CONFIG_FILE)
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
+        if not raw.strip():  # (an editor's half-saved file, as often as a mistake)
+            raise ConfigError("%s: the file is empty" % path)
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError("%s: no such file (a workspace is a folder holding %s)"
                           % (path, CONFIG_FILE)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("%s: not UTF-8 text (byte %d)" % (path, e.start)) from None
+    except RecursionError:
+        raise ConfigError("%s: nested too deeply" % path) from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError("%s: %s" % (path, e)) from None
     try:
@@ -5019,12 +5027,21 @@ def _tick_of(want_id):
 
 class MemoryView:
     """The read queries of ``StoreView``, answered from a state in memory
-    (a full replay, as for ``as_of``)."""
+    (a full replay, as for ``as_of``); ``log`` answers ``partition_events``."""
 
-    def __init__(self, state):
+    def __init__(self, state, log=None):
         self.state = state
+        self.log = log
         self.latest_event_id = state.latest_event_id
         self.summary = state.summary()
+
+    def partition_events(self, ref):
+        """As ``StoreView.partition_events``, up to this view's event."""
+        if self.log is None:
+            return []
+        with self.log.view() as store:
+            return [e for e in store.partition_events(ref)
+                    if e.event_id <= self.latest_event_id]
 
     def want(self, want_id):
         """One want as a dict, or None."""
@@ -5103,7 +5120,7 @@ class ReadModel:
         """Context manager yielding a view (StoreView, or MemoryView for ``as_of``)."""
         if as_of is None:
             return self.log.view()
-        return _Snapshot(MemoryView(self._state_at(as_of)))
+        return _Snapshot(MemoryView(self._state_at(as_of), self.log))
 
     def _state_at(self, as_of):
         with self._past_lock:
@@ -5671,6 +5688,13 @@ class _Api:
                                  parameter=name, value=_shown(raw))
         return value
 
+    def ref_param(self):
+        """The ``ref`` query parameter of the query routes of partitions (required)."""
+        ref = self.text_param("ref", empty_ok=False)
+        if ref is None:
+            raise InvalidRequest("ref is required: ?ref=<partition ref>", parameter="ref")
+        return ref
+
     def bool_param(self, name):
         raw = (self.text_param(name, empty_ok=False) or "false").lower()
         if raw not in ("true", "false", "1", "0"):
@@ -5789,8 +5813,23 @@ def _wants_routes(app, api):
 
 
 def _partitions_routes(app, api):
-    """The routes of partitions: list, get, lineage, explain, taint (lineage and
-    explain before get: a ref may hold '/')."""
+    """The routes of partitions: list, get, lineage, explain, taint.  Each takes
+    the ref in the path (``/api/partitions/<ref>/lineage``: lineage and
+    explain come before get, as a ref may hold '/') or, for any ref (one
+    that ends in ``/lineage`` too), as a query parameter
+    (``/api/partition/lineage?ref=R``)."""
+
+    def routes(method, suffix, handler, allowed, ref_rule="<ref:path>"):
+        # The path route and the query route of one partition operation.
+        def by_path(ref):
+            api.query(allowed)
+            return handler(ref)
+
+        def by_query():
+            api.query(allowed + ("ref",))
+            return handler(api.ref_param())
+        app.route("/api/partitions/" + ref_rule + suffix, method, by_path)
+        app.route("/api/partition" + suffix, method, by_query)
 
     @app.get("/api/partitions")
     def list_partitions():
@@ -5802,9 +5841,7 @@ def _partitions_routes(app, api):
             page, total = view.partitions(status, prefix, offset, limit)
             return api.listing(page, total, limit, offset, view)
 
-    @app.get("/api/partitions/<ref:path>/lineage")
-    def partition_lineage(ref):
-        api.query(("depth", "as_of"))
+    def lineage(ref):
         depth = api.int_param("depth", 3, 0, DEFAULTS["lineage_depth_max"])
         with api.read_model.read(api.as_of()) as view:
             tree = view.lineage(ref, depth)
@@ -5812,25 +5849,19 @@ def _partitions_routes(app, api):
             raise NotFound("Partition not found", ref=_shown(ref))
         return {"data": tree}
 
-    @app.get("/api/partitions/<ref:path>/explain")
-    def partition_explain(ref):
-        api.query(())
+    def explain(ref):
         check_ref(ref)
-        with api.read_model.read() as view:
+        with api.read_model.read(api.as_of()) as view:
             return {"data": explain_partition(view, ref, api.server.config.job_for)}
 
-    @app.get("/api/partitions/<ref:path>")
-    def get_partition(ref):
-        api.query(("as_of",))
+    def get(ref):
         with api.read_model.read(api.as_of()) as view:
             part = view.partition(ref)
         if part is None:
-            raise NotFound("Partition not found", ref=ref)
+            raise NotFound("Partition not found", ref=_shown(ref))
         return {"data": part}
 
-    @app.post("/api/partitions/<ref:path>/taint")
-    def taint_partition(ref):
-        api.query(())
+    def taint(ref):
         body = api.body_json()
         unknown = sorted(set(body) - {"reason", "downstream", "dry_run"})
         if unknown:
@@ -5844,6 +5875,13 @@ def _partitions_routes(app, api):
         answer = api.orchestrator().submit("taint", ref=ref, reason=reason, **flags)
         return {"data": answer["partition"], "tainted": answer["tainted"],
                 "dry_run": answer["dry_run"]}
+
+    routes("GET", "/lineage", lineage, ("depth", "as_of"))
+    routes("GET", "/explain", explain, ("as_of",))
+    # A path that ends in /taint is the taint's only: a partition whose ref
+    # ends so is read with ?ref= (so OPTIONS and 405 name one route's methods).
+    routes("GET", "", get, ("as_of",), ref_rule="<ref:re:(?!.*/taint$).+>")
+    routes("POST", "/taint", taint, ())
 
 
 def _job_runs_routes(app, api):
@@ -6206,7 +6244,7 @@ def _openapi_wants(o):
 
 def _openapi_partitions(o):
     """The OpenAPI paths of partitions (``_partitions_routes``)."""
-    return {
+    paths = {
         "/api/partitions": {
             "get": {"summary": "List partitions, newest first", "operationId": "listPartitions",
                     "parameters": [o.status_param(PARTITION_STATUSES),
@@ -6214,36 +6252,48 @@ def _openapi_partitions(o):
                                            "only refs starting with this")] + o.paging,
                     "responses": {"200": o.answer("Partitions", o.envelope("Partition")),
                                   **o.errors(400)}}},
-        "/api/partitions/{ref}": {
-            "get": {"summary": "One partition", "operationId": "getPartition",
-                    "parameters": [o.ref] + o.as_of,
-                    "responses": {"200": o.answer("The partition", o.single("Partition")),
-                                  **o.errors(400, 404)}}},
-        "/api/partitions/{ref}/taint": {
-            "post": {"summary": "Taint a partition", "operationId": "taintPartition",
-                     "parameters": [o.ref],
-                     "requestBody": {"required": False,
-                                     "content": o.json_body(o.schema("TaintRequest"))},
-                     "responses": {"200": o.answer("The tainted partition, and every ref tainted "
-                                                   "(or, with dry_run, that would be)",
-                                                   o.schema("TaintAnswer")),
-                                   **o.errors(400, 404, 409, 413, 415, 503)}}},
-        "/api/partitions/{ref}/lineage": {
-            "get": {"summary": "What a partition was built from, and what was built from it",
-                    "operationId": "partitionLineage",
-                    "parameters": [o.ref, o.param("depth", "query", {
-                        "type": "integer", "minimum": 0, "default": 3,
-                        "maximum": DEFAULTS["lineage_depth_max"]}, "levels each way")] + o.as_of,
-                    "responses": {"200": o.answer("The lineage", {
-                        "type": "object", "properties": {"data": o.schema("Lineage")}}),
-                        **o.errors(400, 404)}}},
-        "/api/partitions/{ref}/explain": {
-            "get": {"summary": "Why a partition is in its state: the events that led there",
-                    "operationId": "partitionExplain", "parameters": [o.ref],
-                    "responses": {"200": o.answer("The story", {
-                        "type": "object", "properties": {"data": o.schema("Explanation")}}),
-                        **o.errors(400)}}},
     }
+    by_ref = {
+        "": ("get", {"summary": "One partition", "operationId": "getPartition",
+                     "parameters": o.as_of,
+                     "responses": {"200": o.answer("The partition", o.single("Partition")),
+                                   **o.errors(400, 404)}}),
+        "/taint": ("post", {"summary": "Taint a partition", "operationId": "taintPartition",
+                            "parameters": [],
+                            "requestBody": {"required": False,
+                                            "content": o.json_body(o.schema("TaintRequest"))},
+                            "responses": {"200": o.answer(
+                                "The tainted partition, and every ref tainted (or, with "
+                                "dry_run, that would be)", o.schema("TaintAnswer")),
+                                **o.errors(400, 404, 409, 413, 415, 503)}}),
+        "/lineage": ("get", {
+            "summary": "What a partition was built from, and what was built from it",
+            "operationId": "partitionLineage",
+            "parameters": [o.param("depth", "query", {
+                "type": "integer", "minimum": 0, "default": 3,
+                "maximum": DEFAULTS["lineage_depth_max"]}, "levels each way")] + o.as_of,
+            "responses": {"200": o.answer("The lineage", {
+                "type": "object", "properties": {"data": o.schema("Lineage")}}),
+                **o.errors(400, 404)}}),
+        "/explain": ("get", {
+            "summary": "Why a partition is in its state: the events that led there",
+            "operationId": "partitionExplain", "parameters": o.as_of,
+            "responses": {"200": o.answer("The story", {
+                "type": "object", "properties": {"data": o.schema("Explanation")}}),
+                **o.errors(400)}}),
+    }
+    # Each operation twice: the ref in the path, and (for any ref, one that
+    # ends in /taint too) as the query parameter ``ref``.
+    ref_query = o.param("ref", "query", {"type": "string", "minLength": 1, "maxLength": 1024},
+                        "the partition's ref", required=True)
+    for suffix, (method, operation) in by_ref.items():
+        paths["/api/partitions/{ref}" + suffix] = {
+            method: dict(operation, parameters=[o.ref] + operation["parameters"])}
+        paths["/api/partition" + suffix] = {method: dict(
+            operation, operationId=operation["operationId"] + "ByQuery",
+            summary=operation["summary"] + " (the ref as a query parameter)",
+            parameters=[ref_query] + operation["parameters"])}
+    return paths
 
 
 def _openapi_job_runs(o):
@@ -6646,12 +6696,12 @@ function tree(w,depth){if(!w.derivative_want_ids.length||depth>4)return Promise.
 function lineageTree(nodes,key){if(!nodes||!nodes.length)return "";return '<ul class="tree">'+nodes.map(function(n){
  return "<li>"+refLink(n.ref)+" "+st(n.status)+(n.truncated?' <span class="muted">&hellip;</span>':"")+lineageTree(n[key],key)+"</li>";}).join("")+"</ul>";}
 function partitionView(ref){var e=encodeURIComponent(ref);
- return Promise.all([api("/api/partitions/"+e),api("/api/partitions/"+e+"/lineage",{depth:3}),
-  asOf?Promise.resolve(null):api("/api/partitions/"+e+"/explain")]).then(function(a){var p=a[0].data,l=a[1].data,x=a[2]&&a[2].data;
+ return Promise.all([api("/api/partition",{ref:ref}),api("/api/partition/lineage",{ref:ref,depth:3}),
+  api("/api/partition/explain",{ref:ref})]).then(function(a){var p=a[0].data,l=a[1].data,x=a[2]&&a[2].data;
   var acts=p.status==="Live"?[action("Taint","danger",function(){var why=prompt("Taint "+p.ref+"? Reason:");if(why===null)return;
-    return send("POST","/api/partitions/"+e+"/taint",{reason:why||null}).then(function(){return "Tainted";});}),
+    return send("POST","/api/partition/taint?ref="+e,{reason:why||null}).then(function(){return "Tainted";});}),
    action("Taint with downstream","danger",function(){var why=prompt("Taint "+p.ref+" and everything built from it? Reason:");if(why===null)return;
-    return send("POST","/api/partitions/"+e+"/taint",{reason:why||null,downstream:true}).then(function(j){return "Tainted "+j.data.tainted.length;});})]:[];
+    return send("POST","/api/partition/taint?ref="+e,{reason:why||null,downstream:true}).then(function(j){return "Tainted "+j.data.tainted.length;});})]:[];
   return {html:"<h1>Partition "+esc(p.ref)+" "+st(p.status)+"</h1>"+actions(acts)+
    '<div class="grid"><div>'+fields([["status",st(p.status)],["job",esc(p.job_label)],["built by",runLink(p.built_by_job_run_id)],
     ["last run",runLink(p.last_job_run_id)],["wants",few(p.want_ids,wantLink,6)],["missing deps",few(p.missing_deps,refLink,6)],
@@ -7337,14 +7387,18 @@ class Client:
         return self.request("GET", "/api/partitions", params=dict(
             status=status, prefix=prefix, limit=limit, offset=offset, as_of=as_of))
 
+    # The partition calls send the ref as a query parameter (GET
+    # /api/partition?ref=R, ...): that works for every ref, one that ends
+    # in /lineage or /taint too.
+
     def get_partition(self, ref, as_of=None):
-        """GET /api/partitions/<ref>."""
-        return self.request("GET", "/api/partitions/" + ref, params={"as_of": as_of})["data"]
+        """GET /api/partition?ref=<ref>."""
+        return self.request("GET", "/api/partition", params={"ref": ref, "as_of": as_of})["data"]
 
     def taint(self, ref, reason=None):
-        """POST /api/partitions/<ref>/taint; returns the partition."""
+        """POST /api/partition/taint?ref=<ref>; returns the partition."""
         body = {"reason": reason} if reason is not None else {}
-        return self.request("POST", "/api/partitions/%s/taint" % ref, body)["data"]
+        return self.request("POST", "/api/partition/taint", body, params={"ref": ref})["data"]
 
     def taint_downstream(self, ref, reason=None, dry_run=False):
         """Taint ``ref`` and every Live partition built from it (SPEC 13); returns
@@ -7353,16 +7407,17 @@ class Client:
         body = {"downstream": True, "dry_run": dry_run}
         if reason is not None:
             body["reason"] = reason
-        return self.request("POST", "/api/partitions/%s/taint" % ref, body)
+        return self.request("POST", "/api/partition/taint", body, params={"ref": ref})
 
     def lineage(self, ref, depth=None, as_of=None):
-        """GET /api/partitions/<ref>/lineage: upstream and downstream trees."""
-        return self.request("GET", "/api/partitions/%s/lineage" % ref,
-                            params={"depth": depth, "as_of": as_of})["data"]
+        """GET /api/partition/lineage?ref=<ref>: upstream and downstream trees."""
+        return self.request("GET", "/api/partition/lineage",
+                            params={"ref": ref, "depth": depth, "as_of": as_of})["data"]
 
-    def explain(self, ref):
-        """GET /api/partitions/<ref>/explain: why the partition is in its state."""
-        return self.request("GET", "/api/partitions/%s/explain" % ref)["data"]
+    def explain(self, ref, as_of=None):
+        """GET /api/partition/explain?ref=<ref>: why the partition is in its state."""
+        return self.request("GET", "/api/partition/explain",
+                            params={"ref": ref, "as_of": as_of})["data"]
 
     def list_job_runs(self, status=None, job_label=None, want_id=None, limit=None,
                       offset=None, as_of=None):
@@ -8116,9 +8171,9 @@ def _cmd_taint(args):
         parts = [client.taint(ref, args.reason) for ref in args.refs]
         _out(args, parts, "\n".join("%s: %s" % (p["ref"], p["status"]) for p in parts))
         return 0
-    answers = [client.request("POST", "/api/partitions/%s/taint" % ref, {
-        "reason": args.reason, "downstream": args.downstream, "dry_run": args.dry_run})
-        for ref in args.refs]
+    answers = [client.request("POST", "/api/partition/taint", {
+        "reason": args.reason, "downstream": args.downstream, "dry_run": args.dry_run},
+        params={"ref": ref}) for ref in args.refs]
     lines = []
     for ref, answer in zip(args.refs, answers):
         verb = "would taint" if args.dry_run else "tainted"

@@ -203,6 +203,51 @@ def test_a_running_server_builds_a_job_added_to_its_config(tmp_path, serve):
     assert server.proc.poll() is None
 
 
+BROKEN_FILES = [
+    (b"", "the file is empty"),
+    (b"  \n\t\n", "the file is empty"),
+    (b"\xff\xfe[server]\n", "not UTF-8 text (byte 0)"),
+    (b"a = " + b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    (b"[[jobs]]\nlabel = \"hal", "Unterminated string"),
+]
+
+
+@pytest.mark.parametrize("content, says", BROKEN_FILES)
+def test_serve_on_an_unreadable_file_exits_2_with_one_line(tmp_path, content, says):
+    (tmp_path / "databuild.toml").write_bytes(content)
+    result = subprocess.run([sys.executable, MODULE, "serve", "--workspace", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "databuild.toml" in lines[0], lines
+
+
+def test_a_running_server_keeps_its_config_through_unreadable_edits(tmp_path, serve):
+    from conftest import set_plan, wait_for, write_workspace
+    ws = write_workspace(tmp_path / "ws", server={"max_concurrent_job_runs": 1})
+    set_plan(ws, {"first": {"sleep": 2}})
+    server = serve(ws)
+    path = os.path.join(ws, "databuild.toml")
+    with open(path, "rb") as f:
+        good = f.read()
+    want = server.client.create_want(["first", "queued"])  # "queued" waits for "first"
+    wait_for(lambda: server.client.list_job_runs(status="Running")["total"])
+    for content, says in BROKEN_FILES:
+        with open(path, "wb") as f:
+            f.write(content)
+        health = server.client.health()  # (a 500 before: the reload raised)
+        assert says in health["config_error"], (says, health)
+        status = server.cli("status", check=0)
+        assert "config_error:" in status.stdout and says in status.stdout
+    # Nothing failed because of it: the queued run starts on the last good config.
+    assert server.client.wait_want(want["want_id"], 30)["status"] == "Successful"
+    assert [r["status"] for r in server.client.list_job_runs()["data"]] == ["Succeeded"] * 2
+    with open(path, "wb") as f:
+        f.write(good)
+    assert server.client.health()["config_error"] is None
+    assert server.proc.poll() is None
+
+
 # -- schedules (SPEC 11) -------------------------------------------------------
 
 def _ticks(schedule, start, n):

@@ -452,3 +452,28 @@ def test_a_grandchild_that_left_the_group_is_stopped_after_its_run(workspace, se
     with open(path) as f:
         grandchild = int(f.read())
     wait_for(lambda: not pid_alive(grandchild), timeout=10)
+
+
+def test_numbers_out_of_range_write_nothing_and_every_written_want_restarts(workspace, serve):
+    # The largest numbers a want may hold, written, then a kill -9 and a
+    # restart: the log replays, lists and the CLI's tables show them.
+    server = serve(workspace)
+    before = server.client.health()["latest_event_id"]
+    for field, value in (("ttl_seconds", 10 ** 400), ("ttl_seconds", 10 ** 30),
+                         ("data_timestamp", 1e300), ("priority", 10 ** 7)):
+        with pytest.raises(databuild.InvalidRequest) as info:
+            server.client.create_want(["a"], **{field: value})
+        assert info.value.fields["field"] == field
+    assert server.client.health()["latest_event_id"] == before  # nothing written
+    set_plan(workspace, {"slow": {"sleep": 60}})
+    edge = server.client.create_want(["slow"], ttl_seconds=315360000, sla_seconds=315360000,
+                                     data_timestamp=253402300799, priority=1000000)
+    wait_for(lambda: server.client.list_job_runs(status="Running")["total"])
+    server.proc.kill()
+    server.stop()
+    again = serve(workspace)
+    want = again.client.get_want(edge["want_id"])
+    assert want["ttl_seconds"] == 315360000 and want["created_at"]
+    listing = again.cli("want", "list")
+    assert listing.returncode == 0 and "9999-12-31 23:59Z" in listing.stdout
+    assert again.cli("want", "get", edge["want_id"]).returncode == 0
