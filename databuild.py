@@ -148,6 +148,10 @@ DEFAULTS = {
     "command_timeout_seconds": 30.0,  # an HTTP write waits this long for a reply
     "kill_grace_seconds": 3.0,  # SIGTERM -> SIGKILL for a job's process group
     "http_threads": 16,
+    # Connections open at once (idle ones included) before waitress stops
+    # accepting; an idle one is closed after http_idle_seconds.
+    "http_connection_limit": 1000,
+    "http_idle_seconds": 30,
     # An answer's bytes that wait in memory for a slow reader before its worker
     # waits too (waitress's outbuf_high_watermark; its default is 16 MiB).
     "http_outbuf_bytes": 2 * 1024 * 1024,
@@ -7006,8 +7010,26 @@ def _channel_class():
     nothing changes.
     """
     from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class JsonErrorTask(ErrorTask):
+        # waitress's own refusals (a body over the limit, a malformed
+        # request) as JSON, like every other error of the API.
+        def execute(self):
+            error = self.request.error
+            status, _, _ = error.to_response(self.channel.server.adj.ident)
+            body = _encode_json({"error": error.reason, "detail": error.body,
+                                 **({"limit": DEFAULTS["max_body_bytes"]}
+                                    if error.code == 413 else {})})
+            self.status = status
+            self.response_headers.extend([("Content-Type", JSON_TYPE), ("Connection", "close")])
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
 
     class Channel(HTTPChannel):
+        error_task_class = JsonErrorTask
+
         def writable(self):
             if (self.requests and 0 < self.total_outbufs_len <= self.adj.outbuf_high_watermark
                     and not (self.will_close or self.close_when_flushed)):
@@ -7017,6 +7039,19 @@ def _channel_class():
             return HTTPChannel.writable(self)
 
     return Channel
+
+
+def _raise_open_files_limit(wanted):
+    """Raise this process's soft limit of open files towards ``wanted`` (no
+    higher than the hard limit): each connection holds a descriptor."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def _check_log_not_lost(state_dir):
@@ -7144,10 +7179,17 @@ class Server:
         """Create the waitress server (binding the port) and start the orchestrator."""
         import waitress
         try:
+            _raise_open_files_limit(DEFAULTS["http_connection_limit"] + 1024)
             self._wsgi_server = waitress.create_server(
                 self.app, host=self.host, port=self.port, threads=DEFAULTS["http_threads"],
-                ident="databuild", channel_timeout=30, connection_limit=200,
-                expose_tracebacks=False, outbuf_high_watermark=DEFAULTS["http_outbuf_bytes"])
+                ident="databuild", channel_timeout=DEFAULTS["http_idle_seconds"],
+                connection_limit=DEFAULTS["http_connection_limit"], expose_tracebacks=False,
+                outbuf_high_watermark=DEFAULTS["http_outbuf_bytes"],
+                # waitress refuses a body over the limit (413) before reading
+                # it, and keeps the ones under it in memory: none is spooled
+                # to a temporary file.
+                max_request_body_size=DEFAULTS["max_body_bytes"],
+                inbuf_overflow=DEFAULTS["max_body_bytes"] + 65536)
         except OSError as e:
             raise DatabuildError("Cannot listen on %s:%s: %s" % (self.host, self.port,
                                                                  e.strerror or e)) from None
@@ -7183,8 +7225,8 @@ class Server:
         from waitress import wasyncore
         socket_map = self._wsgi_server._map
         try:
-            while not self.stop_event.is_set():
-                wasyncore.loop(timeout=1.0, map=socket_map, count=1)
+            while not self.stop_event.is_set():  # poll: select stops at 1,024 descriptors
+                wasyncore.loop(timeout=1.0, map=socket_map, count=1, use_poll=True)
         finally:
             self._graceful_stop(wasyncore, socket_map)
 
@@ -7211,7 +7253,7 @@ class Server:
                 for ch in list(socket_map.values()))
             if not busy:
                 break
-            wasyncore.loop(timeout=0.05, map=socket_map, count=1)
+            wasyncore.loop(timeout=0.05, map=socket_map, count=1, use_poll=True)
         self.orchestrator.stop()
         server.task_dispatcher.shutdown(timeout=2)  # the workers end first,
         wasyncore.close_all(socket_map)  # then the channels and the trigger

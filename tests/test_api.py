@@ -573,3 +573,59 @@ def test_refs_that_end_like_a_route_are_read_and_tainted_by_query(workspace, ser
     status, _, body = raw_request(server.url, "GET", "/api/partition?ref=nope", headers=host,
                                   token=server.token)
     assert status == 404 and json.loads(body)["ref"] == "nope"
+
+
+def read_to_close(sock):
+    """What the server sends until it closes the connection, as text."""
+    data = b""
+    while True:
+        try:
+            more = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not more:
+            break
+        data += more
+    sock.close()
+    return data.decode()
+
+
+def test_idle_sockets_and_big_bodies_do_not_stop_the_server(workspace, serve):
+    server = serve(workspace)
+    host, port = server.url.split("//")[1].split(":")
+    idle = []
+    try:
+        for _ in range(300):  # unauthenticated, saying nothing
+            idle.append(socket.create_connection((host, int(port)), timeout=5))
+        t0 = time.monotonic()
+        fast = databuild.Client(server.url, timeout=2, token=server.token)
+        assert fast.health()["status"] == "ok"
+        assert fast.list_wants()["total"] == 0  # an authenticated read
+        assert time.monotonic() - t0 < 2
+        # A 500 MB body, unauthenticated: refused (413, JSON) from its headers,
+        # before a byte of it is read or stored.
+        big = socket.create_connection((host, int(port)), timeout=5)
+        big.sendall(("POST /api/wants HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: "
+                     "application/json\r\nContent-Length: %d\r\n\r\n"
+                     % (host, port, 500 * 1024 * 1024)).encode())
+        answer = read_to_close(big)
+        assert answer.startswith("HTTP/1.1 413 "), answer[:200]
+        assert "application/json" in answer
+        assert json.loads(answer.split("\r\n\r\n", 1)[1])["limit"] == 1024 * 1024
+        # A chunked body over the limit: refused the same way, as JSON.
+        chunked = socket.create_connection((host, int(port)), timeout=5)
+        chunked.sendall(("POST /api/wants HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: "
+                         "application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         % (host, port)).encode())
+        chunk = b"x" * 65536
+        try:
+            for _ in range(20):  # 1.25 MiB
+                chunked.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:
+            pass  # the server closed the connection once the limit was passed
+        answer = read_to_close(chunked)
+        assert answer.startswith("HTTP/1.1 413 "), answer[:200]
+    finally:
+        for s in idle:
+            s.close()
+    assert server.client.health()["status"] == "ok"
