@@ -2698,6 +2698,52 @@ def _orphans_adopted():
         return []
 
 
+class _OrphanSweeper:
+    """What a finished run left behind, stopped (where this process is its
+    jobs' subreaper, as ``serve`` is: ``become_subreaper``).
+
+    A run's end kills its process group (``Executor.ended``); what left the
+    group (setsid) becomes our child once its parent exits.  Every child of
+    the main thread that is not a process of a running run is such an
+    orphan: stopped unless its run (by its environment) still goes on, and
+    reaped.  The orchestrator thread's only; one per server, whatever its
+    executors.
+    """
+
+    def __init__(self):
+        self.stopped = set()  # pids killed and not reaped yet: said once
+
+    def sweep(self, running):
+        """One sweep; True if it found an orphan (sweep again soon: its own
+        children become ours when it dies)."""
+        known = {h.pid for h in running.values() if h.pid is not None}
+        own_group = os.getpgrp()
+        found = False
+        for pid in _orphans_adopted():
+            if pid in known:
+                continue
+            run_id, zombie = _job_run_of(pid)
+            if run_id in running:
+                continue  # its run goes on: stopped when that run ends
+            found = True
+            if not zombie and pid not in self.stopped:
+                logger.info("Stopping pid %d, left behind by job run %s", pid, run_id or "?")
+                self.stopped.add(pid)
+                try:
+                    pgid = os.getpgid(pid)
+                    if pgid != own_group:
+                        _signal_group(pgid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    self.stopped.discard(pid)
+            except ChildProcessError:
+                self.stopped.discard(pid)
+        return found
+
+
 def _job_run_of(pid):
     """``(job run id or None, is a zombie)`` of a process, from its environment."""
     try:
@@ -3008,10 +3054,6 @@ class LocalExecutor(Executor):
         self._posix_spawn = (hasattr(os, "POSIX_SPAWN_OPEN")
                              and os.getcwd() == os.path.realpath(config.root))
         self._pidfds = {}  # pidfd -> handle, watched by the wakeup (orchestrator thread only)
-        #: True where this process is its jobs' subreaper (``serve``): then
-        #: descendants that a finished run left outside its group are stopped.
-        self.adopt_orphans = False
-        self._sweep_at = float("inf")  # the next sweep for orphans, if one is due
 
     def start(self, run, job, now):
         program, argv, env, log_dir = self.prepare(run, job)
@@ -3114,51 +3156,11 @@ class LocalExecutor(Executor):
             _stop_orphan(pid)
         return []
 
-    def maintain(self, now, ended, running):
-        if self.adopt_orphans and (ended or now >= self._sweep_at):
-            self._sweep_orphans(now, running)
-            if ended:  # once more soon: what the group kill orphans is adopted late
-                self._sweep_at = min(self._sweep_at, now + 0.2)
-        return self._sweep_at
-
-    def _sweep_orphans(self, now, running):
-        # A run's end kills its process group (ended); what left the group
-        # (setsid) becomes our child once its parent exits (become_subreaper).
-        # Every child that is not a job process of ours is such an orphan:
-        # stopped unless it still belongs to a running run, and reaped.
-        known = {h.pid for h in running.values() if h.pid is not None}
-        known.update(h.pid for h in self._pidfds.values())
-        self._sweep_at = float("inf")
-        own_group = os.getpgrp()
-        for pid in _orphans_adopted():
-            if pid in known:
-                continue
-            run_id, zombie = _job_run_of(pid)
-            if run_id in running:
-                continue  # its run goes on: stopped when that run ends
-            if not zombie:
-                logger.info("Stopping pid %d, left behind by job run %s", pid, run_id or "?")
-                try:
-                    pgid = os.getpgid(pid)
-                    if pgid != own_group:
-                        _signal_group(pgid, signal.SIGKILL)
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            # Its own children become ours when it dies, and it must be reaped.
-            self._sweep_at = now + 0.1
-
     def close(self):
         for fd in list(self._pidfds):
             self.wakeup.unwatch(fd)
             os.close(fd)
         self._pidfds.clear()
-        if self.adopt_orphans:
-            self._sweep_orphans(0, {})
 
 
 class SlurmExecutor(Executor):
@@ -3983,6 +3985,8 @@ class Orchestrator:
         #: True where this process is its jobs' subreaper (``serve``): then
         #: descendants that a finished run left outside its group are stopped.
         self.adopt_orphans = False
+        self._orphans = _OrphanSweeper()
+        self._sweep_at = float("inf")  # the next sweep for orphans, if one is due
         self._maintain_at = float("inf")  # the next call of the executors' maintain
         self._stopped = threading.Event()
         self._thread = None
@@ -4157,8 +4161,8 @@ class Orchestrator:
         reaped = self._reap(now)
         if reaped or now >= self._maintain_at:
             self._maintain_at = min([executor.maintain(now, bool(reaped), self._running)
-                                     for executor in self._executors.values()],
-                                    default=float("inf"))
+                                     for executor in self._executors.values()]
+                                    + [self._sweep_orphans(now, bool(reaped))])
         self._enforce_deadlines(now)
         self._expire(now)
         self._tick_schedules(now)
@@ -4494,12 +4498,21 @@ class Orchestrator:
         if executor is None:
             executor = self._executors[name] = executors[name](
                 self.config, self._on_exit, self._wake)
-        if isinstance(executor, LocalExecutor):
-            executor.adopt_orphans = self.adopt_orphans
         executor.url = self.url
         executor.token = self.token
         executor.clock = self.clock
         return executor
+
+    def _sweep_orphans(self, now, ended):
+        # After a run ended, and again while orphans turn up (each may leave
+        # children of its own); returns when the next sweep is due.
+        if not self.adopt_orphans or (not ended and now < self._sweep_at):
+            return self._sweep_at
+        found = self._orphans.sweep(self._running)
+        self._sweep_at = now + 0.1 if found else float("inf")
+        if ended:  # once more soon: what the group kill orphans is adopted late
+            self._sweep_at = min(self._sweep_at, now + 0.2)
+        return self._sweep_at
 
     def _reap(self, now):
         # Returns the handles of the runs whose outcomes this step records.
@@ -4945,6 +4958,8 @@ class Orchestrator:
                                         "reason": REASON_SERVER_SHUTDOWN}, self.clock())
         for executor in self._executors.values():
             executor.close()
+        if self.adopt_orphans:
+            self._orphans.sweep({})  # nothing of ours runs any more
         try:
             self._commit()
         finally:
@@ -6565,7 +6580,9 @@ function $(id){return document.getElementById(id);}
 function esc(s){return String(s==null?"\u2013":s).replace(/[&<>"']/g,function(c){
   return {"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c];});}
 function st(s){return '<span class="status s-'+esc(s)+'">'+esc(s)+'</span>';}
-function short(id){return id?String(id).slice(0,8):"";}
+function short(id){id=id?String(id):"";var m=/^schedule:([^:]+):/.exec(id);
+ return m?m[1]+" "+id.slice(m[0].length,m[0].length+16):/^[0-9a-f]{8}-[0-9a-f]{4}-/.test(id)?id.slice(0,8):id;}
+function sourceText(src){return src.type+(src.name?" "+src.name:src.ref?" "+src.ref:src.want_id?" "+short(src.want_id):"");}
 function wantLink(id){return id?'<a class="mono" href="#/wants/'+encodeURIComponent(id)+'" title="'+esc(id)+'">'+esc(short(id))+'</a>':"\u2013";}
 function runLink(id){return id?'<a class="mono" href="#/job_runs/'+encodeURIComponent(id)+'" title="'+esc(id)+'">'+esc(short(id))+'</a>':"\u2013";}
 function refLink(r){return '<a class="mono" href="#/partitions/'+encodeURIComponent(r)+'">'+esc(r)+'</a>';}
@@ -6613,7 +6630,7 @@ var views = {
    return {html:"<h1>Wants</h1>"+'<div class="bar">'+statusFilter("wants",q)+"</div>"+
     table([["want",function(w){return wantLink(w.want_id);}],["status",function(w){return st(w.status);}],
      ["partitions",function(w){return few(w.partitions,refLink);}],["priority",function(w){return esc(w.priority);}],
-     ["source",function(w){return esc(w.source.type);}],["data time",function(w){return epoch(w.data_timestamp);}],
+     ["source",function(w){return esc(sourceText(w.source));}],["data time",function(w){return epoch(w.data_timestamp);}],
      ["created",function(w){return when(w.created_at);}]],j.data)+pager("wants",q,j.total),
     wire:function(){$("flt").onchange=function(){go("wants",{status:this.value});};wirePager("wants",q);}};});},
  partitions: function(r){ if(r.id) return partitionView(r.id);
@@ -7815,6 +7832,12 @@ def _build_parser():
     p = command(commands, "dashboard", "print the dashboard's URL (it carries the access "
                 "token, which the page then keeps in a cookie)", _cmd_dashboard)
     p.add_argument("--open", action="store_true", help="also open it in a web browser")
+    p = command(commands, "init", "write a starter workspace (databuild.toml, a job script, "
+                "a .gitignore) and print the command that builds its example",
+                _cmd_init, parents=())
+    p.add_argument("dir", nargs="?", default=".", metavar="DIR",
+                   help="the folder to make a workspace of (default: this one); an "
+                        "existing databuild.toml is never overwritten")
     return parser
 
 
@@ -7906,6 +7929,13 @@ def _listing(args, envelope, columns, noun):
     return 0
 
 
+def _source_text(source):
+    """Who made a want, in a few words: ``manual``, ``schedule daily_agg``,
+    ``deps out/date=2025-01-01``, ``retry 1a2b3c4d``."""
+    detail = source.get("name") or source.get("ref") or _short(source.get("want_id"))
+    return "%s %s" % (source.get("type"), detail) if detail else source.get("type")
+
+
 def _date(ts):
     """Epoch seconds as ``2025-01-01 00:00Z`` (a data time, for people)."""
     if ts is None:
@@ -7916,12 +7946,14 @@ def _date(ts):
 _WANT_COLUMNS = [("WANT_ID", "want_id"), ("STATUS", "status"),
                  ("LIVE", lambda w: "%d/%d" % (w["counts"].get(LIVE, 0), w["counts"]["total"])),
                  ("PARTITIONS", lambda w: _few(w["partitions"], 1)),
-                 ("SOURCE", lambda w: w["source"].get("type")),
+                 ("SOURCE", lambda w: _source_text(w["source"])),
                  ("DATA_TIME", lambda w: _date(w["data_timestamp"])), ("CREATED", "created_at")]
 _PARTITION_COLUMNS = [("REF", "ref"), ("STATUS", "status"), ("JOB", "job_label"),
                       ("UPDATED", "updated_at")]
 _JOB_RUN_COLUMNS = [("JOB_RUN_ID", "job_run_id"), ("STATUS", "status"), ("JOB", "job_label"),
                     ("ATTEMPT", "attempt"), ("PARTITIONS", lambda r: _few(r["partitions"], 1)),
+                    ("START", lambda r: r["started_at"][:19].replace("T", " ") + "Z"
+                     if r["started_at"] else "-"),
                     ("DURATION", lambda r: "-" if r["duration_ms"] is None
                      else "%.1fs" % (r["duration_ms"] / 1000.0))]
 
@@ -8305,6 +8337,9 @@ def _summarise_payload(payload, width=60):
             continue
         if isinstance(value, list):
             shown = _few(value, 1)
+        elif (key.endswith(("_at", "timestamp")) and isinstance(value, (int, float))
+              and not isinstance(value, bool)):
+            shown = _date(value).replace(" ", "T")  # a time, not an epoch
         elif isinstance(value, dict):
             shown = ",".join("%s:%s" % kv for kv in value.items())
         else:
@@ -8340,6 +8375,85 @@ def _cmd_status(args):
         shown = ", ".join("%d %s" % (n, s) for s, n in by_status.items() if n) or "none"
         lines.append("%s  %s" % ((noun + ":").ljust(16), shown))
     _out(args, info, "\n".join(lines))
+    return 0
+
+
+_STARTER_TOML = """\
+# A databuild workspace (see README.rst, "The workspace and databuild.toml").
+# Build the example:   %(build)s
+
+[server]
+idle_timeout_seconds = 1800        # stop after 30 idle minutes (0 = never)
+max_concurrent_job_runs = 4
+
+[[jobs]]
+label = "greetings"
+entrypoint = ["python3", "jobs/greetings.py"]
+partition_patterns = ['greetings/date=(?P<date>\\d{4}-\\d{2}-\\d{2})']
+executor = "python"                # a warm interpreter: each run is a fork
+# max_partitions_per_run = 7       # give a run up to 7 refs at once
+# max_retries = 2                  # retry a failed run twice
+# deps = ["raw/date={date}"]       # declared deps, built before this job runs
+
+# A job run by the local executor: any program, a process per run.
+# [[jobs]]
+# label = "export"
+# entrypoint = ["sh", "jobs/export.sh"]
+# partition_patterns = ['export/date=(?P<date>\\d{4}-\\d{2}-\\d{2})']
+# deps = ["greetings/date={date}"]
+
+# A job run on a Slurm cluster (the workspace on a filesystem the nodes share).
+# [[jobs]]
+# label = "train"
+# executor = "slurm"
+# entrypoint = ["python3", "jobs/train.py"]
+# partition_patterns = ['models/week=\\d{4}-\\d{2}-\\d{2}']
+# sbatch_options = ["--mem=4G", "--time=01:00:00"]
+"""
+
+_STARTER_JOB = '''\
+"""The starter job: ``python3 jobs/greetings.py greetings/date=2025-01-01 ...``.
+
+A job gets the refs to build as arguments, runs in the workspace, and exits
+0 once they are built (README.rst, "Job protocol").
+"""
+import os
+import sys
+
+for ref in sys.argv[1:]:
+    date = ref.split("=", 1)[1]
+    folder = os.path.join("data", ref)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "greeting.txt"), "w") as f:
+        f.write("Hello from %s\\n" % date)
+    print("wrote", os.path.join(folder, "greeting.txt"))
+'''
+
+
+def _cmd_init(args):
+    root = os.path.abspath(args.dir)
+    path = os.path.join(root, CONFIG_FILE)
+    if os.path.exists(path):
+        raise Conflict("%s already exists: init writes a new workspace only" % path, path=path)
+    me = sys.argv[0] if sys.argv[0].endswith(".py") else None
+    build = " ".join(shlex.quote(part) for part in (
+        ([sys.executable, os.path.abspath(me)] if me else [os.path.basename(sys.argv[0])])
+        + ["--workspace", root, "build", "greetings/date=[2025-01-01..2025-01-07]", "--wait"]))
+    try:
+        os.makedirs(os.path.join(root, "jobs"), exist_ok=True)
+        files = [("jobs/greetings.py", _STARTER_JOB), (".gitignore", STATE_DIR + "/\ndata/\n"),
+                 (CONFIG_FILE, _STARTER_TOML % {"build": build})]
+        for name, text in files:
+            target = os.path.join(root, name)
+            if name == CONFIG_FILE or not os.path.exists(target):  # (config: checked above)
+                with open(target, "x" if name == CONFIG_FILE else "w") as f:
+                    f.write(text)
+    except OSError as e:
+        raise DatabuildError("Cannot write the workspace in %s: %s" % (root, e.strerror or e),
+                             path=root) from None
+    print("Wrote a workspace in %s: %s, jobs/greetings.py, .gitignore.\n"
+          "Build its example (seven days, in a server started for it):\n\n    %s"
+          % (root, CONFIG_FILE, build))
     return 0
 
 

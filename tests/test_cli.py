@@ -517,3 +517,27 @@ def test_build_wait_lists_at_most_ten_failures(tmp_path, serve):
     bad = server.cli("build", "f/[3..1]")
     assert bad.returncode == 1 and "Bad range [3..1]: 3 comes after 1" in bad.stderr
     assert bad.stderr.count("\n") == 1
+
+
+def test_init_writes_a_workspace_whose_printed_command_builds_it(tmp_path):
+    import shlex
+    ws = tmp_path / "starter"
+    r = cli("init", str(ws))
+    assert r.returncode == 0, r.stderr
+    command = r.stdout.strip().splitlines()[-1].strip()
+    assert (ws / ".gitignore").read_text().splitlines()[0] == ".databuild/"
+    assert databuild.load_config(str(ws)).jobs[0].label == "greetings"
+    try:
+        built = subprocess.run(shlex.split(command), capture_output=True, text=True,
+                               timeout=120)
+        assert built.returncode == 0, built.stderr
+        assert "Successful, 7/7 live" in built.stdout
+        assert (ws / "data" / "greetings" / "date=2025-01-07" / "greeting.txt").read_text() \
+            == "Hello from 2025-01-07\n"
+    finally:
+        cli("--workspace", str(ws), "stop")
+    before = (ws / "databuild.toml").read_bytes()
+    again = cli("init", str(ws))
+    assert again.returncode == 1 and again.stderr.count("\n") == 1
+    assert "already exists" in again.stderr
+    assert (ws / "databuild.toml").read_bytes() == before  # never overwritten

@@ -3,6 +3,7 @@ workspace, CLI auto-start, status and stop (SPEC 7, 8)."""
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -389,6 +390,26 @@ def test_what_a_finished_run_leaves_behind_is_stopped(workspace, serve, setsid):
     wait_for(lambda: server.client.get_want(want["want_id"])["status"] == "Successful")
     left = _left_pid(workspace, "a")
     wait_for(lambda: not pid_alive(left), timeout=10)
+
+
+def test_each_orphan_is_stopped_and_logged_once_whatever_the_executors(tmp_path, serve):
+    # A local and a python job: one sweep for the server, not one per executor.
+    from conftest import TEST_JOB
+    ws = write_workspace(tmp_path / "ws", jobs=[
+        {"label": "local", "partition_patterns": ["l/.*"]},
+        {"label": "py", "partition_patterns": ["p/.*"], "executor": "python",
+         "entrypoint": [sys.executable, TEST_JOB]}],
+        plan={"l/a": {"leave": {"argv": ["sleep", "300"], "setsid": True}},
+              "p/a": {"leave": {"argv": ["sleep", "300"], "setsid": True}}})
+    server = serve(ws)
+    for ref in ("p/a", "l/a"):
+        want = server.client.create_want([ref])
+        wait_for(lambda: server.client.get_want(want["want_id"])["status"] == "Successful")
+        left = _left_pid(ws, ref.replace("/", "%2F"))
+        wait_for(lambda: not pid_alive(left), timeout=10)
+    assert server.stop() == 0
+    stopped = re.findall(r"Stopping pid (\d+), left behind", server.stderr)
+    assert len(stopped) == 2 and len(set(stopped)) == 2, server.stderr
 
 
 def test_cancel_stops_a_child_that_left_the_group(workspace, serve):
