@@ -141,7 +141,7 @@ DEFAULTS = {
     "idle_timeout_seconds": 3 * 60 * 60,
     "max_concurrent_job_runs": 4,
     "cors_origins": ["http://localhost:3000"],
-    "auth": "token",  # or "none" (loopback hosts only), SPEC 12
+    "auth": "token",  # or "none" (loopback hosts only), README "Security"
     "allowed_hosts": [],  # Host names accepted besides loopback (non-loopback binds)
     # Internal timings.
     "orchestrator_tick_seconds": 1.0,  # longest sleep when nothing wakes it
@@ -179,11 +179,11 @@ DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
 STATE_DIR = ".databuild"
 CONFIG_FILE = "databuild.toml"
 MISSING_DEPS_MARKER = "DATABUILD_MISSING_DEPS_JSON:"
-READ_DEPS_MARKER = "DATABUILD_READ_DEPS_JSON:"  # lineage: what a job read (SPEC 13)
-TOKEN_COOKIE = "databuild_token"  # the dashboard's copy of the access token (SPEC 12)
+READ_DEPS_MARKER = "DATABUILD_READ_DEPS_JSON:"  # lineage: what a job read (README "Lineage")
+TOKEN_COOKIE = "databuild_token"  # the dashboard's copy of the access token (README "Security")
 LOOPBACK_HOSTS = frozenset(("127.0.0.1", "localhost", "::1"))
 
-# Want statuses (SPEC 5).
+# Want statuses (README "Concepts").
 IDLE = "Idle"
 BUILDING = "Building"
 UPSTREAM_BUILDING = "UpstreamBuilding"
@@ -219,7 +219,7 @@ DEP_MISS = "DepMiss"
 JOB_RUN_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, DEP_MISS, CANCELED)
 ACTIVE_JOB_RUN_STATUSES = frozenset((QUEUED, RUNNING))
 
-# Event types (SPEC 5).
+# Event types (README "Concepts").
 WANT_CREATE = "want_create"
 WANT_CANCEL = "want_cancel"
 WANT_EXPIRE = "want_expire"
@@ -308,7 +308,7 @@ class WaitTimeout(DatabuildError):
 
 class ExecutorError(DatabuildError):
     """An executor could not start a job run (or learn of it); the message
-    is the run's error as it is (SPEC 9)."""
+    is the run's error as it is (README "Running on a cluster")."""
 
 
 ###############################################################################
@@ -346,7 +346,7 @@ _REF_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,1024}")
 
 
 def check_ref(ref):
-    """Raise InvalidRequest unless ``ref`` is a well-formed ref (SPEC 3).
+    """Raise InvalidRequest unless ``ref`` is a well-formed ref (README "The workspace").
 
     Besides 1 to 1024 printable characters without whitespace, no ``/``
     segment may be ``.`` or ``..``: jobs map refs to paths, and such a ref
@@ -517,7 +517,7 @@ class Event:
         self.payload = payload
 
     def to_dict(self):
-        """The event as the API shows it (SPEC 5)."""
+        """The event as the API shows it (README "Concepts")."""
         return {"event_id": self.event_id, "timestamp": isoformat(self.timestamp),
                 "type": self.type, "payload": self.payload}
 
@@ -562,7 +562,7 @@ class _Entity:
 
 
 class Want(_Entity):
-    """A declaration that some partitions should exist (SPEC 5, Want)."""
+    """A declaration that some partitions should exist (README "Concepts", Want)."""
 
     __slots__ = ("want_id", "partitions", "status", "data_timestamp", "ttl_seconds",
                  "sla_seconds", "sla_breached", "source", "parent_want_id",
@@ -600,11 +600,11 @@ class Want(_Entity):
 
 
 class Partition(_Entity):
-    """An atomic unit of data named by a ref (SPEC 5, Partition).
+    """An atomic unit of data named by a ref (README "Concepts", Partition).
 
     ``waiting_on`` holds the missing deps not yet Live while UpstreamBuilding;
     ``retries`` counts plain failures since the last success (for max_retries).
-    ``upstream`` (SPEC 13) are the refs its last successful run read: the ones
+    ``upstream`` (README "Lineage") are the refs its last successful run read: the ones
     that run printed (``DATABUILD_READ_DEPS_JSON``) and the ones the runs for
     it reported missing since the success before (``reported_deps``).
     """
@@ -637,7 +637,7 @@ class Partition(_Entity):
 
 
 class JobRun(_Entity):
-    """One execution of a job for 1..max_partitions_per_run refs (SPEC 5, Job run)."""
+    """One execution of a job for 1..max_partitions_per_run refs (README "Concepts", Job run)."""
 
     __slots__ = ("job_run_id", "job_label", "partitions", "want_ids", "status", "attempt",
                  "exit_code", "missing_deps", "error", "queued_at", "started_at",
@@ -742,7 +742,7 @@ class BuildState:
         self.duration_count = 0
         self.seqs = {"wants": 0, "partitions": 0, "job_runs": 0}  # creation counters
         self.job_runs_by_job = {}  # job label -> {status: how many job runs}
-        self.downstream = {}  # ref -> refs whose upstream holds it (SPEC 13)
+        self.downstream = {}  # ref -> refs whose upstream holds it (README "Lineage")
 
         def bucket(status, live):
             return {} if live or not working_set else _Tally()
@@ -1099,7 +1099,8 @@ class BuildState:
         status = UP_FOR_RETRY if p.get("retry") else FAILED
         for ref in run.partitions:
             part = self.partitions[ref]
-            part.retry_at = p.get("retry_at") if p.get("retry") else None  # SPEC 10 backoff
+            # retry backoff (README "Scheduling policy")
+            part.retry_at = p.get("retry_at") if p.get("retry") else None
             if p.get("counted", True):
                 part.retries += 1
             self._set_partition_status(part, status, ts)
@@ -1259,7 +1260,7 @@ class BuildState:
 
     def _maybe_unwanted(self, ref, ts):
         # A partition that waits on upstream work nobody wants any more drops
-        # back to UpForRetry: its unstarted work is dropped (SPEC 5, TTL/cancel).
+        # back to UpForRetry: its unstarted work is dropped (README "Concepts", TTL/cancel).
         part = self.partitions.get(ref)
         if part is not None and part.status == UPSTREAM_BUILDING and not self.is_wanted(ref):
             self._drop_waits(part, ts)
@@ -1336,7 +1337,7 @@ CREATE TABLE IF NOT EXISTS links (      -- a partition's wants, a want's job run
     seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL, member TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS links_by_owner ON links (kind, owner, seq);
 CREATE TABLE IF NOT EXISTS projection (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- Lineage (SPEC 13): a partition's upstream refs, and each ref's events.
+-- Lineage (README "Lineage"): a partition's upstream refs, and each ref's events.
 CREATE TABLE IF NOT EXISTS upstream (ref TEXT NOT NULL, dep TEXT NOT NULL,
                                      PRIMARY KEY (ref, dep)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS upstream_by_dep ON upstream (dep, ref);
@@ -1366,7 +1367,7 @@ class EventLog:
     shared across threads).  Only the orchestrator thread calls ``append``;
     any thread may read.  sqlite3 errors become ``StorageError``.
 
-    Durability (SPEC 8).  An event is *durable* once the WAL holding it has
+    Durability (README "Lifecycle").  An event is *durable* once the WAL holding it has
     been fsynced; readers (``list_events``, ``latest_event_id``) see durable
     events only, and nobody is told of an event before it is durable, so an
     acknowledged event survives a power loss.  ``append(entries)`` commits and
@@ -2008,7 +2009,7 @@ class JobConfig:
         self.max_concurrent_runs = max_concurrent_runs  # None: only the server's limit
         self.retry_backoff_seconds = retry_backoff_seconds
         self.retry_backoff_max_seconds = retry_backoff_max_seconds
-        self.executor = executor  # a name in ``executors`` (SPEC 9)
+        self.executor = executor  # a name in ``executors`` (README "Running on a cluster")
         self.options = dict(options or {})  # the executor's own job keys (sbatch_options)
         #: Declared deps: templates filled from the named groups of the pattern
         #: a ref matched, e.g. ``raw/date={date}`` (README "Backfills").
@@ -2027,7 +2028,7 @@ class JobConfig:
         return []
 
     def retry_delay(self, attempt, rng=random.random):
-        """Seconds before retry ``attempt`` (2, 3, ...) may start (SPEC 10):
+        """Seconds before retry ``attempt`` (2, 3, ...) may start (README "Scheduling policy"):
         ``retry_backoff_seconds * 2**(n-1)`` for the n-th retry, capped by
         ``retry_backoff_max_seconds``, plus up to 10 % of jitter (so that
         runs that failed together do not all retry at the same instant)."""
@@ -2058,9 +2059,9 @@ class Config:
         self.path = path
         self.jobs = list(jobs)
         self.jobs_by_label = {job.label: job for job in self.jobs}
-        self.schedules = []  # ScheduleConfig, in file order (SPEC 11)
+        self.schedules = []  # ScheduleConfig, in file order (README "Schedules")
         self.schedules_by_name = {}
-        #: ``[executors.<name>]`` tables, checked (SPEC 9).
+        #: ``[executors.<name>]`` tables, checked (README "Running on a cluster").
         self.executors = {}
         for key in _SERVER_KEYS:
             setattr(self, key, server.get(key, DEFAULTS[key]))
@@ -2210,7 +2211,7 @@ class Cron:
 
 
 class ScheduleConfig:
-    """One ``[[schedules]]`` entry (SPEC 11): when it ticks, and the want each
+    """One ``[[schedules]]`` entry (README "Schedules"): when it ticks, and the want each
     tick makes.
 
     ``ticks_after(ts)`` yields the ticks (epoch seconds) after ``ts``, in
@@ -2254,7 +2255,7 @@ class ScheduleConfig:
                 yield tick
 
     def want_id(self, tick):
-        """The want of a tick: ``schedule:<name>:<tick as UTC ISO 8601>`` (SPEC 11)."""
+        """The want of a tick: ``schedule:<name>:<tick as UTC ISO 8601>`` (README "Schedules")."""
         return "schedule:%s:%s" % (self.name, time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                            time.gmtime(tick)))
 
@@ -2355,7 +2356,7 @@ def _config_value(where, key, value, kind, minimum=None, maximum=None):
 
 
 def _parse_executors(data):
-    # SPEC 9: [executors.<name>] tables, each key checked by its executor.
+    # README "Running on a cluster": [executors.<name>] tables, each key checked by its executor.
     if not isinstance(data, dict):
         raise ConfigError("executors: must be a table of tables ([executors.local], ...)")
     tables = {}
@@ -2829,7 +2830,7 @@ def _close_fds(*fds):
 
 
 class JobRunHandle:
-    """A started job run as its executor tracks it (SPEC 9).
+    """A started job run as its executor tracks it (README "Running on a cluster").
 
     Owned by the orchestrator thread, except ``returncode`` and ``error``,
     which an executor's own thread may set just before it reports the end
@@ -2870,7 +2871,7 @@ class JobRunHandle:
     def outcome(self):
         """Read the run's stdout for its protocol lines: ``(missing_deps or None,
         read_deps, problem)`` -- the deps it reported missing, the deps it said
-        it read (SPEC 13), and what was wrong with a line, if anything."""
+        it read (README "Lineage"), and what was wrong with a line, if anything."""
         found = {MISSING_DEPS_MARKER: None, READ_DEPS_MARKER: None}
         keys = {MISSING_DEPS_MARKER: "missing_deps", READ_DEPS_MARKER: "read_deps"}
         problem = None
@@ -2916,7 +2917,7 @@ class JobRunHandle:
 
 class Executor:
     """Where job runs execute: one subclass per kind, named in ``executors``
-    (SPEC 9), the way bottle names its server adapters.
+    (README "Running on a cluster"), the way bottle names its server adapters.
 
     The orchestrator speaks to job runs only through these methods, all
     called in its thread: ``start`` a run, ``signal`` it, ``recover`` what a
@@ -2925,7 +2926,7 @@ class Executor:
     whichever thread learns it, by calling ``on_exit(handle)``.
 
     What every kind shares lives here: the run's argv, environment and log
-    files (SPEC 4), prepared once per job.  A subclass sets ``name``, the
+    files (README "Job protocol"), prepared once per job.  A subclass sets ``name``, the
     keys it reads from its ``[executors.<name>]`` table and from its jobs
     (``settings`` and ``job_settings``: key -> (kind, minimum), as
     ``_config_value`` checks them; a job's are in ``JobConfig.options``) and
@@ -2986,7 +2987,8 @@ class Executor:
         return template
 
     def prepare(self, run, job):
-        """``(program, argv, env, log_dir)`` of a run (SPEC 4); makes its log folder."""
+        """``(program, argv, env, log_dir)`` of a run (README "Job protocol");
+        makes its log folder."""
         program, base_env = self._template(job)
         env = dict(base_env)
         env[b"DATABUILD_JOB_RUN_ID"] = run.job_run_id.encode()
@@ -3035,7 +3037,7 @@ class Executor:
 
 
 class LocalExecutor(Executor):
-    """A process per run on the server's machine (SPEC 4, 9 ``local``).
+    """A process per run on the server's machine (README "Job protocol").
 
     Each process's pidfd is watched by the orchestrator's ``_Wakeup``; its
     exit is waited in the orchestrator thread.  Where pidfds are missing a
@@ -3140,7 +3142,7 @@ class LocalExecutor(Executor):
         _signal_group(handle.pid, signal.SIGKILL)  # whatever the job left in its group
 
     def recover(self, runs, now):
-        # SPEC 8: a job process that outlived the previous server is
+        # README "Lifecycle": a job process that outlived the previous server is
         # recognised by (pid, start time) and stopped before its run fails,
         # so that two processes never build one partition at once.  A process
         # spawned just before a crash may have no committed start event: it
@@ -3164,7 +3166,7 @@ class LocalExecutor(Executor):
 
 
 class SlurmExecutor(Executor):
-    """Each run is a Slurm batch job (SPEC 9 ``slurm``).
+    """Each run is a Slurm batch job (README "Running on a cluster").
 
     ``sbatch`` gets a small script in the run's log folder that runs the
     job's argv in the workspace with the run's environment and writes the
@@ -3671,7 +3673,7 @@ class _WarmPython:
             self.executor.wakeup.set()
 
     def changed(self):
-        """True if a workspace file it imported changed since (SPEC 9)."""
+        """True if a workspace file it imported changed since (README "Running on a cluster")."""
         for path, mtime_ns, size in self.files:
             try:
                 st = os.stat(path)
@@ -3730,7 +3732,7 @@ def _python_target(entrypoint):
 
 
 class PythonExecutor(LocalExecutor):
-    """Python jobs forked from a warm interpreter (SPEC 9 ``python``).
+    """Python jobs forked from a warm interpreter (README "Warm Python jobs").
 
     One warm interpreter per job (``_WarmPython``), started from the
     entrypoint's own interpreter, imports the script (or module) once; each
@@ -3871,7 +3873,7 @@ class PythonExecutor(LocalExecutor):
         super().close()
 
 
-#: The executors by name (SPEC 9): adding one is a class and a line here.
+#: The executors by name (README "Running on a cluster"): adding one is a class and a line here.
 executors = {"local": LocalExecutor, "python": PythonExecutor, "slurm": SlurmExecutor}
 
 
@@ -3938,7 +3940,7 @@ class _Command:
 
 
 class Orchestrator:
-    """The only writer of the event log: reconciles wants into job runs (SPEC 2).
+    """The only writer of the event log: reconciles wants into job runs (README "Design").
 
     Other threads talk to it through ``submit`` (or ``enqueue``): commands go
     into a ``collections.deque`` inbox and the caller waits on the command's
@@ -3957,25 +3959,25 @@ class Orchestrator:
         self.watcher = watcher  # a ConfigWatcher: each step runs on the config in force
         self.log = log
         self.url = url
-        self.token = None  # the server's access token, given to jobs (SPEC 12)
+        self.token = None  # the server's access token, given to jobs (README "Security")
         self.clock = clock
         self.state = self._open_state()
         self._inbox = collections.deque()  # any thread appends, the orchestrator pops
         self._exited = collections.deque()  # ended JobRunHandles, not yet recorded
         self._wake = _Wakeup()
-        self._executors = {}  # name -> Executor, made when first needed (SPEC 9)
+        self._executors = {}  # name -> Executor, made when first needed
         self._running = {}  # job_run_id -> JobRunHandle: the started runs
         self._entries = []  # (type, payload, timestamp) of this step, not yet committed
         self._replies = []  # (command, result) to answer after the next commit
         self._waiting_cancels = {}  # job_run_id -> commands answered when it ends
         self._deadlines = []  # heap of (when, kind, want_id): "ttl" and "sla"
-        # SPEC 10.  Queued runs by (-priority, seq, id), a heap per executor:
+        # README "Scheduling policy".  Queued runs by (-priority, seq, id), a heap per executor:
         # the highest priority of the live wants needing a run, then the
         # oldest, starts first.  Entries are lazy: one whose run started,
         # ended or changed priority (or executor) is dropped (or pushed again)
         # when it comes up.
         self._queues = {}  # executor name -> heap
-        self._ticks = []  # heap of (tick, schedule name): wants to make (SPEC 11)
+        self._ticks = []  # heap of (tick, schedule name): wants to make (README "Schedules")
         self._next_tick = {}  # schedule name -> its planned next tick
         self._retry_waits = []  # heap of (retry_at, ref): partitions in backoff
         self._retry_waiting = set()  # the refs in _retry_waits
@@ -4127,7 +4129,7 @@ class Orchestrator:
         return max(0.0, when - now)
 
     def step(self, now=None):
-        """One reconciliation pass (SPEC 2).
+        """One reconciliation pass (README "Design").
 
         Drain the inbox -> reap finished job runs -> enforce timeouts -> expire
         wants -> schedule pending partitions -> start queued runs up to the
@@ -4406,7 +4408,7 @@ class Orchestrator:
         self._emit(PARTITION_TAINT, {"ref": ref, "reason": reason}, now)
         for other in below:
             self._emit(PARTITION_TAINT, {"ref": other, "reason": reason, "upstream_of": ref}, now)
-        # Answer with the partition as the taint left it (SPEC 6: "now Tainted"),
+        # Answer with the partition as the taint left it (README "HTTP API": "now Tainted"),
         # even if this same step already queues its rebuild.
         answer = self.state.partitions[ref].to_dict()
         answer["want_ids"] = self.log.links("partition_wants", ref) + \
@@ -4414,7 +4416,7 @@ class Orchestrator:
         return {"partition": answer, "tainted": [ref] + below, "dry_run": False}
 
     def _built_from(self, ref):
-        # SPEC 13: the Live partitions built, directly or transitively, from
+        # README "Lineage": the Live partitions built, directly or transitively, from
         # ref (not those being built: their runs end as they end), upstream
         # first.  The walk goes through partitions that are not Live: what
         # was built from them may be.
@@ -4468,7 +4470,7 @@ class Orchestrator:
     # -- reconciliation -------------------------------------------------------
 
     def _drop_unneeded_runs(self, now, reason):
-        # SPEC 6 (DELETE want): queued runs nobody needs are dropped, running
+        # README "HTTP API" (DELETE want): queued runs nobody needs are dropped, running
         # ones stopped (recorded Canceled once they have ended).
         for run_id in list(self.state.job_runs_by_status[QUEUED]):
             run = self.state.job_runs[run_id]
@@ -4683,7 +4685,8 @@ class Orchestrator:
         state, emitted = self.state, len(self._entries)
         part = state.partitions.get(ref)
         if part is not None and part.retry_at is not None and part.retry_at > now:
-            # SPEC 10 backoff: UpForRetry until retry_at; the heap wakes us.
+            # Retry backoff (README "Scheduling policy"): UpForRetry until
+            # retry_at; the heap wakes us.
             if ref not in self._retry_waiting:
                 self._retry_waiting.add(ref)
                 heapq.heappush(self._retry_waits, (part.retry_at, ref))
@@ -4759,7 +4762,7 @@ class Orchestrator:
             seen.update(frontier)
         return None
 
-    # -- schedules (SPEC 11) ------------------------------------------------
+    # -- schedules (README "Schedules") ------------------------------------------------
 
     def _plan_schedules(self, now):
         # The heap of ticks to make, from each schedule's newest tick in the
@@ -4816,7 +4819,7 @@ class Orchestrator:
             "priority": schedule.priority}, now)
 
     def _rebuild_upstream_first(self, ref, now):
-        # SPEC 13: a partition is rebuilt after the partitions it was built
+        # README "Lineage": a partition is rebuilt after the partitions it was built
         # from (its recorded upstream) that are themselves to be rebuilt: it
         # waits while they are pending or building, and a Tainted one that
         # nothing wants any more is wanted for it (a derivative want, source
@@ -4848,7 +4851,7 @@ class Orchestrator:
 
     def _start_queued(self, now):
         # Each executor starts its queued runs, best first, up to its limit
-        # and each job's max_concurrent_runs (SPEC 9, 10).
+        # and each job's max_concurrent_runs (README "Running on a cluster", "Scheduling policy").
         started = []
         if not any(self._queues.values()):
             return started
@@ -4879,7 +4882,7 @@ class Orchestrator:
                     continue
                 try:
                     handle = executor.start(run, job, now)
-                except ExecutorError as e:  # its message says it all (SPEC 9)
+                except ExecutorError as e:  # its message says it all
                     self._fail(run, now, e.message, self._may_retry(run))
                     continue
                 except OSError as e:
@@ -4907,10 +4910,11 @@ class Orchestrator:
     # -- recovery and shutdown ------------------------------------------------
 
     def _recover(self, now):
-        # SPEC 8, 9: runs a previous server left Queued or Running fail with
-        # "server restarted" and their wants go on -- except those an
-        # executor takes back (Slurm runs still pending or running).  Local
-        # last: it stops any process of the runs it is given.
+        # README "Lifecycle", "Running on a cluster": runs a previous server
+        # left Queued or Running fail with "server restarted" and their wants
+        # go on -- except those an executor takes back (Slurm runs still
+        # pending or running).  Local last: it stops any process of the runs
+        # it is given.
         stale = [self.state.job_runs[run_id] for run_id in
                  list(self.state.job_runs_by_status[QUEUED])
                  + list(self.state.job_runs_by_status[RUNNING])]
@@ -4928,8 +4932,9 @@ class Orchestrator:
         self._commit()
 
     def shutdown(self, now=None):
-        """Stop every job run (but those of executors that keep theirs, SPEC 9)
-        and record it Canceled ("server shutdown"); close the executors.
+        """Stop every job run (but those of executors that keep theirs: README
+        "Running on a cluster") and record it Canceled ("server shutdown");
+        close the executors.
 
         Queued runs are canceled too; commands still in the inbox get 503.
         Called by the loop on exit; safe to call from a test driving ``step``.
@@ -4937,7 +4942,7 @@ class Orchestrator:
         self._stop_requested = True
         now = self.clock() if now is None else now
         stopping = {run_id: handle for run_id, handle in self._running.items()
-                    if not handle.executor.keeps_runs}  # the others run on (SPEC 9)
+                    if not handle.executor.keeps_runs}  # the others run on (Slurm)
         kept = len(self._running) - len(stopping)
         if kept:
             logger.info("%d job run(s) go on in their executor (Slurm); the next server "
@@ -5119,7 +5124,7 @@ class MemoryView:
 
 
 class ReadModel:
-    """What readers read (SPEC 2): the projection, or the past.
+    """What readers read (README "Design"): the projection, or the past.
 
     ``read()`` is a consistent snapshot of the projection -- the reduced
     state the orchestrator writes in the same transaction as the events --
@@ -5224,7 +5229,7 @@ def lineage_tree(ref, depth, nodes, downstream_of):
 
 
 def explain_partition(view, ref, job_for, depth=3):
-    """Why ``ref`` is in its state (SPEC 13): ``{"ref", "status", "summary",
+    """Why ``ref`` is in its state (README "Lineage"): ``{"ref", "status", "summary",
     "steps": [...], "upstream_failures": [...]}``.
 
     ``steps`` are the events that concern the ref, oldest first, each with its
@@ -6480,7 +6485,7 @@ def openapi_document():
     paths = {}
     for part in (_openapi_service, _openapi_wants, _openapi_partitions, _openapi_job_runs):
         paths.update(part(o))
-    # SPEC 12: every operation but /health needs the token (and may answer
+    # README "Security": every operation but /health needs the token (and may answer
     # 401); every one that reads a body or a query may answer 400.
     for path, operations in paths.items():
         for method, op in operations.items():
@@ -6504,7 +6509,7 @@ def openapi_document():
                 "cookie": {"type": "apiKey", "in": "cookie", "name": TOKEN_COOKIE}}}}
 
 
-# The dashboard (SPEC 14): one page, no external assets; views by URL fragment.
+# The dashboard (README "Dashboard"): one page, no external assets; views by URL fragment.
 _DASHBOARD_HTML = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -6811,7 +6816,7 @@ class _Gate:
     * Host check: the server's own loopback names and port (a DNS rebinding
       page cannot talk to it), from a loopback peer only; on a non-loopback
       bind also the bound address and ``[server] allowed_hosts``.  Else 400.
-    * Access (SPEC 12): every request but ``GET /health`` and CORS
+    * Access (README "Security"): every request but ``GET /health`` and CORS
       preflights carries the server's token, as ``Authorization: Bearer``
       or the ``databuild_token`` cookie, else 401.  ``GET /?token=T`` sets
       the cookie and redirects to ``/``.  The WSGI environ gets
@@ -6955,7 +6960,7 @@ class _Gate:
 ###############################################################################
 
 class IdleTimer:
-    """Calls ``on_idle`` once nothing happened for ``timeout`` seconds (SPEC 8).
+    """Calls ``on_idle`` once nothing happened for ``timeout`` seconds (README "Lifecycle").
 
     Activity is an HTTP request (``touch``) or a job run Queued or Running
     (``is_busy()``).  ``check(now)`` is one tick, for tests with an explicit
@@ -7074,7 +7079,7 @@ def _raise_open_files_limit(wanted):
 def _check_log_not_lost(state_dir):
     """Refuse to start a new, empty event log where job runs were logged
     before: an events.db that is missing or of 0 bytes beside a logs/ folder
-    of past runs means the log was lost (SPEC 8), not a new workspace."""
+    of past runs means the log was lost (README "Lifecycle"), not a new workspace."""
     path = os.path.join(state_dir, "events.db")
     try:
         size = os.path.getsize(path)
@@ -7125,7 +7130,7 @@ class Server:
         if config.auth == "none" and not is_loopback(self.host):
             raise ConfigError('[server] auth = "none" is allowed on a loopback host only, '
                               'not on %s: anyone who can reach it could run jobs' % self.host)
-        # SPEC 12: a new token at every start, readable by this user only.
+        # README "Security": a new token at every start, readable by this user only.
         self.token = secrets.token_urlsafe(32) if config.auth == "token" else None
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         os.chmod(config.state_dir, 0o700)
@@ -7168,7 +7173,7 @@ class Server:
         return lock_file
 
     def _busy(self):
-        # A workspace with schedules has work to do at their ticks (SPEC 11).
+        # A workspace with schedules has work to do at their ticks (README "Schedules").
         runs = self.orchestrator.state.job_runs_by_status
         return bool(runs[QUEUED]) or bool(runs[RUNNING]) or bool(self.config.schedules)
 
@@ -7236,7 +7241,7 @@ class Server:
         os.replace(tmp, path)
 
     def serve(self):
-        """Serve until ``request_stop``, then stop gracefully (SPEC 8)."""
+        """Serve until ``request_stop``, then stop gracefully (README "Lifecycle")."""
         if self._wsgi_server is None:
             self.bind()
         from waitress import wasyncore
@@ -7312,7 +7317,7 @@ class Client:
 
     Errors come back as the module's own exceptions (NotFound, Conflict, ...),
     carrying the server's message and fields; an unreachable server raises
-    ServerUnreachable.  ``token`` is the server's access token (SPEC 12; in
+    ServerUnreachable.  ``token`` is the server's access token (README "Security"; in
     the workspace's ``.databuild/server.json``), sent as a Bearer header.
     """
 
@@ -7460,7 +7465,7 @@ class Client:
         return self.request("POST", "/api/partition/taint", body, params={"ref": ref})["data"]
 
     def taint_downstream(self, ref, reason=None, dry_run=False):
-        """Taint ``ref`` and every Live partition built from it (SPEC 13); returns
+        """Taint ``ref`` and every Live partition built from it (README "Lineage"); returns
         ``{"data": partition, "tainted": [refs, upstream first], "dry_run"}``.
         With ``dry_run`` nothing is tainted: ``tainted`` says what would be."""
         body = {"downstream": True, "dry_run": dry_run}
@@ -7863,7 +7868,7 @@ def _workspace(args):
 def _connect(args):
     """A Client for the server: --server, $DATABUILD_URL, or the workspace's own.
 
-    The token (SPEC 12): --token, else $DATABUILD_TOKEN, else the one in the
+    The token (README "Security"): --token, else $DATABUILD_TOKEN, else the one in the
     workspace's server.json.
     """
     token = _opt(args, "token") or os.environ.get("DATABUILD_TOKEN") or None
@@ -8508,7 +8513,7 @@ def describe_error(error):
 
 
 def main(argv=None):
-    """Command-line entry point; returns the exit status (SPEC 7)."""
+    """Command-line entry point; returns the exit status (README "CLI")."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.func is _cmd_serve:

@@ -231,7 +231,7 @@ def test_dashboard_prints_the_url_that_sets_the_cookie(workspace, serve):
     assert e.value.code == 303 and "databuild_token=" in e.value.headers["Set-Cookie"]
 
 
-# -- what a new user tripped on (issue 15) -------------------------------------
+# -- what a new user tripped on -------------------------------------
 
 def test_events_show_the_newest_last_with_a_note_and_readable_payloads(workspace, serve):
     server = serve(workspace)

@@ -53,7 +53,7 @@ def test_good_config(tmp_path):
 
 
 def test_defaults(tmp_path):
-    config = load_config(write(tmp_path, ""))
+    config = load_config(write(tmp_path, "[server]\n"))  # (an empty file is refused)
     assert config.port == 0 and config.idle_timeout_seconds == 10800
     assert config.max_concurrent_job_runs == 4 and config.jobs == []
 
@@ -155,7 +155,7 @@ def test_serve_with_bad_config_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-# -- a running server follows edits of databuild.toml (issue 15) --------------
+# -- a running server follows edits of databuild.toml --------------
 
 def test_watcher_reloads_a_valid_edit_and_keeps_the_old_config_on_a_bad_one(tmp_path):
     import databuild
@@ -248,7 +248,7 @@ def test_a_running_server_keeps_its_config_through_unreadable_edits(tmp_path, se
     assert server.proc.poll() is None
 
 
-# -- schedules (SPEC 11) -------------------------------------------------------
+# -- schedules (README "Schedules") -------------------------------------------------------
 
 def _ticks(schedule, start, n):
     import itertools

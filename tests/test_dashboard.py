@@ -1,4 +1,4 @@
-"""The dashboard (SPEC 14) in a real browser: headless Chromium driven by
+"""The dashboard (README "Dashboard") in a real browser: headless Chromium driven by
 Selenium over a real server.  Skipped, saying why, where Chromium or its
 driver is missing (.ci/run installs Debian's chromium and chromium-driver)."""
 import os

@@ -1,4 +1,4 @@
-"""Executors (SPEC 9): the config of executors, per-executor limits, and the
+"""Executors (README "Running on a cluster"): the config of executors, per-executor limits, and the
 Slurm executor against a real one-node cluster (``slurm_cluster``: skipped,
 saying why, where Slurm cannot be installed; CI always has it)."""
 import json
@@ -349,7 +349,7 @@ def test_python_import_error_fails_one_run_and_the_next_retries(tmp_path, driver
     d = driver_for(ws)
     assert d.settle(d.want("a")["want_id"]) == databuild.FAILED
     (run,) = d.full().job_runs.values()
-    assert run.error == "ModuleNotFoundError: No module named 'helper'"  # SPEC 9: the import error
+    assert run.error == "ModuleNotFoundError: No module named 'helper'"  # the import error
     set_helper(ws, {}, "v1")
     assert d.settle(d.want("b")["want_id"]) == databuild.SUCCESSFUL
 

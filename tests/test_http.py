@@ -289,7 +289,7 @@ def test_orchestrator_timeout_is_503(app_server, monkeypatch):
     assert r.status == 503
 
 
-# -- bad input is a 400 that names what is wrong, and leaves no trace (issue 9) --
+# -- bad input is a 400 that names what is wrong, and leaves no trace --
 
 def _strict_json(body):
     def refuse(name):
@@ -393,7 +393,7 @@ def test_a_post_without_a_body_needs_no_content_type_with_the_token(app_server):
     assert r.status == 415  # a body must say what it is
 
 
-# -- access tokens (SPEC 12) --------------------------------------------------
+# -- access tokens (README "Security") --------------------------------------------------
 
 def _every_operation():
     import databuild
@@ -503,7 +503,7 @@ def test_state_dir_and_server_json_are_private(tmp_path):
         server.close()
 
 
-# -- lineage and explain (SPEC 13) ---------------------------------------------
+# -- lineage and explain (README "Lineage") ---------------------------------------------
 
 def test_lineage_both_ways_with_depth_and_as_of(app_server):
     from conftest import set_plan

@@ -1,5 +1,5 @@
 """Server lifecycle: idle stop, graceful stop, restart recovery, one server per
-workspace, CLI auto-start, status and stop (SPEC 7, 8)."""
+workspace, CLI auto-start, status and stop (README "CLI", "Lifecycle")."""
 import concurrent.futures
 import json
 import os
@@ -373,7 +373,7 @@ def test_auto_start_with_a_bad_config_is_one_config_error(workspace):
     assert len(errors) == 1 and "databuild.toml" in errors[0]
 
 
-# -- no process outlives its run (issue 9, item 8) -----------------------------
+# -- no process outlives its run -----------------------------
 
 def _left_pid(workspace, ref):
     path = os.path.join(workspace, "runs", ref + ".left")

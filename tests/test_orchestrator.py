@@ -320,7 +320,7 @@ def test_a_job_that_cannot_start_fails_its_run(tmp_path, driver_for):
     assert run.status == FAILED and run.error.startswith("cannot start job:")
 
 
-# -- a failed commit leaves the state as the log is (issue 9, item 1) --------
+# -- a failed commit leaves the state as the log is --------
 
 class _FailingCommits:
     """Makes the next ``n`` commits of an event log fail inside the transaction."""
@@ -448,7 +448,7 @@ def test_disk_full_says_so_writes_nothing_and_recovers_once_space_is_freed(
     _same_as_replay(d)
 
 
-# -- lineage (SPEC 13) ---------------------------------------------------------
+# -- lineage (README "Lineage") ---------------------------------------------------------
 
 def _chain(tmp_path, driver_for):
     # c needs b (reported missing), b read a (said so), d read c.
@@ -502,7 +502,7 @@ def test_a_wanted_tainted_partition_is_rebuilt_after_its_upstream(tmp_path, driv
     assert lineage_wants and all(w.root_want_id == want["want_id"] for w in lineage_wants)
 
 
-# -- scheduling policy: priority, per-job pools, retry backoff (SPEC 10) -------
+# -- scheduling policy: priority, per-job pools, retry backoff (README "Scheduling policy") -------
 
 def _started_order(d, since):
     return [d.full().job_runs[e.payload["job_run_id"]].partitions[0]
@@ -612,7 +612,7 @@ def test_retry_backoff_doubles_with_an_injected_clock_and_survives_a_restart(
     assert run_count(ws, "a") == 4
 
 
-# -- schedules (SPEC 11), with an explicit clock -------------------------------
+# -- schedules (README "Schedules"), with an explicit clock -------------------------------
 
 def _hourly(tmp_path, catch_up=2):
     ws = write_workspace(tmp_path / "ws")

@@ -1,4 +1,4 @@
-"""The pure reducer: every state and transition of SPEC 5, from events alone."""
+"""The pure reducer: every state and transition of README "Concepts", from events alone."""
 import pytest
 
 from databuild import (BuildState, Event, BUILDING, CANCELED, DEP_MISS, EXPIRED, FAILED,

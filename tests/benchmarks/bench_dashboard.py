@@ -1,4 +1,4 @@
-"""Issue 14: the dashboard on a big log, in headless Chromium.
+"""the dashboard on a big log, in headless Chromium.
 
 A workspace with N events (10^6; about 10^5 partitions): each view is opened
 in the browser, and the time from navigation until the view shows its data

@@ -5,7 +5,7 @@ run, max_concurrent_job_runs = 4: time from POST to Successful, against a
 4-thread pool spawning and waiting the same N `sh` processes.
 
 Also printed, as a floor: one thread doing only the system work a run needs
-under SPEC 4 -- its log directory, posix_spawn with the two log files, a pidfd
+under README "Job protocol" -- its log directory, posix_spawn with the two log files, a pidfd
 to wait on, four at a time -- with no event, commit or HTTP.  An orchestrator
 that spawns from its one thread, as databuild's does, cannot beat it;
 ``floor/pool`` says how much of the target that alone already takes.
@@ -41,7 +41,7 @@ def pool_time(n):
 
 
 def floor_time(n, logs_dir):
-    """N runs of the job, four at a time, by one thread doing only what SPEC 4
+    """N runs of the job, four at a time, by one thread doing only what README "Job protocol"
     asks of the system per run (log directory, spawn with log files, wait)."""
     program = subprocess.check_output(["sh", "-c", "command -v sh"], text=True).strip()
     env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}

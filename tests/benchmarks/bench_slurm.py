@@ -1,4 +1,4 @@
-"""Issue 10: job runs through Slurm, against Slurm's own floor.
+"""job runs through Slurm, against Slurm's own floor.
 
 N one-partition runs (500) of a trivial job through the slurm executor on a
 one-node cluster: time from POST of one want to Successful, and the server's
