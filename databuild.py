@@ -2834,7 +2834,10 @@ class JobRunHandle:
 
     Owned by the orchestrator thread, except ``returncode`` and ``error``,
     which an executor's own thread may set just before it reports the end
-    through the executor's ``on_exit`` (the one thread-safe wake-up).
+    through the executor's ``on_exit``, and -- for a run whose start the
+    executor learns later (``started`` False when ``start`` returns it) --
+    ``pid``, ``start_time`` and ``external_id``, set before it reports the
+    start through ``on_start``.  Both callbacks are thread-safe wake-ups.
     ``error`` is an outcome the executor knows without the job's exit code
     (``lost by slurm``); otherwise the outcome is read from the log files as
     for every run.
@@ -2856,6 +2859,7 @@ class JobRunHandle:
         self.returncode = None
         self.error = None
         self.abandoned = False  # its start was never committed: not a run's process
+        self.started = True  # False until the executor reports the start (on_start)
 
     def stop(self, reason, now, grace):
         """Ask the run to stop now (SIGTERM), and force it at ``now + grace``."""
@@ -2943,9 +2947,10 @@ class Executor:
     #: start) instead of canceling them.
     keeps_runs = False
 
-    def __init__(self, config, on_exit, wakeup):
+    def __init__(self, config, on_exit, wakeup, on_start=None):
         self.config = config
         self.on_exit = on_exit
+        self.on_start = on_start
         self.wakeup = wakeup
         self.url = None
         self.token = None
@@ -3048,8 +3053,8 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def __init__(self, config, on_exit, wakeup):
-        super().__init__(config, on_exit, wakeup)
+    def __init__(self, config, on_exit, wakeup, on_start=None):
+        super().__init__(config, on_exit, wakeup, on_start)
         self._use_pidfd = hasattr(os, "pidfd_open")
         # posix_spawn cannot change directory: used where this process already
         # runs in the workspace root (``serve`` moves there), Popen elsewhere.
@@ -3148,14 +3153,21 @@ class LocalExecutor(Executor):
         # spawned just before a crash may have no committed start event: it
         # still carries its run id in its environment.
         orphans = {}
+        forks = _python_forks(self.config.state_dir)
         for run in runs:
-            if (run.pid and run.pid_start_time is not None
-                    and _is_same_process(run.pid, run.pid_start_time)):
-                orphans[run.pid] = run.job_run_id
+            pid, start_time = run.pid, run.pid_start_time
+            if not pid:  # a python run: its fork is in the warm interpreters' lists
+                pid, start_time = forks.get(run.job_run_id, (None, None))
+            if pid and start_time is not None and _is_same_process(pid, start_time):
+                orphans[pid] = run.job_run_id
         orphans.update(_processes_of_runs({run.job_run_id for run in runs}))
         for pid, run_id in orphans.items():
             logger.warning("Stopping job run %s (pid %d) left by a previous server", run_id, pid)
             _stop_orphan(pid)
+        for path, owner in _fork_lists(self.config.state_dir):
+            if not _pid_alive(owner):  # its warm interpreter is gone: so are its forks
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         return []
 
     def close(self):
@@ -3195,8 +3207,8 @@ class SlurmExecutor(Executor):
     #: after this long (the exit code file may be late on a shared filesystem).
     LOST_AFTER_SECONDS = 5.0
 
-    def __init__(self, config, on_exit, wakeup):
-        super().__init__(config, on_exit, wakeup)
+    def __init__(self, config, on_exit, wakeup, on_start=None):
+        super().__init__(config, on_exit, wakeup, on_start)
         self._cv = threading.Condition()  # guards _tracked, _timeouts and _changed
         self._tracked = {}  # Slurm job id -> handle: the runs the poller watches
         self._changed = False  # a run was added: poll soon
@@ -3466,6 +3478,9 @@ def main():
             except OSError:
                 pass
     say(ready=True, files=files)
+    # One line per fork, appended (a file per run would cost an inode each).
+    pids = os.open(os.path.join(root, ".databuild", "python", "%d.pids" % os.getpid()),
+                   os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -3504,17 +3519,23 @@ def main():
                     continue
                 pid = os.fork()
                 if pid == 0:
-                    run(request, module, script, code, chan, wake_r, wake_w)
+                    run(request, module, script, code, chan, (wake_r, wake_w, pids))
                 children[pid] = request["run"]
+                try:  # for a server that restarts after a crash: run id, pid, start
+                    with open("/proc/%d/stat" % pid, "rb") as f:
+                        ticks = f.read().rsplit(b")", 1)[1].split()[19].decode()
+                    os.write(pids, ("%s %d %s\n" % (request["run"], pid, ticks)).encode())
+                except (OSError, IndexError):
+                    pass
                 say(run=request["run"], pid=pid)
 
-def run(request, module, script, code_object, chan, wake_r, wake_w):
+def run(request, module, script, code_object, chan, fds):
     code = 70
     try:
         os.setsid()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in (chan.detach(), wake_r, wake_w):
+        for fd in (chan.detach(),) + fds:
             os.close(fd)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], flags),
@@ -3617,8 +3638,7 @@ class _WarmPython:
         self.files = []  # [path, mtime_ns, size] of the workspace files it imported
         self.children = {}  # job run id -> handle: forked, exit not yet reported
         self.last_used = time.monotonic()  # (while starting: when it started)
-        self._cv = threading.Condition()  # guards state, _pids and children
-        self._pids = {}  # job run id -> pid, reported by the interpreter
+        self._cv = threading.Condition()  # guards state, children and their pids
         threading.Thread(target=self._read, name="databuild-python-%s" % job.label,
                          daemon=True).start()
 
@@ -3647,12 +3667,21 @@ class _WarmPython:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             pass
-        for handle in orphans:  # they go on: their exits are learnt another way
-            self.executor.orphaned(handle)
+        else:  # its list of forks is needed only while it may have some
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.executor.config.state_dir, "python",
+                                       "%d.pids" % self.proc.pid))
+        for handle in orphans:
+            if handle.pid is None:  # asked for, never forked: the run fails
+                handle.error = "the warm interpreter exited before it forked the run (%s)" % (
+                    self.error or "exit code %s" % self.proc.returncode)
+                self.executor.on_exit(handle)
+            else:  # it goes on: its exit is learnt another way
+                self.executor.orphaned(handle)
         self.executor.wakeup.set()
 
     def _message(self, message):
-        ended = None
+        ended = started = signal_now = None
         with self._cv:
             if "ready" in message:
                 self.state, self.files = "ready", message["files"]
@@ -3661,13 +3690,20 @@ class _WarmPython:
                 logger.warning("Job %s does not import: %s", self.label,
                                message.get("traceback", self.error).rstrip())
             elif "pid" in message:
-                self._pids[message["run"]] = message["pid"]
+                started = self.children.get(message["run"])
+                if started is not None:
+                    started.pid = message["pid"]
+                    signal_now, started.pending_signal = started.pending_signal, None
             elif "exit" in message:
                 ended = self.children.pop(message["exit"], None)
                 if ended is not None:
                     ended.returncode = message["code"]
             self._cv.notify_all()
-        if ended is not None:  # (callbacks after the lock is let go)
+        # Callbacks after the lock is let go (the pid always comes before
+        # the exit: one channel, in order).
+        if signal_now is not None:  # stopped before its pid was known
+            self.executor.signal(started, signal_now)
+        if ended is not None:
             self.executor.on_exit(ended)
         if "ready" in message or "import_error" in message:
             self.executor.wakeup.set()
@@ -3683,31 +3719,19 @@ class _WarmPython:
                 return True
         return False
 
-    def fork(self, handle, request, timeout=30.0):
-        """Ask for a child running ``request``; returns its pid."""
-        run_id = handle.job_run_id
+    def fork(self, handle, request):
+        """Ask for a child running ``request``, without waiting: the reader
+        thread sets ``handle.pid`` when the interpreter says it (and the
+        interpreter writes it beside the run's logs, for a restart)."""
         with self._cv:
-            self.children[run_id] = handle
+            self.children[handle.job_run_id] = handle
         try:
             self.chan.sendall((json.dumps(request) + "\n").encode())
         except OSError as e:
             with self._cv:
-                self.children.pop(run_id, None)
+                self.children.pop(handle.job_run_id, None)
             raise ExecutorError("the warm interpreter is gone: %s" % e) from None
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while run_id not in self._pids and self.state == "ready":
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            pid = self._pids.pop(run_id, None)
-            if pid is None:
-                self.children.pop(run_id, None)
-                raise ExecutorError("the warm interpreter did not fork the run (%s)"
-                                    % (self.error or self.state))
         self.last_used = time.monotonic()
-        return pid
 
     def retire(self):
         """No more runs: it exits once its children have."""
@@ -3718,6 +3742,33 @@ class _WarmPython:
                 pass
         if self.state == "starting" or not self.children:
             _signal_group(self.proc.pid, signal.SIGKILL)  # nothing of value in it
+
+
+def _fork_lists(state_dir):
+    """``[(path, pid of its warm interpreter)]`` of the lists of forks that
+    warm interpreters keep: ``.databuild/python/<pid>.pids``, a line ``run id,
+    pid, start time`` per fork (removed once their interpreter is gone)."""
+    folder = os.path.join(state_dir, "python")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return [(os.path.join(folder, n), int(n[:-5])) for n in names
+            if n.endswith(".pids") and n[:-5].isdigit()]
+
+
+def _python_forks(state_dir):
+    """``{job run id: (pid, start time)}`` of the runs warm interpreters forked."""
+    forks = {}
+    for path, _ in _fork_lists(state_dir):
+        try:
+            with open(path) as f:
+                for line in f:
+                    run_id, pid, ticks = line.split()
+                    forks[run_id] = (int(pid), int(ticks))
+        except (OSError, ValueError):
+            continue
+    return forks
 
 
 def _python_target(entrypoint):
@@ -3757,6 +3808,12 @@ class PythonExecutor(LocalExecutor):
         _python_target(job.entrypoint)
 
     def signal(self, handle, sig):
+        if handle.pid is None:
+            with handle.warm._cv:  # (the reader thread sets the pid under this lock)
+                if handle.pid is None:  # not forked yet: sent once it is
+                    if handle.pending_signal != signal.SIGKILL:
+                        handle.pending_signal = sig
+                    return
         try:
             os.killpg(handle.pid, sig)
         except ProcessLookupError:  # forked, not yet in its own group
@@ -3765,8 +3822,12 @@ class PythonExecutor(LocalExecutor):
         except PermissionError:
             pass
 
-    def __init__(self, config, on_exit, wakeup):
-        super().__init__(config, on_exit, wakeup)
+    def ended(self, handle):
+        if handle.pid is not None:  # (a run the warm interpreter never forked has none)
+            super().ended(handle)
+
+    def __init__(self, config, on_exit, wakeup, on_start=None):
+        super().__init__(config, on_exit, wakeup, on_start)
         # Both the orchestrator thread's only (each _WarmPython has its own lock).
         self._warm = {}  # job label -> _WarmPython taking new runs
         self._retired = []  # replaced or idle ones, until their runs have ended
@@ -3813,8 +3874,9 @@ class PythonExecutor(LocalExecutor):
                    "env": {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()
                            if k.startswith(b"DATABUILD_")},
                    "stdout": handle.stdout_path, "stderr": handle.stderr_path}
-        handle.pid = warm.fork(handle, request)
-        handle.start_time = _process_start_time(handle.pid)
+        handle.warm = warm
+        handle.pending_signal = None  # a signal asked for before the pid was known
+        warm.fork(handle, request)  # (the pid comes later, from the reader thread)
         return handle
 
     def orphaned(self, handle):
@@ -3964,6 +4026,7 @@ class Orchestrator:
         self.state = self._open_state()
         self._inbox = collections.deque()  # any thread appends, the orchestrator pops
         self._exited = collections.deque()  # ended JobRunHandles, not yet recorded
+        self._starts = collections.deque()  # started JobRunHandles, not yet recorded
         self._wake = _Wakeup()
         self._executors = {}  # name -> Executor, made when first needed
         self._running = {}  # job_run_id -> JobRunHandle: the started runs
@@ -4160,6 +4223,7 @@ class Orchestrator:
                 if len(self._entries) > emitted:  # failed half-way: write none of the step
                     self._discard_step(now, cmd.kind)
                     return
+        recorded = self._record_starts()
         reaped = self._reap(now)
         if reaped or now >= self._maintain_at:
             self._maintain_at = min([executor.maintain(now, bool(reaped), self._running)
@@ -4170,9 +4234,9 @@ class Orchestrator:
         self._tick_schedules(now)
         self._schedule(now)
         if not self._stop_requested and now >= self._no_starts_until:
-            started = self._start_queued(now)
+            started = recorded + self._start_queued(now)
         else:
-            started = ()
+            started = recorded
         # One commit per step: commands, outcomes, new runs and their starts
         # together (group commit).
         try:
@@ -4474,9 +4538,9 @@ class Orchestrator:
         # ones stopped (recorded Canceled once they have ended).
         for run_id in list(self.state.job_runs_by_status[QUEUED]):
             run = self.state.job_runs[run_id]
-            if not self.state.is_needed(run):
+            if not self.state.is_needed(run) and run_id not in self._running:
                 self._emit(JOB_RUN_CANCEL, {"job_run_id": run_id, "reason": reason}, now)
-        for run_id, handle in self._running.items():
+        for run_id, handle in self._running.items():  # (a run still starting too)
             if not self.state.is_needed(self.state.job_runs[run_id]):
                 handle.stop(reason, now, DEFAULTS["kill_grace_seconds"])
 
@@ -4485,6 +4549,35 @@ class Orchestrator:
         # handle over and wake the orchestrator.
         self._exited.append(handle)
         self._wake.set()
+
+    def _on_start(self, handle):
+        # How an executor that learns a run's start later (a fork, a
+        # submission) reports it, from any thread.
+        self._starts.append(handle)
+        self._wake.set()
+
+    def _record_starts(self):
+        # The start events of the runs whose executors reported them since.
+        recorded = []
+        while self._starts:
+            handle = self._starts.popleft()
+            if handle.abandoned:  # its step's commit failed: not a run of the log's
+                handle.kill()
+            elif self._running.get(handle.job_run_id) is handle and not handle.started:
+                handle.started = True
+                self._emit_start(handle)
+                recorded.append(handle)
+        return recorded
+
+    def _emit_start(self, handle):
+        payload = {"job_run_id": handle.job_run_id, "executor": handle.executor.name}
+        if handle.pid is not None:
+            payload["pid"] = handle.pid
+            payload["pid_start_time"] = handle.start_time
+        if handle.external_id is not None:
+            payload["external_id"] = handle.external_id
+        # Stamped when the run was started, not when the step began.
+        self._emit(JOB_RUN_START, payload, self.clock())
 
     def _use_config(self, config):
         # Runs already started keep what they started with (argv, env,
@@ -4499,7 +4592,7 @@ class Orchestrator:
         executor = self._executors.get(name)
         if executor is None:
             executor = self._executors[name] = executors[name](
-                self.config, self._on_exit, self._wake)
+                self.config, self._on_exit, self._wake, self._on_start)
         executor.url = self.url
         executor.token = self.token
         executor.clock = self.clock
@@ -4865,8 +4958,8 @@ class Orchestrator:
             while queue and running[name] < executor.limit:
                 entry = heapq.heappop(queue)
                 run = self.state.job_runs.get(entry[2])
-                if run is None or run.status != QUEUED:
-                    continue  # started, ended or unknown since it was pushed
+                if run is None or run.status != QUEUED or run.job_run_id in self._running:
+                    continue  # started (or starting), ended or unknown since it was pushed
                 job = self.config.jobs_by_label.get(run.job_label)
                 if job is None:
                     self._fail(run, now, "no job labelled %r in the config" % run.job_label,
@@ -4895,14 +4988,8 @@ class Orchestrator:
                 running["job:" + job.label] += 1
                 self._running[run.job_run_id] = handle
                 started.append(handle)
-                payload = {"job_run_id": run.job_run_id, "executor": name}
-                if handle.pid is not None:
-                    payload["pid"] = handle.pid
-                    payload["pid_start_time"] = handle.start_time
-                if handle.external_id is not None:
-                    payload["external_id"] = handle.external_id
-                # Stamped when the run was started, not when the step began.
-                self._emit(JOB_RUN_START, payload, self.clock())
+                if handle.started:  # else the executor reports it (_on_start)
+                    self._emit_start(handle)
             for entry in held:
                 heapq.heappush(queue, entry)
         return started
@@ -4957,6 +5044,7 @@ class Orchestrator:
                     if run_id in self._running:
                         handle.kill()
             self.wait(0.05)
+            self._record_starts()
             self._reap(self.clock())
         for run_id in list(self.state.job_runs_by_status[QUEUED]):
             self._emit(JOB_RUN_CANCEL, {"job_run_id": run_id,
