@@ -102,6 +102,7 @@ import json
 import logging
 import operator
 import os
+import queue
 import random
 import re
 import secrets
@@ -165,6 +166,9 @@ DEFAULTS = {
     # Pending partitions one step looks at (queues, or wants deps for): a
     # backfill of 10,000 is queued over a few steps, each answered quickly.
     "schedule_batch": 1000,
+    # A run's stdout up to this size is read for its outcome in the
+    # orchestrator's thread (a millisecond); a longer one on a thread of its own.
+    "outcome_inline_bytes": 256 * 1024,
 }
 
 #: The ranges of a want's numbers (README "HTTP API"): checked before anything
@@ -1392,6 +1396,7 @@ class EventLog:
         # Readers' answers for single objects: (kind, key) -> (event id, dict),
         # good while no commit happened since that event (StoreView._cached).
         self.read_cache = {}
+        self.read_cache_lock = threading.Lock()  # guards read_cache (the readers' threads)
         with self._errors():
             self._conn().executescript(_SCHEMA)
             (latest,) = self._conn().execute(
@@ -1748,17 +1753,19 @@ class StoreView:
         # A single object read again while nothing was committed meanwhile is
         # answered from memory.  A write's reply is sent only after its commit
         # moved the appended event id on, so a client still reads its writes.
-        cache = self.log.read_cache
-        hit = cache.get((kind, key))
+        cache, lock = self.log.read_cache, self.log.read_cache_lock
+        with lock:
+            hit = cache.get((kind, key))
         if hit is not None and hit[0] == self.log._appended_id:
             return hit[1]
         row = self._one(sql, (key,))
         if row is None:
             return None
         answer = render(row)
-        if len(cache) >= 10000:
-            cache.clear()
-        cache[(kind, key)] = (int(row[-1]), answer)
+        with lock:
+            if len(cache) >= 10000:
+                cache.clear()
+            cache[(kind, key)] = (int(row[-1]), answer)
         return answer
 
     def _page(self, sql, args):
@@ -2860,6 +2867,18 @@ class JobRunHandle:
         self.error = None
         self.abandoned = False  # its start was never committed: not a run's process
         self.started = True  # False until the executor reports the start (on_start)
+        self._outcome = None  # what outcome() read (by the outcome reader, for a long log)
+
+    def start_fields(self):
+        """What the run's start event records of where it runs, for a server
+        that restarts: its process (pid and start time) or its id in the
+        engine that runs it."""
+        fields = {}
+        if self.pid is not None:
+            fields["pid"], fields["pid_start_time"] = self.pid, self.start_time
+        if self.external_id is not None:
+            fields["external_id"] = self.external_id
+        return fields
 
     def stop(self, reason, now, grace):
         """Ask the run to stop now (SIGTERM), and force it at ``now + grace``."""
@@ -2875,7 +2894,13 @@ class JobRunHandle:
     def outcome(self):
         """Read the run's stdout for its protocol lines: ``(missing_deps or None,
         read_deps, problem)`` -- the deps it reported missing, the deps it said
-        it read (README "Lineage"), and what was wrong with a line, if anything."""
+        it read (README "Lineage"), and what was wrong with a line, if anything.
+        Read once: a later call answers what the first read."""
+        if self._outcome is None:
+            self._outcome = self._read_outcome()
+        return self._outcome
+
+    def _read_outcome(self):
         found = {MISSING_DEPS_MARKER: None, READ_DEPS_MARKER: None}
         keys = {MISSING_DEPS_MARKER: "missing_deps", READ_DEPS_MARKER: "read_deps"}
         problem = None
@@ -3033,8 +3058,9 @@ class Executor:
         return []
 
     def maintain(self, now, ended, running):
-        """Once per step (``ended``: some run ended in it; ``running``: job run
-        id -> handle).  Returns the time of the next call it needs, or inf."""
+        """Once per step, in the orchestrator thread (``ended``: some run ended
+        in it; ``running``: job run id -> handle).  Returns the time the next
+        step is needed for it (the orchestrator sleeps no longer), or inf."""
         return float("inf")
 
     def close(self):
@@ -3149,32 +3175,68 @@ class LocalExecutor(Executor):
     def recover(self, runs, now):
         # README "Lifecycle": a job process that outlived the previous server is
         # recognised by (pid, start time) and stopped before its run fails,
-        # so that two processes never build one partition at once.  A process
-        # spawned just before a crash may have no committed start event: it
-        # still carries its run id in its environment.
-        orphans = {}
-        forks = _python_forks(self.config.state_dir)
-        for run in runs:
-            pid, start_time = run.pid, run.pid_start_time
-            if not pid:  # a python run: its fork is in the warm interpreters' lists
-                pid, start_time = forks.get(run.job_run_id, (None, None))
-            if pid and start_time is not None and _is_same_process(pid, start_time):
-                orphans[pid] = run.job_run_id
-        orphans.update(_processes_of_runs({run.job_run_id for run in runs}))
-        for pid, run_id in orphans.items():
+        # so that two processes never build one partition at once.
+        for pid, run_id in self._left_behind(runs).items():
             logger.warning("Stopping job run %s (pid %d) left by a previous server", run_id, pid)
             _stop_orphan(pid)
-        for path, owner in _fork_lists(self.config.state_dir):
-            if not _pid_alive(owner):  # its warm interpreter is gone: so are its forks
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
         return []
+
+    def _left_behind(self, runs):
+        # {pid: job run id} of the runs' processes still alive: by the pid and
+        # start time of their start events; a process spawned just before a
+        # crash may have no committed start event, but it carries its run id
+        # in its environment.
+        found = {run.pid: run.job_run_id for run in runs
+                 if run.pid and run.pid_start_time is not None
+                 and _is_same_process(run.pid, run.pid_start_time)}
+        found.update(_processes_of_runs({run.job_run_id for run in runs}))
+        return found
 
     def close(self):
         for fd in list(self._pidfds):
             self.wakeup.unwatch(fd)
             os.close(fd)
         self._pidfds.clear()
+
+
+class _Workers:
+    """A few daemon threads that run an executor's slow calls (``sbatch``,
+    ``scancel``) in order, so that no caller waits for them: ``submit(fn,
+    *args)`` queues a call; ``close(timeout)`` lets the queued ones finish.
+    The queue is the only state shared with the caller (it locks itself)."""
+
+    def __init__(self, name, size):
+        self._queue = queue.SimpleQueue()
+        self._name, self._size = name, size
+        self._threads = []  # started with the first call (the caller's thread only)
+
+    def submit(self, fn, *args):
+        """Run ``fn(*args)`` on a worker thread, soon."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._work, daemon=True,
+                                              name="%s-%d" % (self._name, i))
+                             for i in range(self._size)]
+            for thread in self._threads:
+                thread.start()
+        self._queue.put((fn, args))
+
+    def _work(self):
+        while True:
+            fn, args = self._queue.get()
+            if fn is None:
+                return
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("%s failed", getattr(fn, "__name__", fn))
+
+    def close(self, timeout):
+        """Finish what is queued (up to ``timeout`` seconds), then stop."""
+        for _ in self._threads:
+            self._queue.put((None, ()))
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class SlurmExecutor(Executor):
@@ -3184,9 +3246,12 @@ class SlurmExecutor(Executor):
     job's argv in the workspace with the run's environment and writes the
     exit code beside the logs (so no Slurm accounting is needed); the job's
     output files are the run's two logs, on the filesystem the nodes share.
-    One thread (``databuild-slurm``) watches every run: it looks for the exit
-    code files and asks ``squeue`` about all the runs in one call, often
-    after a change and less and less often while nothing changes.  A run
+    ``sbatch`` and ``scancel`` run on worker threads (``databuild-sbatch-N``):
+    ``start`` returns at once, and the run's start (its Slurm job id) is
+    reported through ``on_start`` once ``sbatch`` answered.  One thread
+    (``databuild-slurm``) watches every run: it looks for the exit code files
+    and asks ``squeue`` about all the runs in one call, often after a change
+    and less and less often while nothing changes.  A run
     whose Slurm job is gone without an exit code fails ``lost by slurm``.
     Runs outlive the server: a graceful stop leaves them, a start re-adopts
     them by the Slurm job ids in the log (and cancels Slurm jobs whose start
@@ -3207,9 +3272,15 @@ class SlurmExecutor(Executor):
     #: after this long (the exit code file may be late on a shared filesystem).
     LOST_AFTER_SECONDS = 5.0
 
+    #: Calls of sbatch and scancel at once (a slow slurmctld delays each).
+    WORKERS = 4
+
     def __init__(self, config, on_exit, wakeup, on_start=None):
         super().__init__(config, on_exit, wakeup, on_start)
-        self._cv = threading.Condition()  # guards _tracked, _timeouts and _changed
+        self._workers = _Workers("databuild-sbatch", self.WORKERS)
+        self._cv = threading.Condition()  # guards _tracked, _timeouts, _changed, _began
+        # and, on handles not yet submitted, external_id and pending_signal
+        self._began = []  # handles the poller saw RUNNING, for maintain to time out
         self._tracked = {}  # Slurm job id -> handle: the runs the poller watches
         self._changed = False  # a run was added: poll soon
         self._closing = False
@@ -3244,22 +3315,44 @@ class SlurmExecutor(Executor):
                         shlex.quote(exit_path)))
         options = list(self.config.executors.get("slurm", {}).get("sbatch_options", []))
         options += job.options.get("sbatch_options", [])
-        code, out, err = self._command(
-            ["sbatch", "--parsable", "--job-name=databuild-%s" % run.job_run_id,
-             "--chdir=%s" % self.config.root, "--export=ALL",
-             "--output=%s" % os.path.join(log_dir, "stdout.log"),
-             "--error=%s" % os.path.join(log_dir, "stderr.log")] + options + [script], env=env)
-        if code != 0:
-            raise ExecutorError("cannot start job: sbatch failed: %s"
-                                % (err.splitlines() or ["exit %d" % code])[-1])
-        slurm_id = out.strip().split(";")[0]
-        if not slurm_id.isdigit():
-            raise ExecutorError("sbatch answered %r, not a job id" % out.strip()[:200])
+        argv = ["sbatch", "--parsable", "--job-name=databuild-%s" % run.job_run_id,
+                "--chdir=%s" % self.config.root, "--export=ALL",
+                "--output=%s" % os.path.join(log_dir, "stdout.log"),
+                "--error=%s" % os.path.join(log_dir, "stderr.log")] + options + [script]
         # The timeout counts from when Slurm runs the job, not while it waits
-        # in the queue: the poller sets the deadline (see _poll).
-        handle = JobRunHandle(self, run.job_run_id, log_dir, None, external_id=slurm_id)
-        self._track(handle, job.timeout_seconds)
+        # in the queue: the poller notes when it runs (see _poll, maintain).
+        handle = JobRunHandle(self, run.job_run_id, log_dir, None)
+        handle.started = False  # once sbatch answered: _submit reports it
+        handle.pending_signal = None  # a signal asked for before the job id was known
+        self._workers.submit(self._submit, handle, argv, env, job.timeout_seconds)
         return handle
+
+    def _submit(self, handle, argv, env, timeout):
+        # On a worker thread: sbatch, then the start or the failure reported.
+        with self._cv:
+            canceled = handle.pending_signal is not None
+        if canceled:  # stopped while it waited for a worker: never submitted
+            self.on_exit(handle)
+            return
+        try:
+            code, out, err = self._command(argv, env=env)
+            if code != 0:
+                raise ExecutorError("cannot start job: sbatch failed: %s"
+                                    % (err.splitlines() or ["exit %d" % code])[-1])
+            slurm_id = out.strip().split(";")[0]
+            if not slurm_id.isdigit():
+                raise ExecutorError("sbatch answered %r, not a job id" % out.strip()[:200])
+        except ExecutorError as e:
+            handle.error = e.message
+            self.on_exit(handle)
+            return
+        with self._cv:
+            handle.external_id = slurm_id
+            sig, handle.pending_signal = handle.pending_signal, None
+        self._track(handle, timeout)
+        self.on_start(handle)
+        if sig is not None:  # stopped while sbatch ran
+            self._scancel(handle, sig)
 
     def _track(self, handle, timeout):
         with self._cv:
@@ -3274,6 +3367,15 @@ class SlurmExecutor(Executor):
             self._cv.notify()
 
     def signal(self, handle, sig):
+        with self._cv:
+            if handle.external_id is None:  # not submitted yet: scancel'd once it is
+                if handle.pending_signal != signal.SIGKILL:
+                    handle.pending_signal = sig
+                return
+        self._workers.submit(self._scancel, handle, sig)
+
+    def _scancel(self, handle, sig):
+        # On a worker thread.
         argv = ["scancel", handle.external_id]
         if sig == signal.SIGKILL:
             argv[1:1] = ["--signal=KILL", "--full"]
@@ -3319,7 +3421,16 @@ class SlurmExecutor(Executor):
                                          external_id=slurm_id), signal.SIGTERM)
         return adopted
 
+    def maintain(self, now, ended, running):
+        # The runs the poller saw start running: their timeouts count from now.
+        with self._cv:
+            began, self._began = self._began, []
+        for handle, timeout in began:
+            handle.deadline = self.clock() + timeout
+        return float("inf")
+
     def close(self):
+        self._workers.close(60)  # queued submissions and cancels finish first
         with self._cv:
             self._closing = True
             self._cv.notify()
@@ -3394,8 +3505,10 @@ class SlurmExecutor(Executor):
                 if state == "RUNNING":
                     with self._cv:
                         timeout = self._timeouts.pop(slurm_id, None)
-                    if timeout:  # read by the orchestrator thread; written once, here
-                        handle.deadline = self.clock() + timeout
+                        if timeout:  # the orchestrator thread sets the deadline (maintain)
+                            self._began.append((handle, timeout))
+                    if timeout:
+                        self.wakeup.set()
                 continue
             self._unknown_since.pop(slurm_id, None)
             with self._cv:
@@ -3733,15 +3846,33 @@ class _WarmPython:
             raise ExecutorError("the warm interpreter is gone: %s" % e) from None
         self.last_used = time.monotonic()
 
+    def status(self):
+        """``(state, error, busy)``, read under the reader thread's lock
+        (``busy``: a fork of it still runs)."""
+        with self._cv:
+            return self.state, self.error, bool(self.children)
+
     def retire(self):
         """No more runs: it exits once its children have."""
-        if self.state in ("starting", "ready"):
+        state, _, busy = self.status()
+        if state in ("starting", "ready"):
             try:
                 self.chan.sendall(b'{"quit": true}\n')
             except OSError:
                 pass
-        if self.state == "starting" or not self.children:
+        if state == "starting" or not busy:
             _signal_group(self.proc.pid, signal.SIGKILL)  # nothing of value in it
+
+
+class _ForkHandle(JobRunHandle):
+    """A run of the python executor: a fork whose pid comes after ``start``
+    (set by its warm interpreter's reader thread, under ``warm``'s lock)."""
+
+    warm = None  # the _WarmPython that forks it
+    pending_signal = None  # a signal asked for before the pid was known
+
+    def start_fields(self):
+        return {}  # the pid is in the warm interpreter's list of forks (_python_forks)
 
 
 def _fork_lists(state_dir):
@@ -3801,7 +3932,23 @@ class PythonExecutor(LocalExecutor):
     settings = {"idle_seconds": ("num", 0), "import_timeout_seconds": ("num", 0)}
 
     def recover(self, runs, now):
-        return []  # what its forks left is stopped by the local executor's recover
+        found = super().recover(runs, now)
+        for path, owner in _fork_lists(self.config.state_dir):
+            if not _pid_alive(owner):  # its warm interpreter is gone: so are its forks
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        return found
+
+    def _left_behind(self, runs):
+        # A fork's pid is not in its start event (it comes later): the warm
+        # interpreters list their forks.
+        forks = _python_forks(self.config.state_dir)
+        found = {}
+        for run in runs:
+            pid, start_time = forks.get(run.job_run_id, (None, None))
+            if pid and _is_same_process(pid, start_time):
+                found[pid] = run.job_run_id
+        return found
 
     @classmethod
     def check_job(cls, job):
@@ -3834,9 +3981,9 @@ class PythonExecutor(LocalExecutor):
 
     def _warm_for(self, job):
         warm = self._warm.get(job.label)
-        if warm is not None and (warm.state == "gone" or (
-                warm.state == "ready" and warm.changed())):
-            if warm.state == "ready":
+        state = warm.status()[0] if warm is not None else None
+        if state == "gone" or (state == "ready" and warm.changed()):
+            if state == "ready":
                 logger.info("Job %s: code changed, starting a new warm interpreter", job.label)
             self._retire(job.label)
             warm = None
@@ -3853,20 +4000,21 @@ class PythonExecutor(LocalExecutor):
 
     def start(self, run, job, now):
         warm = self._warm_for(job)
-        if warm.state == "starting":
+        state, error, _ = warm.status()
+        if state == "starting":
             limit = self.config.executors.get("python", {}).get("import_timeout_seconds", 600)
             if time.monotonic() - warm.last_used < limit:
                 return None  # importing: it wakes the orchestrator when ready
             self._retire(job.label)
             raise ExecutorError("the import of %s took longer than %s s"
                                 % (" ".join(_python_target(job.entrypoint)[1]), limit))
-        if warm.state == "failed":
+        if state == "failed":
             self._retire(job.label)  # the next run tries the import again
-            raise ExecutorError(warm.error)
+            raise ExecutorError(error)
         _, argv, env, log_dir = self.prepare(run, job)
         interpreter, target = _python_target(job.entrypoint)
-        handle = JobRunHandle(self, run.job_run_id, log_dir,
-                              now + job.timeout_seconds if job.timeout_seconds else None)
+        handle = _ForkHandle(self, run.job_run_id, log_dir,
+                             now + job.timeout_seconds if job.timeout_seconds else None)
         # The warm interpreter was started with the job's environment: a run
         # sends only its own values.
         request = {"run": run.job_run_id, "cwd": self.config.root,
@@ -3875,7 +4023,6 @@ class PythonExecutor(LocalExecutor):
                            if k.startswith(b"DATABUILD_")},
                    "stdout": handle.stdout_path, "stderr": handle.stderr_path}
         handle.warm = warm
-        handle.pending_signal = None  # a signal asked for before the pid was known
         warm.fork(handle, request)  # (the pid comes later, from the reader thread)
         return handle
 
@@ -3916,10 +4063,11 @@ class PythonExecutor(LocalExecutor):
         idle = self.config.executors.get("python", {}).get("idle_seconds", 300)
         clock = time.monotonic()
         for label, warm in list(self._warm.items()):
-            if warm.state == "ready" and not warm.children and clock - warm.last_used >= idle:
+            state, _, busy = warm.status()
+            if state == "ready" and not busy and clock - warm.last_used >= idle:
                 logger.info("Job %s: warm interpreter idle, stopped", label)
                 self._retire(label)
-        self._retired = [w for w in self._retired if w.state not in ("gone", "failed")]
+        self._retired = [w for w in self._retired if w.status()[0] not in ("gone", "failed")]
         if self._warm:
             when = min(when, now + idle)
         return when
@@ -4020,15 +4168,16 @@ class Orchestrator:
         self.config = config
         self.watcher = watcher  # a ConfigWatcher: each step runs on the config in force
         self.log = log
-        self.url = url
-        self.token = None  # the server's access token, given to jobs (README "Security")
+        self._executors = {}  # name -> Executor, made when first needed
+        self._url = url  # the server's base URL and access token, given to jobs:
+        self._token = None  # set before the loop starts (``url``, ``token``)
         self.clock = clock
         self.state = self._open_state()
         self._inbox = collections.deque()  # any thread appends, the orchestrator pops
         self._exited = collections.deque()  # ended JobRunHandles, not yet recorded
         self._starts = collections.deque()  # started JobRunHandles, not yet recorded
+        self._outcome_reader = _Workers("databuild-outcome", 1)  # reads long stdout logs
         self._wake = _Wakeup()
-        self._executors = {}  # name -> Executor, made when first needed
         self._running = {}  # job_run_id -> JobRunHandle: the started runs
         self._entries = []  # (type, payload, timestamp) of this step, not yet committed
         self._replies = []  # (command, result) to answer after the next commit
@@ -4054,6 +4203,9 @@ class Orchestrator:
         self._sweep_at = float("inf")  # the next sweep for orphans, if one is due
         self._maintain_at = float("inf")  # the next call of the executors' maintain
         self._stopped = threading.Event()
+        #: True while a job run is Queued or Running: set by the orchestrator
+        #: thread after each commit, read by the idle timer's.
+        self.has_runs = False
         self._thread = None
         self._current_command = None  # the command a _cmd_ handler is answering
         self._syncer = None  # the _Syncer while the loop runs in its thread
@@ -4062,6 +4214,8 @@ class Orchestrator:
         for want in self.state.wants.values():  # the live wants: a working set
             self._push_deadlines(want)
         self._recover(now)
+        runs = self.state.job_runs_by_status
+        self.has_runs = bool(runs[QUEUED] or runs[RUNNING])
         self._plan_from_state(now)
 
     def _open_state(self):
@@ -4225,10 +4379,11 @@ class Orchestrator:
                     return
         recorded = self._record_starts()
         reaped = self._reap(now)
-        if reaped or now >= self._maintain_at:
-            self._maintain_at = min([executor.maintain(now, bool(reaped), self._running)
-                                     for executor in self._executors.values()]
-                                    + [self._sweep_orphans(now, bool(reaped))])
+        # Every step: an executor's maintain is cheap, and hears what its own
+        # threads noted meanwhile (a Slurm job that began running).
+        self._maintain_at = min([executor.maintain(now, bool(reaped), self._running)
+                                 for executor in self._executors.values()]
+                                + [self._sweep_orphans(now, bool(reaped))])
         self._enforce_deadlines(now)
         self._expire(now)
         self._tick_schedules(now)
@@ -4322,6 +4477,8 @@ class Orchestrator:
                 cmd.error = e
             answered.append(cmd)
         self.state.forget(changes)  # finished work lives on in the projection only
+        runs = self.state.job_runs_by_status
+        self.has_runs = bool(runs[QUEUED] or runs[RUNNING])  # (read by the idle timer)
         if self._syncer is not None and entries:
             self._syncer.submit(answered)  # answered once the fsync is done
         else:
@@ -4546,7 +4703,21 @@ class Orchestrator:
 
     def _on_exit(self, handle):
         # The one way executors report a run's end, from any thread: hand the
-        # handle over and wake the orchestrator.
+        # handle over and wake the orchestrator.  A long stdout is read for
+        # the run's outcome on the outcome reader's thread first: the
+        # orchestrator never scans a big file.
+        try:
+            long_log = os.stat(handle.stdout_path).st_size > DEFAULTS["outcome_inline_bytes"]
+        except OSError:
+            long_log = False
+        if long_log:
+            self._outcome_reader.submit(self._outcome_read, handle)
+            return
+        self._exited.append(handle)
+        self._wake.set()
+
+    def _outcome_read(self, handle):
+        handle.outcome()  # (on the outcome reader's thread)
         self._exited.append(handle)
         self._wake.set()
 
@@ -4571,11 +4742,7 @@ class Orchestrator:
 
     def _emit_start(self, handle):
         payload = {"job_run_id": handle.job_run_id, "executor": handle.executor.name}
-        if handle.pid is not None:
-            payload["pid"] = handle.pid
-            payload["pid_start_time"] = handle.start_time
-        if handle.external_id is not None:
-            payload["external_id"] = handle.external_id
+        payload.update(handle.start_fields())
         # Stamped when the run was started, not when the step began.
         self._emit(JOB_RUN_START, payload, self.clock())
 
@@ -4588,14 +4755,34 @@ class Orchestrator:
                 executor.use_config(config)
             self._plan_schedules(self.clock())
 
+    @property
+    def url(self):
+        """The server's base URL, which jobs get as ``DATABUILD_URL``."""
+        return self._url
+
+    @url.setter
+    def url(self, url):  # (before the loop starts: executors made at recovery know it too)
+        self._url = url
+        for executor in self._executors.values():
+            executor.url = url
+
+    @property
+    def token(self):
+        """The server's access token, which jobs get as ``DATABUILD_TOKEN``."""
+        return self._token
+
+    @token.setter
+    def token(self, token):
+        self._token = token
+        for executor in self._executors.values():
+            executor.token = token
+
     def _executor(self, name):
         executor = self._executors.get(name)
         if executor is None:
             executor = self._executors[name] = executors[name](
                 self.config, self._on_exit, self._wake, self._on_start)
-        executor.url = self.url
-        executor.token = self.token
-        executor.clock = self.clock
+            executor.url, executor.token, executor.clock = self._url, self._token, self.clock
         return executor
 
     def _sweep_orphans(self, now, ended):
@@ -5000,20 +5187,20 @@ class Orchestrator:
         # README "Lifecycle", "Running on a cluster": runs a previous server
         # left Queued or Running fail with "server restarted" and their wants
         # go on -- except those an executor takes back (Slurm runs still
-        # pending or running).  Local last: it stops any process of the runs
-        # it is given.
+        # pending or running); the others stop what is left of them first.
         stale = [self.state.job_runs[run_id] for run_id in
                  list(self.state.job_runs_by_status[QUEUED])
                  + list(self.state.job_runs_by_status[RUNNING])]
         if not stale:
             return
-        names = {run.executor for run in stale if run.executor}
-        names.update(job.executor for job in self.config.jobs)
-        names.discard("local")
-        for name in sorted(n for n in names if n in executors) + ["local"]:
-            for handle in self._executor(name).recover(stale, now):
-                self._running[handle.job_run_id] = handle
-            stale = [run for run in stale if run.job_run_id not in self._running]
+        by_executor = {}  # each executor recovers its own runs
+        for run in stale:
+            by_executor.setdefault(run.executor or "local", []).append(run)
+        for name, runs in sorted(by_executor.items()):
+            if name in executors:
+                for handle in self._executor(name).recover(runs, now):
+                    self._running[handle.job_run_id] = handle
+        stale = [run for run in stale if run.job_run_id not in self._running]
         for run in stale:
             self._fail(run, now, REASON_SERVER_RESTARTED, True, counted=False)
         self._commit()
@@ -5224,7 +5411,7 @@ class ReadModel:
 
     def __init__(self, log, snapshots=4):
         self.log = log
-        self._past_lock = threading.Lock()  # guards _past (and serialises replays)
+        self._past_lock = threading.Lock()  # guards _past; each entry has a lock of its own
         self._past = collections.OrderedDict()
         self._snapshots = snapshots
 
@@ -5235,20 +5422,22 @@ class ReadModel:
         return _Snapshot(MemoryView(self._state_at(as_of), self.log))
 
     def _state_at(self, as_of):
-        with self._past_lock:
-            state = self._past.get(as_of)
-            if state is not None:
+        latest = self.log.latest_event_id()
+        if as_of > latest:
+            raise InvalidRequest("as_of is beyond the latest event", as_of=as_of,
+                                 latest_event_id=latest)
+        with self._past_lock:  # (held for the lookup only, never through a replay)
+            past = self._past.get(as_of)
+            if past is None:
+                past = self._past[as_of] = [threading.Lock(), None]  # [its lock, state]
+                while len(self._past) > self._snapshots:
+                    self._past.popitem(last=False)
+            else:
                 self._past.move_to_end(as_of)
-                return state
-            latest = self.log.latest_event_id()
-            if as_of > latest:
-                raise InvalidRequest("as_of is beyond the latest event", as_of=as_of,
-                                     latest_event_id=latest)
-            state = BuildState.from_events(self.log.iter_events(upto=as_of))
-            self._past[as_of] = state
-            while len(self._past) > self._snapshots:
-                self._past.popitem(last=False)
-            return state
+        with past[0]:  # one replay per as_of; readers of other points go on
+            if past[1] is None:
+                past[1] = BuildState.from_events(self.log.iter_events(upto=as_of))
+            return past[1]
 
 
 class _Snapshot:
@@ -6089,7 +6278,7 @@ def _service_routes(app, api):
     def metrics():
         api.query(())
         with api.read_model.read() as view:
-            text = metrics_text(view.summary, api.server.http_requests,
+            text = metrics_text(view.summary, api.server.http_requests(),
                                 time.time() - api.server.started_at)
         api.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
         return text
@@ -6920,7 +7109,6 @@ class _Gate:
     def __init__(self, app, server):
         self.app = app
         self.server = server
-        self._lock = threading.Lock()  # guards server.http_requests
         self._token = server.token.encode() if server.token else None
 
     def _host_allowed(self, host, peer):
@@ -7007,8 +7195,7 @@ class _Gate:
         finally:
             key = (method if method in self._METHODS else "OTHER",
                    status_seen[0] if status_seen else "000")
-            with self._lock:
-                self.server.http_requests[key] += 1
+            self.server.count_request(key)
 
     def _cookie_login(self, environ, respond):
         # GET /?token=T (the URL `databuild dashboard` prints): the cookie, then /.
@@ -7234,7 +7421,8 @@ class Server:
         self.orchestrator.token = self.token
         self.idle_timer = IdleTimer(self.idle_timeout, self._busy, self._on_idle)
         self.stop_event = threading.Event()  # set once: the graceful stop has begun
-        self.http_requests = collections.Counter()  # (method, code) -> n; the gate writes
+        self._http_lock = threading.Lock()  # guards _http_requests (the gate's threads write)
+        self._http_requests = collections.Counter()  # (method, code) -> n
         # Log followers hold a waitress thread each: at most half of them.
         self.streams = threading.BoundedSemaphore(max(1, DEFAULTS["http_threads"] // 2))
         self.bottle_app = make_app(self)
@@ -7260,10 +7448,19 @@ class Server:
                            url=info.get("url"), pid=info.get("pid")) from None
         return lock_file
 
+    def count_request(self, key):
+        """Count one HTTP answer, ``key`` = (method, status code), for /metrics."""
+        with self._http_lock:
+            self._http_requests[key] += 1
+
+    def http_requests(self):
+        """A copy of the HTTP answer counts: (method, status code) -> n."""
+        with self._http_lock:
+            return dict(self._http_requests)
+
     def _busy(self):
         # A workspace with schedules has work to do at their ticks (README "Schedules").
-        runs = self.orchestrator.state.job_runs_by_status
-        return bool(runs[QUEUED]) or bool(runs[RUNNING]) or bool(self.config.schedules)
+        return self.orchestrator.has_runs or bool(self.config.schedules)
 
     def _on_idle(self, seconds):
         logger.info("Server idle for %d seconds, shutting down", seconds)

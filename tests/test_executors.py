@@ -595,3 +595,82 @@ def test_python_runs_a_module_with_m_as_a_cold_start_would(tmp_path, driver_for)
     assert d.settle(d.want("a")["want_id"]) == databuild.SUCCESSFUL
     assert read(ws, "built", "a") == "from util __main__ --flag a " + os.path.join(
         ws, "pkg", "job.py")
+
+
+# -- the orchestrator never waits for an executor (README "Writing an executor") --
+
+FAKE_SLURM = {
+    # sbatch: slow (SLURM_FAKE_DELAY), then a new job id.
+    "sbatch": "import os, random, time\ntime.sleep(float(os.environ.get('SLURM_FAKE_DELAY', "
+              "'0')))\nprint(random.randint(10 ** 6, 10 ** 9))\n",
+    # squeue: every job asked about is RUNNING (it never ends on its own).
+    "squeue": "import sys\nargs = sys.argv\nids = args[args.index('-j') + 1].split(',') "
+              "if '-j' in args else []\nfor i in ids:\n    print('%s|RUNNING' % i)\n",
+    # scancel: slow too (SLURM_FAKE_CANCEL_DELAY), and says whom it canceled.
+    "scancel": "import os, sys, time\ntime.sleep(float(os.environ.get("
+               "'SLURM_FAKE_CANCEL_DELAY', '0')))\nopen(os.environ['SLURM_FAKE_LOG'], 'a')"
+               ".write(sys.argv[-1] + '\\n')\n",
+}
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """sbatch, squeue and scancel stand-ins first on PATH (no cluster): for
+    what the server does while they are slow."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    for name, body in FAKE_SLURM.items():
+        path = bin_dir / name
+        path.write_text("#!%s\n%s" % (sys.executable, body))
+        path.chmod(0o755)
+    return {"PATH": "%s:%s" % (bin_dir, os.environ["PATH"]),
+            "SLURM_FAKE_LOG": str(tmp_path / "scancel.log")}
+
+
+def two_executors(path):
+    return write_workspace(path, jobs=[
+        {"label": "cluster", "partition_patterns": ["c/.+"], "executor": "slurm"},
+        {"label": "here", "partition_patterns": ["l/.+"]}])
+
+
+def answered_within(seconds, call):
+    t0 = time.monotonic()
+    result = call()
+    took = time.monotonic() - t0
+    assert took < seconds, "took %.2f s" % took
+    return result
+
+
+def test_a_slow_sbatch_delays_no_answer_and_no_local_run(tmp_path, serve, fake_slurm):
+    ws = two_executors(tmp_path / "ws")
+    server = serve(ws, env=dict(fake_slurm, SLURM_FAKE_DELAY="4"))
+    fast = databuild.Client(server.url, timeout=10, token=server.token)
+    want = answered_within(1, lambda: fast.create_want(["c/[1..6]"]))  # six sbatch of 4 s
+    assert want["counts"]["total"] == 6
+    answered_within(1, fast.health)
+    local = answered_within(1, lambda: fast.create_want(["l/a"]))
+    t0 = time.monotonic()
+    assert fast.wait_want(local["want_id"], 10)["status"] == "Successful"
+    assert time.monotonic() - t0 < 2  # it did not wait behind the submissions
+    # The Slurm runs start once their sbatch answered (four at a time).
+    wait_for(lambda: len(server.client.list_job_runs(status="Running", job_label="cluster")[
+        "data"]) == 6, 20)
+    runs = server.client.list_job_runs(job_label="cluster")["data"]
+    assert all(r["external_id"] and r["external_id"].isdigit() for r in runs)
+
+
+def test_canceling_150_slurm_runs_delays_no_answer(tmp_path, serve, fake_slurm):
+    ws = two_executors(tmp_path / "ws")
+    server = serve(ws, env=dict(fake_slurm, SLURM_FAKE_CANCEL_DELAY="0.05"))
+    fast = databuild.Client(server.url, timeout=10, token=server.token)
+    want = fast.create_want(["c/[001..150]"])
+    wait_for(lambda: server.client.list_job_runs(status="Running", job_label="cluster",
+                                                 limit=0)["total"] == 150, 60)
+    canceled = answered_within(1, lambda: fast.cancel_want(want["want_id"]))
+    assert canceled["status"] == "Canceled"
+    answered_within(1, fast.health)
+    local = answered_within(1, lambda: fast.create_want(["l/b"]))
+    assert fast.wait_want(local["want_id"], 10)["status"] == "Successful"
+    # Every Slurm job is scancel'd (about 2 s of scancel, four at a time).
+    wait_for(lambda: os.path.exists(fake_slurm["SLURM_FAKE_LOG"]) and len(
+        open(fake_slurm["SLURM_FAKE_LOG"]).read().split()) >= 150, 30)

@@ -1,6 +1,7 @@
 """The orchestrator with real job subprocesses, stepped by the test."""
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -860,3 +861,26 @@ def test_a_large_want_is_queued_over_several_steps(tmp_path, driver_for, monkeyp
     assert d.orch._sleep_seconds(clock[0]) > 0
     clock[0] += 40
     assert d.settle(want["want_id"]) == SUCCESSFUL
+
+
+def test_a_long_stdout_is_read_for_its_outcome_off_the_orchestrator(tmp_path, driver_for,
+                                                                    monkeypatch):
+    # A run whose stdout is long is read on the outcome reader's thread; the
+    # orchestrator's own thread reads only short ones.
+    readers = {}
+    read = databuild.JobRunHandle._read_outcome
+
+    def recording(handle):
+        readers[handle.job_run_id] = threading.current_thread().name
+        return read(handle)
+    monkeypatch.setattr(databuild.JobRunHandle, "_read_outcome", recording)
+    monkeypatch.setitem(databuild.DEFAULTS, "outcome_inline_bytes", 100 * 1024)
+    ws = write_workspace(tmp_path / "ws", plan={
+        "long": {"stdout": "x" * 300 * 1024, "deps": ["dep"]}, "short": {}})
+    d = driver_for(ws)
+    long_want, short_want = d.want("long"), d.want("short")
+    assert d.settle(long_want["want_id"]) == SUCCESSFUL
+    assert d.settle(short_want["want_id"]) == SUCCESSFUL
+    runs = {r.partitions[0] + ":" + r.status: r.job_run_id for r in d.full().job_runs.values()}
+    assert readers[runs["long:DepMiss"]] == "databuild-outcome-0"  # its dep miss was read
+    assert readers[runs["short:Succeeded"]] == threading.current_thread().name
