@@ -33,6 +33,7 @@ Sections (in dependency order; ``grep -n '^# .*####' databuild.py``):
     Read model
     HTTP API
     Server and lifecycle
+    Dashboard
     Client
     CLI
 """
@@ -2946,20 +2947,49 @@ class JobRunHandle:
 
 class Executor:
     """Where job runs execute: one subclass per kind, named in ``executors``
-    (README "Running on a cluster"), the way bottle names its server adapters.
+    (README "Writing an executor"), the way bottle names its server adapters.
 
-    The orchestrator speaks to job runs only through these methods, all
-    called in its thread: ``start`` a run, ``signal`` it, ``recover`` what a
-    previous server left, ``maintain`` (once per step; returns when it wants
-    the next call), ``close``.  An executor reports every run's end, from
-    whichever thread learns it, by calling ``on_exit(handle)``.
+    The contract.  The orchestrator speaks to job runs only through these
+    methods, all called in its own thread, and none of them may block it --
+    no waiting on a process, a socket or a command; anything slow goes to a
+    thread of the executor's (``_Workers``) and comes back as a report:
+
+    * ``start(run, job, now)`` -> a ``JobRunHandle``, or None for "not now"
+      (the executor wakes the orchestrator when it can take runs again), or
+      raises ExecutorError (the run fails with the message as its error).
+      A handle with ``started`` True is recorded Running at once; one with
+      ``started`` False is recorded when the executor calls
+      ``on_start(handle)`` (its ``external_id`` or pid set first), or fails
+      when it calls ``on_exit(handle)`` with ``handle.error`` set.
+    * ``signal(handle, sig)``: SIGTERM asks the run to stop, SIGKILL forces
+      it; the run's end is then reported as any other.  A handle not yet
+      started keeps the signal until it is.
+    * ``ended(handle)``: the orchestrator is about to record the run's end
+      (clean up what it left: its process group).
+    * ``recover(runs, now)``: at start, the runs of this executor that a
+      previous server left Queued or Running; returns the handles of those
+      it takes back (``keeps_runs``: they outlive servers), stops what is left
+      of the others, which then fail "server restarted".
+    * ``maintain(now, ended, running)``: once per step; returns when the
+      next step is needed for it (its idle timers), or inf.
+    * ``close()``: at shutdown, after the runs were stopped (or kept).
+
+    Reports, from any thread: ``on_exit(handle)`` once per handle, when the
+    run has ended (``returncode``, or ``error`` for an end the executor knows
+    without the job's exit code, such as ``lost by slurm``); ``on_start``
+    as above; ``wakeup.set()`` to ask for a step.  The outcome (dep miss,
+    read deps) is read from the run's stdout log by the orchestrator, or by
+    its outcome reader for a long log.  Who owns what: the handle is the
+    orchestrator's, but for the fields ``JobRunHandle`` says an executor's
+    thread may set before it reports; an executor's own state is its
+    threads', each field behind a lock named where it is made.
 
     What every kind shares lives here: the run's argv, environment and log
-    files (README "Job protocol"), prepared once per job.  A subclass sets ``name``, the
-    keys it reads from its ``[executors.<name>]`` table and from its jobs
-    (``settings`` and ``job_settings``: key -> (kind, minimum), as
-    ``_config_value`` checks them; a job's are in ``JobConfig.options``) and
-    its default ``max_concurrent_job_runs``.
+    files (README "Job protocol"), prepared once per job.  A subclass sets
+    ``name``, the keys it reads from its ``[executors.<name>]`` table and
+    from its jobs (``settings`` and ``job_settings``: key -> (kind, minimum),
+    as ``_config_value`` checks them; a job's are in ``JobConfig.options``)
+    and its default ``max_concurrent_job_runs``.
     """
 
     name = None
@@ -6786,292 +6816,6 @@ def openapi_document():
                 "cookie": {"type": "apiKey", "in": "cookie", "name": TOKEN_COOKIE}}}}
 
 
-# The dashboard (README "Dashboard"): one page, no external assets; views by URL fragment.
-_DASHBOARD_HTML = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>databuild</title>
-<style>
-:root{--bg:#fafafa;--fg:#1d1f23;--muted:#6a717c;--line:#e2e4e8;--panel:#fff;--accent:#2f6fdb;
---ok:#1a7f37;--bad:#c4302b;--busy:#9a6700;--idle:#6a717c;--code:#f3f4f6}
-@media (prefers-color-scheme:dark){:root{--bg:#15171a;--fg:#e4e6ea;--muted:#9aa1ab;--line:#2b2f35;
---panel:#1c1f23;--accent:#6ea1ff;--ok:#4ac26b;--bad:#ff7b72;--busy:#d29922;--idle:#9aa1ab;--code:#111315}}
-:root.light{--bg:#fafafa;--fg:#1d1f23;--muted:#6a717c;--line:#e2e4e8;--panel:#fff;--accent:#2f6fdb;
---ok:#1a7f37;--bad:#c4302b;--busy:#9a6700;--idle:#6a717c;--code:#f3f4f6}
-:root.dark{--bg:#15171a;--fg:#e4e6ea;--muted:#9aa1ab;--line:#2b2f35;--panel:#1c1f23;--accent:#6ea1ff;
---ok:#4ac26b;--bad:#ff7b72;--busy:#d29922;--idle:#9aa1ab;--code:#111315}
-*{box-sizing:border-box}
-body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif}
-header{display:flex;flex-wrap:wrap;align-items:center;gap:1em;padding:.6em 1.2em;background:var(--panel);
-border-bottom:1px solid var(--line);position:sticky;top:0;z-index:1}
-header b{font-size:1.05em;letter-spacing:.02em}
-nav a{margin-right:.9em}
-a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
-main{padding:1em 1.2em;max-width:1400px}
-h1{font-size:1.15em;margin:.2em 0 .8em;word-break:break-all}
-h2{font-size:1em;margin:1.4em 0 .5em;color:var(--muted);text-transform:uppercase;letter-spacing:.05em}
-table{border-collapse:collapse;width:100%;background:var(--panel);border:1px solid var(--line)}
-th,td{padding:.35em .7em;text-align:left;border-bottom:1px solid var(--line);vertical-align:top}
-th{font-weight:600;color:var(--muted);font-size:12px}
-td{font-size:13px}
-.mono,td.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px}
-dl{display:grid;grid-template-columns:max-content 1fr;gap:.3em 1.2em;margin:0;background:var(--panel);
-border:1px solid var(--line);padding:.8em 1em}
-dt{color:var(--muted)}dd{margin:0;word-break:break-all}
-.status{font-weight:600;white-space:nowrap}
-.s-Successful,.s-Live,.s-Succeeded{color:var(--ok)}
-.s-Failed,.s-UpstreamFailed,.s-Canceled,.s-Expired{color:var(--bad)}
-.s-Building,.s-Running,.s-Queued,.s-UpstreamBuilding,.s-UpForRetry,.s-DepMiss{color:var(--busy)}
-.s-Idle,.s-Tainted,.s-Missing{color:var(--idle)}
-.muted{color:var(--muted)}
-.bar{display:flex;flex-wrap:wrap;gap:.6em;align-items:center;margin:.4em 0 .8em}
-input,select,button,textarea{font:inherit;color:var(--fg);background:var(--panel);border:1px solid var(--line);
-border-radius:5px;padding:.3em .55em}
-button{cursor:pointer}button.primary{background:var(--accent);color:#fff;border-color:var(--accent)}
-button.danger{color:var(--bad);border-color:var(--bad)}button:disabled{opacity:.5;cursor:default}
-pre{background:var(--code);border:1px solid var(--line);padding:.7em;overflow:auto;max-height:32em;
-margin:0;font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,monospace;white-space:pre-wrap;word-break:break-all}
-ul.tree{list-style:none;padding-left:1.2em;margin:.2em 0}ul.tree>li{margin:.15em 0}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:1em}
-#msg{margin-left:auto;color:var(--muted);font-size:12px}#msg.err{color:var(--bad)}
-.asof{border:1px solid var(--busy);color:var(--busy);border-radius:5px;padding:.1em .5em}
-#create{display:none;background:var(--panel);border:1px solid var(--line);padding:.8em 1em;margin-bottom:1em}
-#create.open{display:block}#create textarea{width:100%;min-height:4em}
-</style></head><body>
-<header><b>databuild</b>
-<nav><a href="#/wants">Wants</a><a href="#/partitions">Partitions</a><a href="#/job_runs">Job runs</a>
-<a href="#/events">Events</a><a href="#/schedules">Schedules</a><a href="#/jobs">Jobs</a></nav>
-<button id="new" class="primary">New want</button>
-<label class="muted">as of event <input id="asof" type="number" min="1" style="width:7em" placeholder="now"></label>
-<button id="live" title="Back to the present">Now</button>
-<button id="theme" title="Light or dark">&#9680;</button>
-<span id="msg">loading&hellip;</span></header>
-<main><form id="create"><b>New want</b>
-<p class="muted">Partition refs, one per line (or separated by spaces).</p>
-<textarea id="refs" placeholder="report/weekly/week=2025-01-06"></textarea>
-<div class="bar"><label>priority <input id="priority" type="number" value="0" style="width:6em"></label>
-<label>TTL seconds <input id="ttl" type="number" min="1" style="width:8em"></label>
-<label>comment <input id="comment" style="width:20em"></label>
-<button class="primary" type="submit">Create</button><button type="button" id="cancelnew">Close</button></div></form>
-<div id="view"></div></main>
-<script>
-"use strict";
-var asOf = null, lastEvent = null, busy = false, again = false, follower = null, PAGE = 50;
-var STATUSES = /*STATUSES*/, EVENT_TYPES = /*EVENT_TYPES*/;
-function $(id){return document.getElementById(id);}
-function esc(s){return String(s==null?"\u2013":s).replace(/[&<>"']/g,function(c){
-  return {"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c];});}
-function st(s){return '<span class="status s-'+esc(s)+'">'+esc(s)+'</span>';}
-function short(id){id=id?String(id):"";var m=/^schedule:([^:]+):/.exec(id);
- return m?m[1]+" "+id.slice(m[0].length,m[0].length+16):/^[0-9a-f]{8}-[0-9a-f]{4}-/.test(id)?id.slice(0,8):id;}
-function sourceText(src){return src.type+(src.name?" "+src.name:src.ref?" "+src.ref:src.want_id?" "+short(src.want_id):"");}
-function wantLink(id){return id?'<a class="mono" href="#/wants/'+encodeURIComponent(id)+'" title="'+esc(id)+'">'+esc(short(id))+'</a>':"\u2013";}
-function runLink(id){return id?'<a class="mono" href="#/job_runs/'+encodeURIComponent(id)+'" title="'+esc(id)+'">'+esc(short(id))+'</a>':"\u2013";}
-function refLink(r){return '<a class="mono" href="#/partitions/'+encodeURIComponent(r)+'">'+esc(r)+'</a>';}
-function few(list,fn,n){n=n||3;var h=list.slice(0,n).map(fn).join(" ");
-  return list.length>n?h+' <span class="muted">+'+(list.length-n)+' more</span>':(h||"\u2013");}
-function when(t){return t?esc(String(t).replace("T"," ").replace(/\.\d+Z$/,"Z")):"\u2013";}
-function epoch(s){return s==null?"\u2013":when(new Date(s*1000).toISOString());}
-function api(path,params){params=Object.assign({},params||{});if(asOf)params.as_of=asOf;
-  var q=Object.keys(params).filter(function(k){return params[k]!==""&&params[k]!=null;})
-    .map(function(k){return encodeURIComponent(k)+"="+encodeURIComponent(params[k]);}).join("&");
-  return fetch(path+(q?"?"+q:""),{credentials:"same-origin"}).then(answer);}
-function send(method,path,body){return fetch(path,{method:method,credentials:"same-origin",
-  headers:{"Content-Type":"application/json"},body:JSON.stringify(body||{})}).then(answer);}
-function answer(r){return r.json().catch(function(){return {error:"HTTP "+r.status};}).then(function(j){
-  if(!r.ok){var e=new Error(j.error||("HTTP "+r.status));e.status=r.status;throw e;}return j;});}
-function say(text,err){var m=$("msg");m.textContent=text;m.className=err?"err":"";}
-function route(){var h=location.hash.replace(/^#\/?/,"")||"wants";var q={},i=h.indexOf("?");
-  if(i>=0){h.slice(i+1).split("&").forEach(function(kv){var p=kv.split("=");
-    if(p[0])q[decodeURIComponent(p[0])]=decodeURIComponent(p.slice(1).join("=")||"");});h=h.slice(0,i);}
-  var parts=h.split("/");return {kind:parts[0],id:parts.length>1?decodeURIComponent(parts.slice(1).join("/")):null,q:q};}
-function go(kind,q){var s=Object.keys(q).filter(function(k){return q[k]!==""&&q[k]!=null&&q[k]!==0;})
-  .map(function(k){return k+"="+encodeURIComponent(q[k]);}).join("&");location.hash="#/"+kind+(s?"?"+s:"");}
-function pager(kind,q,total){var off=+(q.offset||0),h='<div class="bar"><span class="muted">'+
-  (total?(off+1)+"\u2013"+Math.min(off+PAGE,total)+" of "+total:"none")+"</span>";
-  h+='<button data-off="'+Math.max(0,off-PAGE)+'"'+(off?"":" disabled")+'>&larr; Newer</button>';
-  h+='<button data-off="'+(off+PAGE)+'"'+(off+PAGE<total?"":" disabled")+'>Older &rarr;</button></div>';return h;}
-function wirePager(kind,q){Array.prototype.forEach.call(document.querySelectorAll("[data-off]"),function(b){
-  b.onclick=function(){go(kind,Object.assign({},q,{offset:+b.dataset.off}));};});}
-function statusFilter(kind,q){return '<select id="flt"><option value="">any status</option>'+STATUSES[kind].map(function(s){
-  return "<option"+(q.status===s?" selected":"")+">"+s+"</option>";}).join("")+"</select>";}
-function table(cols,rows){return "<table><tr>"+cols.map(function(c){return "<th>"+c[0]+"</th>";}).join("")+"</tr>"+
-  (rows.length?rows.map(function(r){return "<tr>"+cols.map(function(c){return "<td>"+c[1](r)+"</td>";}).join("")+"</tr>";}).join(""):
-  '<tr><td colspan="'+cols.length+'" class="muted">nothing here</td></tr>')+"</table>";}
-function fields(pairs){return "<dl>"+pairs.map(function(p){return "<dt>"+p[0]+"</dt><dd>"+p[1]+"</dd>";}).join("")+"</dl>";}
-function action(label,cls,fn){return {label:label,cls:cls,fn:fn};}
-function actions(list){window._actions=list;return '<div class="bar">'+list.map(function(a,i){
-  return '<button class="'+a.cls+'" data-act="'+i+'"'+(asOf?" disabled title=\"not while looking at the past\"":"")+'>'+a.label+"</button>";}).join("")+"</div>";}
-function wireActions(){Array.prototype.forEach.call(document.querySelectorAll("[data-act]"),function(b){
-  b.onclick=function(){var a=window._actions[+b.dataset.act];b.disabled=true;
-    Promise.resolve(a.fn()).then(function(t){if(t)say(t);render();}).catch(function(e){say(e.message,true);b.disabled=false;});};});}
-
-var views = {
- wants: function(r){ if(r.id) return wantView(r.id);
-  var q=r.q;return api("/api/wants",{status:q.status,limit:PAGE,offset:q.offset}).then(function(j){
-   return {html:"<h1>Wants</h1>"+'<div class="bar">'+statusFilter("wants",q)+"</div>"+
-    table([["want",function(w){return wantLink(w.want_id);}],["status",function(w){return st(w.status);}],
-     ["partitions",function(w){return few(w.partitions,refLink);}],["priority",function(w){return esc(w.priority);}],
-     ["source",function(w){return esc(sourceText(w.source));}],["data time",function(w){return epoch(w.data_timestamp);}],
-     ["created",function(w){return when(w.created_at);}]],j.data)+pager("wants",q,j.total),
-    wire:function(){$("flt").onchange=function(){go("wants",{status:this.value});};wirePager("wants",q);}};});},
- partitions: function(r){ if(r.id) return partitionView(r.id);
-  var q=r.q;return api("/api/partitions",{status:q.status,prefix:q.prefix,limit:PAGE,offset:q.offset}).then(function(j){
-   return {html:"<h1>Partitions</h1>"+'<div class="bar"><input id="prefix" placeholder="ref prefix, e.g. raw/" value="'+esc(q.prefix||"").replace("\u2013","")+'" size="32">'+
-     statusFilter("partitions",q)+"</div>"+
-    table([["ref",function(p){return refLink(p.ref);}],["status",function(p){return st(p.status);}],
-     ["job",function(p){return esc(p.job_label);}],["built by",function(p){return runLink(p.built_by_job_run_id);}],
-     ["last run",function(p){return runLink(p.last_job_run_id);}],["updated",function(p){return when(p.updated_at);}]],j.data)+
-    pager("partitions",q,j.total),
-    wire:function(){$("prefix").onchange=function(){go("partitions",{prefix:this.value,status:q.status});};
-     $("flt").onchange=function(){go("partitions",{prefix:q.prefix,status:this.value});};wirePager("partitions",q);}};});},
- job_runs: function(r){ if(r.id) return runView(r.id);
-  var q=r.q;return api("/api/job_runs",{status:q.status,limit:PAGE,offset:q.offset}).then(function(j){
-   return {html:"<h1>Job runs</h1>"+'<div class="bar">'+statusFilter("job_runs",q)+"</div>"+
-    table([["job run",function(x){return runLink(x.job_run_id);}],["status",function(x){return st(x.status);}],
-     ["job",function(x){return esc(x.job_label);}],["partitions",function(x){return few(x.partitions,refLink);}],
-     ["attempt",function(x){return esc(x.attempt);}],["executor",function(x){return esc(x.executor);}],
-     ["duration",function(x){return x.duration_ms==null?"\u2013":(x.duration_ms/1000).toFixed(1)+"s";}],
-     ["error",function(x){return esc(x.error);}]],j.data)+pager("job_runs",q,j.total),
-    wire:function(){$("flt").onchange=function(){go("job_runs",{status:this.value});};wirePager("job_runs",q);}};});},
- events: function(r){ var q=r.q,top=asOf?+asOf+1:9007199254740991,before=Math.min(+(q.before||top),top);
-  var params="before="+before+"&limit="+PAGE+(q.type?"&type="+encodeURIComponent(q.type):"");
-  return fetch("/api/events?"+params,{credentials:"same-origin"}).then(answer).then(function(j){
-   var rows=j.data,last=rows.length?rows[rows.length-1].event_id:0;
-   var shown=rows.length?(q.type?rows.length+" "+esc(q.type)+" events, #"+rows[0].event_id+" to #"+last:
-     "#"+rows[0].event_id+" to #"+last+" of "+Math.min(j.latest_event_id,top-1)):"none";
-   return {html:"<h1>Events</h1>"+'<div class="bar"><select id="flt"><option value="">any type</option>'+EVENT_TYPES.map(function(t){
-      return "<option"+(q.type===t?" selected":"")+">"+t+"</option>";}).join("")+'</select><span class="muted">newest first</span></div>'+
-     table([["#",function(e){return '<a href="#" data-asof="'+e.event_id+'" title="show everything as of this event">'+e.event_id+"</a>";}],
-      ["time",function(e){return when(e.timestamp);}],["type",function(e){return esc(e.type);}],
-      ["about",function(e){var p=e.payload,h=[];if(p.want_id)h.push(wantLink(p.want_id));
-        if(p.job_run_id)h.push(runLink(p.job_run_id));if(p.ref)h.push(refLink(p.ref));
-        if(p.partitions)h.push(few(p.partitions,refLink,2));if(p.error)h.push(esc(p.error));
-        if(p.reason)h.push(esc(p.reason));return h.join(" ");}]],rows)+
-     '<div class="bar"><span class="muted">'+shown+'</span><button id="newest"'+(q.before?"":" disabled")+
-     '>&larr; Newest</button><button id="older"'+(rows.length<PAGE||last<=1?" disabled":"")+'>Older &rarr;</button></div>',
-     wire:function(){$("flt").onchange=function(){go("events",{type:this.value});};
-      $("newest").onclick=function(){go("events",{type:q.type});};
-      $("older").onclick=function(){go("events",{type:q.type,before:last});};
-      Array.prototype.forEach.call(document.querySelectorAll("[data-asof]"),function(a){
-       a.onclick=function(ev){ev.preventDefault();setAsOf(a.dataset.asof);};});}};});},
- schedules: function(){return api("/api/schedules",{}).then(function(j){
-  return {html:"<h1>Schedules</h1>"+table([["name",function(s){return esc(s.name);}],
-   ["when",function(s){return esc(s.cron||("every "+s.interval_seconds+" s"))+" "+esc(s.timezone);}],
-   ["partitions",function(s){return few(s.partitions,esc);}],["next tick",function(s){return when(s.next_tick_at);}],
-   ["last tick",function(s){return when(s.last_tick_at);}],["last want",function(s){return wantLink(s.last_want_id);}],
-   ["status",function(s){return s.last_want_status?st(s.last_want_status):"\u2013";}]],j.data)};});},
- jobs: function(){return api("/api/jobs",{}).then(function(j){
-  return {html:"<h1>Jobs</h1>"+table([["job",function(x){return esc(x.label);}],["executor",function(x){return esc(x.executor);}],
-   ["patterns",function(x){return few(x.partition_patterns,function(p){return '<span class="mono">'+esc(p)+"</span>";});}],
-   ["entrypoint",function(x){return '<span class="mono">'+esc(x.entrypoint.join(" "))+"</span>";}],
-   ["runs",function(x){return Object.keys(x.job_runs).map(function(k){return st(k)+" "+x.job_runs[k];}).join(" ")||"\u2013";}]],j.data)};});}
-};
-
-function wantView(id){return api("/api/wants/"+encodeURIComponent(id)).then(function(j){var w=j.data;
- var runs=w.job_run_ids.length?api("/api/job_runs",{want_id:w.want_id,limit:100}):Promise.resolve({data:[]});
- return Promise.all([runs,tree(w,0)]).then(function(a){
-  var c=w.counts,live=c.Live||0;
-  var acts=w.terminal?[]:[action("Cancel want","danger",function(){if(!confirm("Cancel want "+w.want_id+"?"))return;
-    return send("DELETE","/api/wants/"+encodeURIComponent(w.want_id)).then(function(){return "Want canceled";});})];
-  if(w.terminal&&live<c.total)acts.push(action("Retry","",function(){
-    return send("POST","/api/wants/"+encodeURIComponent(w.want_id)+"/retry").then(function(j){
-     location.hash="#/wants/"+encodeURIComponent(j.data.want_id);return "Retry want created";});}));
-  return {html:"<h1>Want "+esc(w.want_id)+" "+st(w.status)+"</h1>"+actions(acts)+
-   '<div class="grid"><div>'+fields([["status",st(w.status)],
-    ["progress",'<progress data-live="'+live+'" value="'+live+'" max="'+c.total+'"></progress> '+live+"/"+c.total+" live"+
-     Object.keys(c).filter(function(k){return k!=="total"&&k!=="Live";}).map(function(k){return ", "+c[k]+" "+st(k);}).join("")],
-    ["source",esc(JSON.stringify(w.source))],
-    ["parent",wantLink(w.parent_want_id)],["root",wantLink(w.root_want_id)],["priority",esc(w.priority)],
-    ["data time",epoch(w.data_timestamp)],["TTL",w.ttl_seconds?esc(w.ttl_seconds)+" s (expires "+epoch(w.data_timestamp+w.ttl_seconds)+")":"none"],
-    ["SLA",w.sla_seconds?esc(w.sla_seconds)+" s"+(w.sla_breached?' <span class="s-Failed status">breached</span>':""):"none"],
-    ["comment",esc(w.comment)],["created",when(w.created_at)],["updated",when(w.updated_at)]])+
-   "</div><div><h2 style=\"margin-top:0\">Partitions</h2>"+table([["ref",function(r){return refLink(r);}],
-    ["status",function(r){return st(w.partition_statuses[r]);}]],w.partitions)+"</div></div>"+
-   "<h2>Derivative wants</h2>"+(a[1]||'<p class="muted">none</p>')+
-   "<h2>Job runs</h2>"+table([["job run",function(x){return runLink(x.job_run_id);}],["status",function(x){return st(x.status);}],
-    ["job",function(x){return esc(x.job_label);}],["partitions",function(x){return few(x.partitions,refLink);}],
-    ["attempt",function(x){return esc(x.attempt);}],["error",function(x){return esc(x.error);}]],a[0].data)};});});}
-function tree(w,depth){if(!w.derivative_want_ids.length||depth>4)return Promise.resolve("");
- return Promise.all(w.derivative_want_ids.slice(0,20).map(function(id){return api("/api/wants/"+encodeURIComponent(id)).then(function(j){
-  return tree(j.data,depth+1).then(function(sub){return "<li>"+wantLink(id)+" "+st(j.data.status)+" "+few(j.data.partitions,refLink)+sub+"</li>";});});}))
-  .then(function(items){return '<ul class="tree">'+items.join("")+(w.derivative_want_ids.length>20?'<li class="muted">+'+(w.derivative_want_ids.length-20)+" more</li>":"")+"</ul>";});}
-function lineageTree(nodes,key){if(!nodes||!nodes.length)return "";return '<ul class="tree">'+nodes.map(function(n){
- return "<li>"+refLink(n.ref)+" "+st(n.status)+(n.truncated?' <span class="muted">&hellip;</span>':"")+lineageTree(n[key],key)+"</li>";}).join("")+"</ul>";}
-function partitionView(ref){var e=encodeURIComponent(ref);
- return Promise.all([api("/api/partition",{ref:ref}),api("/api/partition/lineage",{ref:ref,depth:3}),
-  api("/api/partition/explain",{ref:ref})]).then(function(a){var p=a[0].data,l=a[1].data,x=a[2]&&a[2].data;
-  var acts=p.status==="Live"?[action("Taint","danger",function(){var why=prompt("Taint "+p.ref+"? Reason:");if(why===null)return;
-    return send("POST","/api/partition/taint?ref="+e,{reason:why||null}).then(function(){return "Tainted";});}),
-   action("Taint with downstream","danger",function(){var why=prompt("Taint "+p.ref+" and everything built from it? Reason:");if(why===null)return;
-    return send("POST","/api/partition/taint?ref="+e,{reason:why||null,downstream:true}).then(function(j){return "Tainted "+j.data.tainted.length;});})]:[];
-  return {html:"<h1>Partition "+esc(p.ref)+" "+st(p.status)+"</h1>"+actions(acts)+
-   '<div class="grid"><div>'+fields([["status",st(p.status)],["job",esc(p.job_label)],["built by",runLink(p.built_by_job_run_id)],
-    ["last run",runLink(p.last_job_run_id)],["wants",few(p.want_ids,wantLink,6)],["missing deps",few(p.missing_deps,refLink,6)],
-    ["retry at",when(p.retry_at)],["updated",when(p.updated_at)]])+"</div><div>"+
-    '<h2 style="margin-top:0">Built from</h2>'+(lineageTree(l.upstream,"upstream")||'<p class="muted">no recorded upstream</p>')+
-    "<h2>Built into</h2>"+(lineageTree(l.downstream,"downstream")||'<p class="muted">nothing recorded</p>')+"</div></div>"+
-   "<h2>Explain</h2>"+(x?"<p>"+esc(x.summary)+"</p>"+table([["#",function(s){return esc(s.event_id);}],["time",function(s){return when(s.timestamp);}],
-    ["what happened",function(s){return esc(s.text)+(s.job_run_id?" "+runLink(s.job_run_id):"");}]],x.steps):'<p class="muted">not while looking at the past</p>')};});}
-function runView(id){return api("/api/job_runs/"+encodeURIComponent(id)).then(function(j){var r=j.data;
- var live=!asOf&&(r.status==="Running"||r.status==="Queued");
- var logs=live?Promise.resolve(["",""]):Promise.all(["stdout","stderr"].map(function(s){
-   return fetch("/api/job_runs/"+encodeURIComponent(r.job_run_id)+"/logs/"+s+"?tail=262144",{credentials:"same-origin"})
-    .then(function(x){return x.ok?x.text():"";});}));
- return logs.then(function(l){
-  var acts=live?[action("Cancel run","danger",function(){if(!confirm("Cancel job run "+r.job_run_id+"?"))return;
-    return send("POST","/api/job_runs/"+encodeURIComponent(r.job_run_id)+"/cancel").then(function(){return "Run canceled";});})]:[];
-  return {html:"<h1>Job run "+esc(r.job_run_id)+" "+st(r.status)+"</h1>"+actions(acts)+
-   fields([["status",st(r.status)],["job",esc(r.job_label)],["partitions",few(r.partitions,refLink,10)],["wants",few(r.want_ids,wantLink,6)],
-    ["attempt",esc(r.attempt)],["executor",esc(r.executor)+(r.external_id?" (job "+esc(r.external_id)+")":"")],["exit code",esc(r.exit_code)],
-    ["error",esc(r.error)],["missing deps",few(r.missing_deps,refLink,6)],["queued",when(r.queued_at)],["started",when(r.started_at)],
-    ["finished",when(r.finished_at)],["duration",r.duration_ms==null?"\u2013":(r.duration_ms/1000).toFixed(2)+" s"]])+
-   '<div class="grid"><div><h2>stdout'+(live?' <span class="muted">(live)</span>':"")+'</h2><pre id="log-stdout">'+esc(l[0]||"")+
-   '</pre></div><div><h2>stderr'+(live?' <span class="muted">(live)</span>':"")+'</h2><pre id="log-stderr">'+esc(l[1]||"")+"</pre></div></div>",
-   wire:function(){if(live)follow(r.job_run_id);},keep:live&&follower&&follower.id===r.job_run_id};});});}
-function follow(id){stopFollow();follower={id:id,sources:[]};["stdout","stderr"].forEach(function(s){
- var src=new EventSource("/api/job_runs/"+encodeURIComponent(id)+"/logs/"+s+"?follow=true"),pre=$("log-"+s);
- if(pre)pre.textContent="";
- src.addEventListener("log",function(ev){var p=$("log-"+s);if(p){p.textContent+=ev.data+"\n";p.scrollTop=p.scrollHeight;}});
- src.addEventListener("complete",function(){src.close();if(s==="stdout")setTimeout(function(){follower=null;render();},200);});
- src.onerror=function(){src.close();};follower.sources.push(src);});}
-function stopFollow(){if(follower){follower.sources.forEach(function(s){s.close();});follower=null;}}
-
-function render(){if(busy){again=true;return;}busy=true;again=false;var r=route(),v=views[r.kind]||views.wants;
- Promise.resolve(v(r)).then(function(out){
-  if(!(out.keep&&follower)){stopFollow();var y=window.scrollY;$("view").innerHTML=out.html;window.scrollTo(0,y);
-   wireActions();if(out.wire)out.wire();}
- }).catch(function(e){stopFollow();$("view").innerHTML="<h1>"+esc(e.status===404?"Not found":"Error")+"</h1><p>"+esc(e.message)+"</p>";
-  if(e.status===401)$("view").innerHTML+='<p>Open the URL that <span class="mono">databuild.py dashboard</span> prints: it logs this browser in.</p>';
- }).then(function(){busy=false;if(again)render();});}
-function poll(){fetch("/health",{credentials:"same-origin"}).then(answer).then(function(h){
-  say((asOf?"as of event "+asOf+" of "+h.latest_event_id:"event "+h.latest_event_id)+" \u00b7 v"+h.version+(h.config_error?" \u00b7 config error: "+h.config_error:""),!!h.config_error);
-  document.body.dataset.latest=h.latest_event_id;
-  if(!asOf&&lastEvent!==h.latest_event_id&&!editing()){lastEvent=h.latest_event_id;render();}
- }).catch(function(e){say("server unreachable: "+e.message,true);});}
-function editing(){var a=document.activeElement;return a&&(a.tagName==="INPUT"||a.tagName==="TEXTAREA"||a.tagName==="SELECT");}
-function setAsOf(v){asOf=v?String(+v):null;$("asof").value=asOf||"";document.documentElement.classList.toggle("past",!!asOf);
- $("msg").className="";render();poll();}
-$("asof").onchange=function(){setAsOf(this.value);};$("live").onclick=function(){setAsOf(null);};
-$("theme").onclick=function(){var c=document.documentElement.classList,dark=c.contains("dark")||
- (!c.contains("light")&&matchMedia("(prefers-color-scheme: dark)").matches);c.toggle("dark",!dark);c.toggle("light",dark);
- try{localStorage.setItem("databuild-theme",dark?"light":"dark");}catch(e){}};
-try{var t=localStorage.getItem("databuild-theme");if(t)document.documentElement.classList.add(t);}catch(e){}
-$("new").onclick=function(){$("create").classList.toggle("open");$("refs").focus();};
-$("cancelnew").onclick=function(){$("create").classList.remove("open");};
-$("create").onsubmit=function(ev){ev.preventDefault();var refs=$("refs").value.split(/\s+/).filter(Boolean);
- var body={partitions:refs,priority:+$("priority").value||0};if($("ttl").value)body.ttl_seconds=+$("ttl").value;
- if($("comment").value)body.comment=$("comment").value;
- send("POST","/api/wants",body).then(function(j){$("create").classList.remove("open");$("refs").value="";
-  location.hash="#/wants/"+encodeURIComponent(j.data.want_id);say("Want created");}).catch(function(e){say(e.message,true);});};
-window.onhashchange=function(){stopFollow();render();};
-render();poll();setInterval(poll,2000);
-</script></body></html>
-""".replace("/*STATUSES*/", json.dumps({
-    "wants": WANT_STATUSES, "partitions": PARTITION_STATUSES, "job_runs": JOB_RUN_STATUSES})).replace(
-    "/*EVENT_TYPES*/", json.dumps(EVENT_TYPES))
-
-
 def is_loopback(host):
     """True for a loopback host name or address (127.0.0.0/8, ::1, localhost)."""
     host = (host or "").strip("[]").lower()
@@ -7577,6 +7321,1272 @@ class Server:
                 pass
         self.log.close()
         self._lock_file.close()
+
+
+###############################################################################
+# Dashboard ###################################################################
+###############################################################################
+
+# The page ``GET /`` serves (README "Dashboard"): one HTML document with its
+# CSS and JavaScript, no external assets, working offline.  Views by URL
+# fragment (``#/wants``, ``#/wants/<id>``, ``#/partitions?prefix=``, ...), each
+# rendered from the API by the function of its name in ``views``; the status
+# and event type names come from this module's constants.
+_DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>databuild</title>
+  <style>
+    :root {
+      --bg: #fafafa;
+      --fg: #1d1f23;
+      --muted: #6a717c;
+      --line: #e2e4e8;
+      --panel: #fff;
+      --accent: #2f6fdb;
+      --ok: #1a7f37;
+      --bad: #c4302b;
+      --busy: #9a6700;
+      --idle: #6a717c;
+      --code: #f3f4f6
+    }
+
+    @media (prefers-color-scheme:dark) {
+      :root {
+        --bg: #15171a;
+        --fg: #e4e6ea;
+        --muted: #9aa1ab;
+        --line: #2b2f35;
+        --panel: #1c1f23;
+        --accent: #6ea1ff;
+        --ok: #4ac26b;
+        --bad: #ff7b72;
+        --busy: #d29922;
+        --idle: #9aa1ab;
+        --code: #111315
+      }
+    }
+
+    :root.light {
+      --bg: #fafafa;
+      --fg: #1d1f23;
+      --muted: #6a717c;
+      --line: #e2e4e8;
+      --panel: #fff;
+      --accent: #2f6fdb;
+      --ok: #1a7f37;
+      --bad: #c4302b;
+      --busy: #9a6700;
+      --idle: #6a717c;
+      --code: #f3f4f6
+    }
+
+    :root.dark {
+      --bg: #15171a;
+      --fg: #e4e6ea;
+      --muted: #9aa1ab;
+      --line: #2b2f35;
+      --panel: #1c1f23;
+      --accent: #6ea1ff;
+      --ok: #4ac26b;
+      --bad: #ff7b72;
+      --busy: #d29922;
+      --idle: #9aa1ab;
+      --code: #111315
+    }
+
+    * {
+      box-sizing: border-box
+    }
+
+    body {
+      margin: 0;
+      background: var(--bg);
+      color: var(--fg);
+      font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif
+    }
+
+    header {
+      display: flex;
+      flex-wrap: wrap;
+      align-items: center;
+      gap: 1em;
+      padding: .6em 1.2em;
+      background: var(--panel);
+      border-bottom: 1px solid var(--line);
+      position: sticky;
+      top: 0;
+      z-index: 1
+    }
+
+    header b {
+      font-size: 1.05em;
+      letter-spacing: .02em
+    }
+
+    nav a {
+      margin-right: .9em
+    }
+
+    a {
+      color: var(--accent);
+      text-decoration: none
+    }
+
+    a:hover {
+      text-decoration: underline
+    }
+
+    main {
+      padding: 1em 1.2em;
+      max-width: 1400px
+    }
+
+    h1 {
+      font-size: 1.15em;
+      margin: .2em 0 .8em;
+      word-break: break-all
+    }
+
+    h2 {
+      font-size: 1em;
+      margin: 1.4em 0 .5em;
+      color: var(--muted);
+      text-transform: uppercase;
+      letter-spacing: .05em
+    }
+
+    table {
+      border-collapse: collapse;
+      width: 100%;
+      background: var(--panel);
+      border: 1px solid var(--line)
+    }
+
+    th,
+    td {
+      padding: .35em .7em;
+      text-align: left;
+      border-bottom: 1px solid var(--line);
+      vertical-align: top
+    }
+
+    th {
+      font-weight: 600;
+      color: var(--muted);
+      font-size: 12px
+    }
+
+    td {
+      font-size: 13px
+    }
+
+    .mono,
+    td.mono {
+      font-family: ui-monospace, SFMono-Regular, Menlo, monospace;
+      font-size: 12px
+    }
+
+    dl {
+      display: grid;
+      grid-template-columns: max-content 1fr;
+      gap: .3em 1.2em;
+      margin: 0;
+      background: var(--panel);
+      border: 1px solid var(--line);
+      padding: .8em 1em
+    }
+
+    dt {
+      color: var(--muted)
+    }
+
+    dd {
+      margin: 0;
+      word-break: break-all
+    }
+
+    .status {
+      font-weight: 600;
+      white-space: nowrap
+    }
+
+    .s-Successful,
+    .s-Live,
+    .s-Succeeded {
+      color: var(--ok)
+    }
+
+    .s-Failed,
+    .s-UpstreamFailed,
+    .s-Canceled,
+    .s-Expired {
+      color: var(--bad)
+    }
+
+    .s-Building,
+    .s-Running,
+    .s-Queued,
+    .s-UpstreamBuilding,
+    .s-UpForRetry,
+    .s-DepMiss {
+      color: var(--busy)
+    }
+
+    .s-Idle,
+    .s-Tainted,
+    .s-Missing {
+      color: var(--idle)
+    }
+
+    .muted {
+      color: var(--muted)
+    }
+
+    .bar {
+      display: flex;
+      flex-wrap: wrap;
+      gap: .6em;
+      align-items: center;
+      margin: .4em 0 .8em
+    }
+
+    input,
+    select,
+    button,
+    textarea {
+      font: inherit;
+      color: var(--fg);
+      background: var(--panel);
+      border: 1px solid var(--line);
+      border-radius: 5px;
+      padding: .3em .55em
+    }
+
+    button {
+      cursor: pointer
+    }
+
+    button.primary {
+      background: var(--accent);
+      color: #fff;
+      border-color: var(--accent)
+    }
+
+    button.danger {
+      color: var(--bad);
+      border-color: var(--bad)
+    }
+
+    button:disabled {
+      opacity: .5;
+      cursor: default
+    }
+
+    pre {
+      background: var(--code);
+      border: 1px solid var(--line);
+      padding: .7em;
+      overflow: auto;
+      max-height: 32em;
+      margin: 0;
+      font: 12px/1.4 ui-monospace, SFMono-Regular, Menlo, monospace;
+      white-space: pre-wrap;
+      word-break: break-all
+    }
+
+    ul.tree {
+      list-style: none;
+      padding-left: 1.2em;
+      margin: .2em 0
+    }
+
+    ul.tree>li {
+      margin: .15em 0
+    }
+
+    .grid {
+      display: grid;
+      grid-template-columns: repeat(auto-fit, minmax(420px, 1fr));
+      gap: 1em
+    }
+
+    #msg {
+      margin-left: auto;
+      color: var(--muted);
+      font-size: 12px
+    }
+
+    #msg.err {
+      color: var(--bad)
+    }
+
+    .asof {
+      border: 1px solid var(--busy);
+      color: var(--busy);
+      border-radius: 5px;
+      padding: .1em .5em
+    }
+
+    #create {
+      display: none;
+      background: var(--panel);
+      border: 1px solid var(--line);
+      padding: .8em 1em;
+      margin-bottom: 1em
+    }
+
+    #create.open {
+      display: block
+    }
+
+    #create textarea {
+      width: 100%;
+      min-height: 4em
+    }
+
+  </style>
+</head>
+
+<body>
+  <header><b>databuild</b>
+    <nav><a href="#/wants">Wants</a><a href="#/partitions">Partitions</a><a href="#/job_runs">Job
+        runs</a>
+      <a href="#/events">Events</a><a href="#/schedules">Schedules</a><a href="#/jobs">Jobs</a>
+    </nav>
+    <button id="new" class="primary">New want</button>
+    <label class="muted">as of event <input id="asof" type="number" min="1" style="width:7em"
+        placeholder="now"></label>
+    <button id="live" title="Back to the present">Now</button>
+    <button id="theme" title="Light or dark">&#9680;</button>
+    <span id="msg">loading&hellip;</span>
+  </header>
+  <main>
+    <form id="create"><b>New want</b>
+      <p class="muted">Partition refs, one per line (or separated by spaces).</p>
+      <textarea id="refs" placeholder="report/weekly/week=2025-01-06"></textarea>
+      <div class="bar"><label>priority <input id="priority" type="number" value="0"
+            style="width:6em"></label>
+        <label>TTL seconds <input id="ttl" type="number" min="1" style="width:8em"></label>
+        <label>comment <input id="comment" style="width:20em"></label>
+        <button class="primary" type="submit">Create</button><button type="button"
+          id="cancelnew">Close</button>
+      </div>
+    </form>
+    <div id="view"></div>
+  </main>
+  <script>
+    "use strict";
+    var asOf = null,
+      lastEvent = null,
+      busy = false,
+      again = false,
+      follower = null,
+      PAGE = 50;
+    var STATUSES = /*STATUSES*/ ,
+      EVENT_TYPES = /*EVENT_TYPES*/ ;
+
+    function $(id) {
+      return document.getElementById(id);
+    }
+
+    function esc(s) {
+      return String(s == null ? "\u2013" : s).replace(/[&<>"']/g, function(c) {
+        return {
+          "&": "&amp;",
+          "<": "&lt;",
+          ">": "&gt;",
+          '"': "&quot;",
+          "'": "&#39;"
+        } [c];
+      });
+    }
+
+    function st(s) {
+      return '<span class="status s-' + esc(s) + '">' + esc(s) + '</span>';
+    }
+
+    function short(id) {
+      id = id ? String(id) : "";
+      var m = /^schedule:([^:]+):/.exec(id);
+      return m ? m[1] + " " + id.slice(m[0].length, m[0].length + 16) : /^[0-9a-f]{8}-[0-9a-f]{4}-/
+        .test(id) ? id.slice(0, 8) : id;
+    }
+
+    function sourceText(src) {
+      return src.type + (src.name ? " " + src.name : src.ref ? " " + src.ref : src.want_id ? " " +
+        short(src.want_id) : "");
+    }
+
+    function wantLink(id) {
+      return id ? '<a class="mono" href="#/wants/' + encodeURIComponent(id) + '" title="' + esc(
+        id) + '">' + esc(short(id)) + '</a>' : "\u2013";
+    }
+
+    function runLink(id) {
+      return id ? '<a class="mono" href="#/job_runs/' + encodeURIComponent(id) + '" title="' + esc(
+        id) + '">' + esc(short(id)) + '</a>' : "\u2013";
+    }
+
+    function refLink(r) {
+      return '<a class="mono" href="#/partitions/' + encodeURIComponent(r) + '">' + esc(r) + '</a>';
+    }
+
+    function few(list, fn, n) {
+      n = n || 3;
+      var h = list.slice(0, n).map(fn).join(" ");
+      return list.length > n ? h + ' <span class="muted">+' + (list.length - n) + ' more</span>' : (
+        h || "\u2013");
+    }
+
+    function when(t) {
+      return t ? esc(String(t).replace("T", " ").replace(/\.\d+Z$/, "Z")) : "\u2013";
+    }
+
+    function epoch(s) {
+      return s == null ? "\u2013" : when(new Date(s * 1000).toISOString());
+    }
+
+    function api(path, params) {
+      params = Object.assign({}, params || {});
+      if (asOf) params.as_of = asOf;
+      var q = Object.keys(params).filter(function(k) {
+          return params[k] !== "" && params[k] != null;
+        })
+        .map(function(k) {
+          return encodeURIComponent(k) + "=" + encodeURIComponent(params[k]);
+        }).join("&");
+      return fetch(path + (q ? "?" + q : ""), {
+        credentials: "same-origin"
+      }).then(answer);
+    }
+
+    function send(method, path, body) {
+      return fetch(path, {
+        method: method,
+        credentials: "same-origin",
+        headers: {
+          "Content-Type": "application/json"
+        },
+        body: JSON.stringify(body || {})
+      }).then(answer);
+    }
+
+    function answer(r) {
+      return r.json().catch(function() {
+        return {
+          error: "HTTP " + r.status
+        };
+      }).then(function(j) {
+        if (!r.ok) {
+          var e = new Error(j.error || ("HTTP " + r.status));
+          e.status = r.status;
+          throw e;
+        }
+        return j;
+      });
+    }
+
+    function say(text, err) {
+      var m = $("msg");
+      m.textContent = text;
+      m.className = err ? "err" : "";
+    }
+
+    function route() {
+      var h = location.hash.replace(/^#\/?/, "") || "wants";
+      var q = {},
+        i = h.indexOf("?");
+      if (i >= 0) {
+        h.slice(i + 1).split("&").forEach(function(kv) {
+          var p = kv.split("=");
+          if (p[0]) q[decodeURIComponent(p[0])] = decodeURIComponent(p.slice(1).join("=") ||
+          "");
+        });
+        h = h.slice(0, i);
+      }
+      var parts = h.split("/");
+      return {
+        kind: parts[0],
+        id: parts.length > 1 ? decodeURIComponent(parts.slice(1).join("/")) : null,
+        q: q
+      };
+    }
+
+    function go(kind, q) {
+      var s = Object.keys(q).filter(function(k) {
+          return q[k] !== "" && q[k] != null && q[k] !== 0;
+        })
+        .map(function(k) {
+          return k + "=" + encodeURIComponent(q[k]);
+        }).join("&");
+      location.hash = "#/" + kind + (s ? "?" + s : "");
+    }
+
+    function pager(kind, q, total) {
+      var off = +(q.offset || 0),
+        h = '<div class="bar"><span class="muted">' +
+        (total ? (off + 1) + "\u2013" + Math.min(off + PAGE, total) + " of " + total : "none") +
+        "</span>";
+      h += '<button data-off="' + Math.max(0, off - PAGE) + '"' + (off ? "" : " disabled") +
+        '>&larr; Newer</button>';
+      h += '<button data-off="' + (off + PAGE) + '"' + (off + PAGE < total ? "" : " disabled") +
+        '>Older &rarr;</button></div>';
+      return h;
+    }
+
+    function wirePager(kind, q) {
+      Array.prototype.forEach.call(document.querySelectorAll("[data-off]"), function(b) {
+        b.onclick = function() {
+          go(kind, Object.assign({}, q, {
+            offset: +b.dataset.off
+          }));
+        };
+      });
+    }
+
+    function statusFilter(kind, q) {
+      return '<select id="flt"><option value="">any status</option>' + STATUSES[kind].map(function(
+        s) {
+        return "<option" + (q.status === s ? " selected" : "") + ">" + s + "</option>";
+      }).join("") + "</select>";
+    }
+
+    function table(cols, rows) {
+      return "<table><tr>" + cols.map(function(c) {
+          return "<th>" + c[0] + "</th>";
+        }).join("") + "</tr>" +
+        (rows.length ? rows.map(function(r) {
+            return "<tr>" + cols.map(function(c) {
+              return "<td>" + c[1](r) + "</td>";
+            }).join("") + "</tr>";
+          }).join("") :
+          '<tr><td colspan="' + cols.length + '" class="muted">nothing here</td></tr>') +
+        "</table>";
+    }
+
+    function fields(pairs) {
+      return "<dl>" + pairs.map(function(p) {
+        return "<dt>" + p[0] + "</dt><dd>" + p[1] + "</dd>";
+      }).join("") + "</dl>";
+    }
+
+    function action(label, cls, fn) {
+      return {
+        label: label,
+        cls: cls,
+        fn: fn
+      };
+    }
+
+    function actions(list) {
+      window._actions = list;
+      return '<div class="bar">' + list.map(function(a, i) {
+        return '<button class="' + a.cls + '" data-act="' + i + '"' + (asOf ?
+            " disabled title=\"not while looking at the past\"" : "") + '>' + a.label +
+          "</button>";
+      }).join("") + "</div>";
+    }
+
+    function wireActions() {
+      Array.prototype.forEach.call(document.querySelectorAll("[data-act]"), function(b) {
+        b.onclick = function() {
+          var a = window._actions[+b.dataset.act];
+          b.disabled = true;
+          Promise.resolve(a.fn()).then(function(t) {
+            if (t) say(t);
+            render();
+          }).catch(function(e) {
+            say(e.message, true);
+            b.disabled = false;
+          });
+        };
+      });
+    }
+    var views = {
+      wants: function(r) {
+        if (r.id) return wantView(r.id);
+        var q = r.q;
+        return api("/api/wants", {
+          status: q.status,
+          limit: PAGE,
+          offset: q.offset
+        }).then(function(j) {
+          return {
+            html: "<h1>Wants</h1>" + '<div class="bar">' + statusFilter("wants", q) +
+              "</div>" +
+              table([
+                ["want", function(w) {
+                  return wantLink(w.want_id);
+                }],
+                ["status", function(w) {
+                  return st(w.status);
+                }],
+                ["partitions", function(w) {
+                  return few(w.partitions, refLink);
+                }],
+                ["priority", function(w) {
+                  return esc(w.priority);
+                }],
+                ["source", function(w) {
+                  return esc(sourceText(w.source));
+                }],
+                ["data time", function(w) {
+                  return epoch(w.data_timestamp);
+                }],
+                ["created", function(w) {
+                  return when(w.created_at);
+                }]
+              ], j.data) + pager("wants", q, j.total),
+            wire: function() {
+              $("flt").onchange = function() {
+                go("wants", {
+                  status: this.value
+                });
+              };
+              wirePager("wants", q);
+            }
+          };
+        });
+      },
+      partitions: function(r) {
+        if (r.id) return partitionView(r.id);
+        var q = r.q;
+        return api("/api/partitions", {
+          status: q.status,
+          prefix: q.prefix,
+          limit: PAGE,
+          offset: q.offset
+        }).then(function(j) {
+          return {
+            html: "<h1>Partitions</h1>" +
+              '<div class="bar"><input id="prefix" placeholder="ref prefix, e.g. raw/" value="' +
+              esc(q.prefix || "").replace("\u2013", "") + '" size="32">' +
+              statusFilter("partitions", q) + "</div>" +
+              table([
+                ["ref", function(p) {
+                  return refLink(p.ref);
+                }],
+                ["status", function(p) {
+                  return st(p.status);
+                }],
+                ["job", function(p) {
+                  return esc(p.job_label);
+                }],
+                ["built by", function(p) {
+                  return runLink(p.built_by_job_run_id);
+                }],
+                ["last run", function(p) {
+                  return runLink(p.last_job_run_id);
+                }],
+                ["updated", function(p) {
+                  return when(p.updated_at);
+                }]
+              ], j.data) +
+              pager("partitions", q, j.total),
+            wire: function() {
+              $("prefix").onchange = function() {
+                go("partitions", {
+                  prefix: this.value,
+                  status: q.status
+                });
+              };
+              $("flt").onchange = function() {
+                go("partitions", {
+                  prefix: q.prefix,
+                  status: this.value
+                });
+              };
+              wirePager("partitions", q);
+            }
+          };
+        });
+      },
+      job_runs: function(r) {
+        if (r.id) return runView(r.id);
+        var q = r.q;
+        return api("/api/job_runs", {
+          status: q.status,
+          limit: PAGE,
+          offset: q.offset
+        }).then(function(j) {
+          return {
+            html: "<h1>Job runs</h1>" + '<div class="bar">' + statusFilter("job_runs", q) +
+              "</div>" +
+              table([
+                ["job run", function(x) {
+                  return runLink(x.job_run_id);
+                }],
+                ["status", function(x) {
+                  return st(x.status);
+                }],
+                ["job", function(x) {
+                  return esc(x.job_label);
+                }],
+                ["partitions", function(x) {
+                  return few(x.partitions, refLink);
+                }],
+                ["attempt", function(x) {
+                  return esc(x.attempt);
+                }],
+                ["executor", function(x) {
+                  return esc(x.executor);
+                }],
+                ["duration", function(x) {
+                  return x.duration_ms == null ? "\u2013" : (x.duration_ms / 1000)
+                    .toFixed(1) + "s";
+                }],
+                ["error", function(x) {
+                  return esc(x.error);
+                }]
+              ], j.data) + pager("job_runs", q, j.total),
+            wire: function() {
+              $("flt").onchange = function() {
+                go("job_runs", {
+                  status: this.value
+                });
+              };
+              wirePager("job_runs", q);
+            }
+          };
+        });
+      },
+      events: function(r) {
+        var q = r.q,
+          top = asOf ? +asOf + 1 : 9007199254740991,
+          before = Math.min(+(q.before || top), top);
+        var params = "before=" + before + "&limit=" + PAGE + (q.type ? "&type=" +
+          encodeURIComponent(q.type) : "");
+        return fetch("/api/events?" + params, {
+          credentials: "same-origin"
+        }).then(answer).then(function(j) {
+          var rows = j.data,
+            last = rows.length ? rows[rows.length - 1].event_id : 0;
+          var shown = rows.length ? (q.type ? rows.length + " " + esc(q.type) +
+            " events, #" + rows[0].event_id + " to #" + last :
+            "#" + rows[0].event_id + " to #" + last + " of " + Math.min(j.latest_event_id,
+              top - 1)) : "none";
+          return {
+            html: "<h1>Events</h1>" +
+              '<div class="bar"><select id="flt"><option value="">any type</option>' +
+              EVENT_TYPES.map(function(t) {
+                return "<option" + (q.type === t ? " selected" : "") + ">" + t +
+                  "</option>";
+              }).join("") + '</select><span class="muted">newest first</span></div>' +
+              table([
+                ["#", function(e) {
+                  return '<a href="#" data-asof="' + e.event_id +
+                    '" title="show everything as of this event">' + e.event_id + "</a>";
+                }],
+                ["time", function(e) {
+                  return when(e.timestamp);
+                }],
+                ["type", function(e) {
+                  return esc(e.type);
+                }],
+                ["about", function(e) {
+                  var p = e.payload,
+                    h = [];
+                  if (p.want_id) h.push(wantLink(p.want_id));
+                  if (p.job_run_id) h.push(runLink(p.job_run_id));
+                  if (p.ref) h.push(refLink(p.ref));
+                  if (p.partitions) h.push(few(p.partitions, refLink, 2));
+                  if (p.error) h.push(esc(p.error));
+                  if (p.reason) h.push(esc(p.reason));
+                  return h.join(" ");
+                }]
+              ], rows) +
+              '<div class="bar"><span class="muted">' + shown +
+              '</span><button id="newest"' + (q.before ? "" : " disabled") +
+              '>&larr; Newest</button><button id="older"' + (rows.length < PAGE || last <=
+                1 ? " disabled" : "") + '>Older &rarr;</button></div>',
+            wire: function() {
+              $("flt").onchange = function() {
+                go("events", {
+                  type: this.value
+                });
+              };
+              $("newest").onclick = function() {
+                go("events", {
+                  type: q.type
+                });
+              };
+              $("older").onclick = function() {
+                go("events", {
+                  type: q.type,
+                  before: last
+                });
+              };
+              Array.prototype.forEach.call(document.querySelectorAll("[data-asof]"),
+                function(a) {
+                  a.onclick = function(ev) {
+                    ev.preventDefault();
+                    setAsOf(a.dataset.asof);
+                  };
+                });
+            }
+          };
+        });
+      },
+      schedules: function() {
+        return api("/api/schedules", {}).then(function(j) {
+          return {
+            html: "<h1>Schedules</h1>" + table([
+              ["name", function(s) {
+                return esc(s.name);
+              }],
+              ["when", function(s) {
+                return esc(s.cron || ("every " + s.interval_seconds + " s")) + " " +
+                  esc(s.timezone);
+              }],
+              ["partitions", function(s) {
+                return few(s.partitions, esc);
+              }],
+              ["next tick", function(s) {
+                return when(s.next_tick_at);
+              }],
+              ["last tick", function(s) {
+                return when(s.last_tick_at);
+              }],
+              ["last want", function(s) {
+                return wantLink(s.last_want_id);
+              }],
+              ["status", function(s) {
+                return s.last_want_status ? st(s.last_want_status) : "\u2013";
+              }]
+            ], j.data)
+          };
+        });
+      },
+      jobs: function() {
+        return api("/api/jobs", {}).then(function(j) {
+          return {
+            html: "<h1>Jobs</h1>" + table([
+              ["job", function(x) {
+                return esc(x.label);
+              }],
+              ["executor", function(x) {
+                return esc(x.executor);
+              }],
+              ["patterns", function(x) {
+                return few(x.partition_patterns, function(p) {
+                  return '<span class="mono">' + esc(p) + "</span>";
+                });
+              }],
+              ["entrypoint", function(x) {
+                return '<span class="mono">' + esc(x.entrypoint.join(" ")) +
+                "</span>";
+              }],
+              ["runs", function(x) {
+                return Object.keys(x.job_runs).map(function(k) {
+                  return st(k) + " " + x.job_runs[k];
+                }).join(" ") || "\u2013";
+              }]
+            ], j.data)
+          };
+        });
+      }
+    };
+
+    function wantView(id) {
+      return api("/api/wants/" + encodeURIComponent(id)).then(function(j) {
+        var w = j.data;
+        var runs = w.job_run_ids.length ? api("/api/job_runs", {
+          want_id: w.want_id,
+          limit: 100
+        }) : Promise.resolve({
+          data: []
+        });
+        return Promise.all([runs, tree(w, 0)]).then(function(a) {
+          var c = w.counts,
+            live = c.Live || 0;
+          var acts = w.terminal ? [] : [action("Cancel want", "danger", function() {
+            if (!confirm("Cancel want " + w.want_id + "?")) return;
+            return send("DELETE", "/api/wants/" + encodeURIComponent(w.want_id)).then(
+              function() {
+                return "Want canceled";
+              });
+          })];
+          if (w.terminal && live < c.total) acts.push(action("Retry", "", function() {
+            return send("POST", "/api/wants/" + encodeURIComponent(w.want_id) +
+              "/retry").then(function(j) {
+              location.hash = "#/wants/" + encodeURIComponent(j.data.want_id);
+              return "Retry want created";
+            });
+          }));
+          return {
+            html: "<h1>Want " + esc(w.want_id) + " " + st(w.status) + "</h1>" + actions(
+                acts) +
+              '<div class="grid"><div>' + fields([
+                ["status", st(w.status)],
+                ["progress", '<progress data-live="' + live + '" value="' + live +
+                  '" max="' + c.total + '"></progress> ' + live + "/" + c.total +
+                  " live" +
+                  Object.keys(c).filter(function(k) {
+                    return k !== "total" && k !== "Live";
+                  }).map(function(k) {
+                    return ", " + c[k] + " " + st(k);
+                  }).join("")
+                ],
+                ["source", esc(JSON.stringify(w.source))],
+                ["parent", wantLink(w.parent_want_id)],
+                ["root", wantLink(w.root_want_id)],
+                ["priority", esc(w.priority)],
+                ["data time", epoch(w.data_timestamp)],
+                ["TTL", w.ttl_seconds ? esc(w.ttl_seconds) + " s (expires " + epoch(w
+                  .data_timestamp + w.ttl_seconds) + ")" : "none"],
+                ["SLA", w.sla_seconds ? esc(w.sla_seconds) + " s" + (w.sla_breached ?
+                  ' <span class="s-Failed status">breached</span>' : "") : "none"],
+                ["comment", esc(w.comment)],
+                ["created", when(w.created_at)],
+                ["updated", when(w.updated_at)]
+              ]) +
+              "</div><div><h2 style=\"margin-top:0\">Partitions</h2>" + table([
+                ["ref", function(r) {
+                  return refLink(r);
+                }],
+                ["status", function(r) {
+                  return st(w.partition_statuses[r]);
+                }]
+              ], w.partitions) + "</div></div>" +
+              "<h2>Derivative wants</h2>" + (a[1] || '<p class="muted">none</p>') +
+              "<h2>Job runs</h2>" + table([
+                ["job run", function(x) {
+                  return runLink(x.job_run_id);
+                }],
+                ["status", function(x) {
+                  return st(x.status);
+                }],
+                ["job", function(x) {
+                  return esc(x.job_label);
+                }],
+                ["partitions", function(x) {
+                  return few(x.partitions, refLink);
+                }],
+                ["attempt", function(x) {
+                  return esc(x.attempt);
+                }],
+                ["error", function(x) {
+                  return esc(x.error);
+                }]
+              ], a[0].data)
+          };
+        });
+      });
+    }
+
+    function tree(w, depth) {
+      if (!w.derivative_want_ids.length || depth > 4) return Promise.resolve("");
+      return Promise.all(w.derivative_want_ids.slice(0, 20).map(function(id) {
+          return api("/api/wants/" + encodeURIComponent(id)).then(function(j) {
+            return tree(j.data, depth + 1).then(function(sub) {
+              return "<li>" + wantLink(id) + " " + st(j.data.status) + " " + few(j.data
+                .partitions, refLink) + sub + "</li>";
+            });
+          });
+        }))
+        .then(function(items) {
+          return '<ul class="tree">' + items.join("") + (w.derivative_want_ids.length > 20 ?
+              '<li class="muted">+' + (w.derivative_want_ids.length - 20) + " more</li>" : "") +
+            "</ul>";
+        });
+    }
+
+    function lineageTree(nodes, key) {
+      if (!nodes || !nodes.length) return "";
+      return '<ul class="tree">' + nodes.map(function(n) {
+        return "<li>" + refLink(n.ref) + " " + st(n.status) + (n.truncated ?
+          ' <span class="muted">&hellip;</span>' : "") + lineageTree(n[key], key) + "</li>";
+      }).join("") + "</ul>";
+    }
+
+    function partitionView(ref) {
+      var e = encodeURIComponent(ref);
+      return Promise.all([api("/api/partition", {
+          ref: ref
+        }), api("/api/partition/lineage", {
+          ref: ref,
+          depth: 3
+        }),
+        api("/api/partition/explain", {
+          ref: ref
+        })
+      ]).then(function(a) {
+        var p = a[0].data,
+          l = a[1].data,
+          x = a[2] && a[2].data;
+        var acts = p.status === "Live" ? [action("Taint", "danger", function() {
+            var why = prompt("Taint " + p.ref + "? Reason:");
+            if (why === null) return;
+            return send("POST", "/api/partition/taint?ref=" + e, {
+              reason: why || null
+            }).then(function() {
+              return "Tainted";
+            });
+          }),
+          action("Taint with downstream", "danger", function() {
+            var why = prompt("Taint " + p.ref + " and everything built from it? Reason:");
+            if (why === null) return;
+            return send("POST", "/api/partition/taint?ref=" + e, {
+              reason: why || null,
+              downstream: true
+            }).then(function(j) {
+              return "Tainted " + j.data.tainted.length;
+            });
+          })
+        ] : [];
+        return {
+          html: "<h1>Partition " + esc(p.ref) + " " + st(p.status) + "</h1>" + actions(acts) +
+            '<div class="grid"><div>' + fields([
+              ["status", st(p.status)],
+              ["job", esc(p.job_label)],
+              ["built by", runLink(p.built_by_job_run_id)],
+              ["last run", runLink(p.last_job_run_id)],
+              ["wants", few(p.want_ids, wantLink, 6)],
+              ["missing deps", few(p.missing_deps, refLink, 6)],
+              ["retry at", when(p.retry_at)],
+              ["updated", when(p.updated_at)]
+            ]) + "</div><div>" +
+            '<h2 style="margin-top:0">Built from</h2>' + (lineageTree(l.upstream, "upstream") ||
+              '<p class="muted">no recorded upstream</p>') +
+            "<h2>Built into</h2>" + (lineageTree(l.downstream, "downstream") ||
+              '<p class="muted">nothing recorded</p>') + "</div></div>" +
+            "<h2>Explain</h2>" + (x ? "<p>" + esc(x.summary) + "</p>" + table([
+              ["#", function(s) {
+                return esc(s.event_id);
+              }],
+              ["time", function(s) {
+                return when(s.timestamp);
+              }],
+              ["what happened", function(s) {
+                return esc(s.text) + (s.job_run_id ? " " + runLink(s.job_run_id) : "");
+              }]
+            ], x.steps) : '<p class="muted">not while looking at the past</p>')
+        };
+      });
+    }
+
+    function runView(id) {
+      return api("/api/job_runs/" + encodeURIComponent(id)).then(function(j) {
+        var r = j.data;
+        var live = !asOf && (r.status === "Running" || r.status === "Queued");
+        var logs = live ? Promise.resolve(["", ""]) : Promise.all(["stdout", "stderr"].map(
+          function(s) {
+            return fetch("/api/job_runs/" + encodeURIComponent(r.job_run_id) + "/logs/" +
+                s + "?tail=262144", {
+                  credentials: "same-origin"
+                })
+              .then(function(x) {
+                return x.ok ? x.text() : "";
+              });
+          }));
+        return logs.then(function(l) {
+          var acts = live ? [action("Cancel run", "danger", function() {
+            if (!confirm("Cancel job run " + r.job_run_id + "?")) return;
+            return send("POST", "/api/job_runs/" + encodeURIComponent(r.job_run_id) +
+              "/cancel").then(function() {
+              return "Run canceled";
+            });
+          })] : [];
+          return {
+            html: "<h1>Job run " + esc(r.job_run_id) + " " + st(r.status) + "</h1>" +
+              actions(acts) +
+              fields([
+                ["status", st(r.status)],
+                ["job", esc(r.job_label)],
+                ["partitions", few(r.partitions, refLink, 10)],
+                ["wants", few(r.want_ids, wantLink, 6)],
+                ["attempt", esc(r.attempt)],
+                ["executor", esc(r.executor) + (r.external_id ? " (job " + esc(r
+                  .external_id) + ")" : "")],
+                ["exit code", esc(r.exit_code)],
+                ["error", esc(r.error)],
+                ["missing deps", few(r.missing_deps, refLink, 6)],
+                ["queued", when(r.queued_at)],
+                ["started", when(r.started_at)],
+                ["finished", when(r.finished_at)],
+                ["duration", r.duration_ms == null ? "\u2013" : (r.duration_ms / 1000)
+                  .toFixed(2) + " s"
+                ]
+              ]) +
+              '<div class="grid"><div><h2>stdout' + (live ?
+                ' <span class="muted">(live)</span>' : "") + '</h2><pre id="log-stdout">' +
+              esc(l[0] || "") +
+              '</pre></div><div><h2>stderr' + (live ? ' <span class="muted">(live)</span>' :
+                "") + '</h2><pre id="log-stderr">' + esc(l[1] || "") + "</pre></div></div>",
+            wire: function() {
+              if (live) follow(r.job_run_id);
+            },
+            keep: live && follower && follower.id === r.job_run_id
+          };
+        });
+      });
+    }
+
+    function follow(id) {
+      stopFollow();
+      follower = {
+        id: id,
+        sources: []
+      };
+      ["stdout", "stderr"].forEach(function(s) {
+        var src = new EventSource("/api/job_runs/" + encodeURIComponent(id) + "/logs/" + s +
+            "?follow=true"),
+          pre = $("log-" + s);
+        if (pre) pre.textContent = "";
+        src.addEventListener("log", function(ev) {
+          var p = $("log-" + s);
+          if (p) {
+            p.textContent += ev.data + "\n";
+            p.scrollTop = p.scrollHeight;
+          }
+        });
+        src.addEventListener("complete", function() {
+          src.close();
+          if (s === "stdout") setTimeout(function() {
+            follower = null;
+            render();
+          }, 200);
+        });
+        src.onerror = function() {
+          src.close();
+        };
+        follower.sources.push(src);
+      });
+    }
+
+    function stopFollow() {
+      if (follower) {
+        follower.sources.forEach(function(s) {
+          s.close();
+        });
+        follower = null;
+      }
+    }
+
+    function render() {
+      if (busy) {
+        again = true;
+        return;
+      }
+      busy = true;
+      again = false;
+      var r = route(),
+        v = views[r.kind] || views.wants;
+      Promise.resolve(v(r)).then(function(out) {
+        if (!(out.keep && follower)) {
+          stopFollow();
+          var y = window.scrollY;
+          $("view").innerHTML = out.html;
+          window.scrollTo(0, y);
+          wireActions();
+          if (out.wire) out.wire();
+        }
+      }).catch(function(e) {
+        stopFollow();
+        $("view").innerHTML = "<h1>" + esc(e.status === 404 ? "Not found" : "Error") +
+          "</h1><p>" + esc(e.message) + "</p>";
+        if (e.status === 401) $("view").innerHTML +=
+          '<p>Open the URL that <span class="mono">databuild.py dashboard</span> prints: it logs this browser in.</p>';
+      }).then(function() {
+        busy = false;
+        if (again) render();
+      });
+    }
+
+    function poll() {
+      fetch("/health", {
+        credentials: "same-origin"
+      }).then(answer).then(function(h) {
+        say((asOf ? "as of event " + asOf + " of " + h.latest_event_id : "event " + h
+          .latest_event_id) + " \u00b7 v" + h.version + (h.config_error ?
+          " \u00b7 config error: " + h.config_error : ""), !!h.config_error);
+        document.body.dataset.latest = h.latest_event_id;
+        if (!asOf && lastEvent !== h.latest_event_id && !editing()) {
+          lastEvent = h.latest_event_id;
+          render();
+        }
+      }).catch(function(e) {
+        say("server unreachable: " + e.message, true);
+      });
+    }
+
+    function editing() {
+      var a = document.activeElement;
+      return a && (a.tagName === "INPUT" || a.tagName === "TEXTAREA" || a.tagName === "SELECT");
+    }
+
+    function setAsOf(v) {
+      asOf = v ? String(+v) : null;
+      $("asof").value = asOf || "";
+      document.documentElement.classList.toggle("past", !!asOf);
+      $("msg").className = "";
+      render();
+      poll();
+    }
+    $("asof").onchange = function() {
+      setAsOf(this.value);
+    };
+    $("live").onclick = function() {
+      setAsOf(null);
+    };
+    $("theme").onclick = function() {
+      var c = document.documentElement.classList,
+        dark = c.contains("dark") ||
+        (!c.contains("light") && matchMedia("(prefers-color-scheme: dark)").matches);
+      c.toggle("dark", !dark);
+      c.toggle("light", dark);
+      try {
+        localStorage.setItem("databuild-theme", dark ? "light" : "dark");
+      } catch (e) {}
+    };
+    try {
+      var t = localStorage.getItem("databuild-theme");
+      if (t) document.documentElement.classList.add(t);
+    } catch (e) {}
+    $("new").onclick = function() {
+      $("create").classList.toggle("open");
+      $("refs").focus();
+    };
+    $("cancelnew").onclick = function() {
+      $("create").classList.remove("open");
+    };
+    $("create").onsubmit = function(ev) {
+      ev.preventDefault();
+      var refs = $("refs").value.split(/\s+/).filter(Boolean);
+      var body = {
+        partitions: refs,
+        priority: +$("priority").value || 0
+      };
+      if ($("ttl").value) body.ttl_seconds = +$("ttl").value;
+      if ($("comment").value) body.comment = $("comment").value;
+      send("POST", "/api/wants", body).then(function(j) {
+        $("create").classList.remove("open");
+        $("refs").value = "";
+        location.hash = "#/wants/" + encodeURIComponent(j.data.want_id);
+        say("Want created");
+      }).catch(function(e) {
+        say(e.message, true);
+      });
+    };
+    window.onhashchange = function() {
+      stopFollow();
+      render();
+    };
+    render();
+    poll();
+    setInterval(poll, 2000);
+
+  </script>
+</body>
+
+</html>
+""".replace("/*STATUSES*/", json.dumps({
+    "wants": WANT_STATUSES, "partitions": PARTITION_STATUSES, "job_runs": JOB_RUN_STATUSES})).replace(
+    "/*EVENT_TYPES*/", json.dumps(EVENT_TYPES))
 
 
 ###############################################################################
