@@ -135,17 +135,9 @@ logger.addHandler(logging.NullHandler())
 # Constants and defaults ######################################################
 ###############################################################################
 
-#: Every tunable default in one table.  ``[server]`` keys of databuild.toml
-#: override the first seven; the rest are internal timings.
+#: The server's internal limits and timings (databuild.toml's keys and their
+#: defaults are in ``SETTINGS``, in the Configuration section).
 DEFAULTS = {
-    "host": "127.0.0.1",
-    "port": 0,
-    "idle_timeout_seconds": 3 * 60 * 60,
-    "max_concurrent_job_runs": 4,
-    "cors_origins": ["http://localhost:3000"],
-    "auth": "token",  # or "none" (loopback hosts only), README "Security"
-    "allowed_hosts": [],  # Host names accepted besides loopback (non-loopback binds)
-    # Internal timings.
     "orchestrator_tick_seconds": 1.0,  # longest sleep when nothing wakes it
     "command_timeout_seconds": 30.0,  # an HTTP write waits this long for a reply
     "kill_grace_seconds": 3.0,  # SIGTERM -> SIGKILL for a job's process group
@@ -1991,12 +1983,87 @@ class _translate_sqlite_errors:
 ###############################################################################
 
 _LABEL_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_SERVER_KEYS = ("host", "port", "idle_timeout_seconds", "max_concurrent_job_runs",
-                "cors_origins", "auth", "allowed_hosts")
-_JOB_KEYS = ("label", "entrypoint", "partition_patterns", "environment",
-             "max_partitions_per_run", "max_retries", "timeout_seconds", "max_concurrent_runs",
-             "executor", "deps",
-             "retry_backoff_seconds", "retry_backoff_max_seconds")
+
+
+class Setting:
+    """One key of databuild.toml, as waitress's ``Adjustments`` has them: its
+    table, its kind (``int``, ``num``, ``str``, ``str_list``, ``choice``,
+    ``any``: checked by the parser of its table), its default, its range and
+    a line of help.  Parsing checks values with ``check``, ``serve --help``
+    and README's reference say the same (a test holds README to it)."""
+
+    __slots__ = ("table", "key", "kind", "default", "low", "high", "help", "choices")
+
+    def __init__(self, table, key, kind, default=None, low=None, high=None, help="",
+                 choices=None):
+        self.table, self.key, self.kind, self.default = table, key, kind, default
+        self.low, self.high, self.help, self.choices = low, high, help, choices
+
+    def check(self, where, value):
+        """``value`` if it is of this setting's kind and range, else ConfigError
+        naming ``where`` (the table) and the key."""
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ConfigError("%s %s: must be %s, not %r" % (
+                    where, self.key, " or ".join('"%s"' % c for c in self.choices), value))
+            return value
+        if self.kind == "any":
+            return value
+        return _config_value(where, self.key, value, self.kind, self.low, self.high)
+
+
+#: Every key of databuild.toml but the executors' own (``Executor.settings``
+#: and ``job_settings``): ``[server]``, ``[[jobs]]`` and ``[[schedules]]``.
+SETTINGS = (
+    Setting("server", "host", "str", "127.0.0.1", help="the address to listen on"),
+    Setting("server", "port", "int", 0, 0, 65535, "the port; 0 = a free one chosen by the OS"),
+    Setting("server", "idle_timeout_seconds", "num", 3 * 60 * 60, 0,
+            help="stop after this many seconds without a request or a job run; 0 = never"),
+    Setting("server", "max_concurrent_job_runs", "int", 4, 1,
+            help="job runs at once, per executor unless [executors.<name>] says otherwise"),
+    Setting("server", "cors_origins", "str_list", ["http://localhost:3000"],
+            help="web origins whose pages may call the API"),
+    Setting("server", "auth", "choice", "token", choices=("token", "none"),
+            help='"none": no access token (a loopback host only)'),
+    Setting("server", "allowed_hosts", "str_list", [],
+            help="Host names accepted besides loopback (for a non-loopback bind)"),
+    Setting("jobs", "label", "any", help="unique, [A-Za-z0-9_.-]+ (required)"),
+    Setting("jobs", "entrypoint", "any", help="argv list, or a string split with shlex "
+                                              "(required)"),
+    Setting("jobs", "partition_patterns", "any", help="Python regexes, full match (required)"),
+    Setting("jobs", "deps", "any", [], help="declared deps: templates filled from the "
+                                            "patterns' named groups"),
+    Setting("jobs", "environment", "any", {}, help="a table of strings added to the job's env"),
+    Setting("jobs", "max_partitions_per_run", "int", 1, 1, help="refs one run may get"),
+    Setting("jobs", "max_retries", "int", 0, 0, help="retries of a failed run"),
+    Setting("jobs", "timeout_seconds", "num", 0, 0, help="a run's time limit; 0 = none"),
+    Setting("jobs", "max_concurrent_runs", "int", None, 1, help="runs of this job at once"),
+    Setting("jobs", "retry_backoff_seconds", "num", 0, 0,
+            help="retry n waits retry_backoff_seconds * 2**(n-1)"),
+    Setting("jobs", "retry_backoff_max_seconds", "num", 3600, 0,
+            help="the longest of those waits"),
+    Setting("jobs", "executor", "any", "local", help="where its runs execute (an executor's "
+                                                     "name)"),
+    Setting("schedules", "name", "any", help="unique, [A-Za-z0-9_.-]+ (required)"),
+    Setting("schedules", "cron", "str", help="5-field cron (or interval_seconds)"),
+    Setting("schedules", "interval_seconds", "int", None, 1, help="ticks every N seconds"),
+    Setting("schedules", "timezone", "str", "UTC", help="an IANA name"),
+    Setting("schedules", "partitions", "str_list", help="ref templates with {data_time:...} "
+                                                        "(required)"),
+    Setting("schedules", "lag_seconds", "num", 0, 0, DURATION_RANGE[1],
+            help="data_time = tick - lag_seconds"),
+    Setting("schedules", "catch_up", "int", 1, 0, help="missed ticks made after downtime"),
+    Setting("schedules", "priority", "int", 0, *PRIORITY_RANGE, help="of each want"),
+    Setting("schedules", "ttl_seconds", "num", None, *DURATION_RANGE, help="of each want"),
+    Setting("schedules", "sla_seconds", "num", None, *DURATION_RANGE, help="of each want"),
+)
+#: The settings of a table, by key: ``SETTINGS_OF["server"]["port"]``.
+SETTINGS_OF = {}
+for _setting in SETTINGS:
+    SETTINGS_OF.setdefault(_setting.table, {})[_setting.key] = _setting
+del _setting
+_SERVER_KEYS = tuple(SETTINGS_OF["server"])
+_JOB_KEYS = tuple(SETTINGS_OF["jobs"])
 
 
 class JobConfig:
@@ -2071,8 +2138,8 @@ class Config:
         self.schedules_by_name = {}
         #: ``[executors.<name>]`` tables, checked (README "Running on a cluster").
         self.executors = {}
-        for key in _SERVER_KEYS:
-            setattr(self, key, server.get(key, DEFAULTS[key]))
+        for key, setting in SETTINGS_OF["server"].items():
+            setattr(self, key, server.get(key, setting.default))
         self.job_for = functools.lru_cache(maxsize=1 << 16)(self._job_for)
 
     @property
@@ -2275,8 +2342,7 @@ class ScheduleConfig:
             tick, self.tz)) for p in self.partitions]
 
 
-_SCHEDULE_KEYS = ("name", "cron", "interval_seconds", "timezone", "partitions", "lag_seconds",
-                  "catch_up", "priority", "ttl_seconds", "sla_seconds")
+_SCHEDULE_KEYS = tuple(SETTINGS_OF["schedules"])
 
 
 def _parse_schedule(i, data, jobs_config):
@@ -2300,21 +2366,11 @@ def _parse_schedule(i, data, jobs_config):
     partitions = _config_value(where, "partitions", data["partitions"], "str_list")
     if not partitions:
         raise ConfigError("%s partitions: must not be empty" % where)
-    kwargs = {}
-    for key, kind, bounds in (("lag_seconds", "num", (0, DURATION_RANGE[1])),
-                              ("catch_up", "int", (0, None)), ("priority", "int", PRIORITY_RANGE),
-                              ("ttl_seconds", "num", DURATION_RANGE),
-                              ("sla_seconds", "num", DURATION_RANGE)):
-        if key in data:
-            kwargs[key] = _config_value(where, key, data[key], kind, *bounds)
+    kwargs = {key: setting.check(where, data[key]) if key in data else setting.default
+              for key, setting in SETTINGS_OF["schedules"].items()
+              if key not in ("name", "partitions")}
     try:
-        schedule = ScheduleConfig(
-            name, partitions, cron=_config_value(where, "cron", data["cron"], "str")
-            if "cron" in data else None,
-            interval_seconds=_config_value(where, "interval_seconds", data["interval_seconds"],
-                                           "int", 1) if "interval_seconds" in data else None,
-            timezone=_config_value(where, "timezone", data.get("timezone", "UTC"), "str"),
-            **kwargs)
+        schedule = ScheduleConfig(name, partitions, **kwargs)
     except ConfigError as e:
         raise ConfigError("%s %s" % (where, e.message)) from None
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
@@ -2374,11 +2430,11 @@ def _parse_executors(data):
             raise ConfigError("%s: unknown executor (known: %s)" % (where, ", ".join(executors)))
         if not isinstance(table, dict):
             raise ConfigError("%s: must be a table" % where)
-        known = dict(executors[name].settings, max_concurrent_job_runs=("int", 1))
+        known = executors[name].all_settings()
         for key, value in table.items():
             if key not in known:
                 raise ConfigError("%s %s: unknown key (known: %s)" % (where, key, ", ".join(known)))
-            _config_value(where, key, value, *known[key])
+            known[key].check(where, value)
         tables[name] = dict(table)
     return tables
 
@@ -2499,23 +2555,10 @@ def _parse_config(root, data, path):
     if not isinstance(server, dict):
         raise ConfigError("server: must be a table")
     for key, value in server.items():
-        where = "[server]"
         if key not in _SERVER_KEYS:
-            raise ConfigError("%s %s: unknown key (known: %s)" % (where, key, ", ".join(_SERVER_KEYS)))
-        if key == "host":
-            _config_value(where, key, value, "str")
-        elif key == "port":
-            _config_value(where, key, value, "int", 0)
-            if value > 65535:
-                raise ConfigError("%s port: must be at most 65535, not %d" % (where, value))
-        elif key == "idle_timeout_seconds":
-            _config_value(where, key, value, "num", 0)
-        elif key == "max_concurrent_job_runs":
-            _config_value(where, key, value, "int", 1)
-        elif key in ("cors_origins", "allowed_hosts"):
-            _config_value(where, key, value, "str_list")
-        elif key == "auth" and value not in ("token", "none"):
-            raise ConfigError('%s auth: must be "token" or "none", not %r' % (where, value))
+            raise ConfigError("[server] %s: unknown key (known: %s)"
+                              % (key, ", ".join(_SERVER_KEYS)))
+        SETTINGS_OF["server"][key].check("[server]", value)
     jobs_data = data.get("jobs", [])
     if not isinstance(jobs_data, list):
         raise ConfigError("jobs: must be an array of tables ([[jobs]])")
@@ -2532,19 +2575,19 @@ def _parse_config(root, data, path):
         if executor not in executors:
             raise ConfigError("%s executor: must be one of %s, not %r"
                               % (where, ", ".join(map(repr, executors)), executor))
-        own = executors[executor].job_settings
+        own = {setting.key: setting for setting in executors[executor].job_settings}
         for key in job:
             if key in own:
                 continue
-            if any(key in e.job_settings for e in executors.values()):
+            owners = [n for n, e in executors.items() if key in {s.key for s in e.job_settings}]
+            if owners:
                 raise ConfigError("%s %s: only for jobs with executor = %s" % (
-                    where, key, " or ".join(repr(n) for n, e in executors.items()
-                                            if key in e.job_settings)))
+                    where, key, " or ".join(map(repr, owners))))
             if key not in _JOB_KEYS:
                 raise ConfigError("%s %s: unknown key (known: %s)" % (
                     where, key, ", ".join(_JOB_KEYS + tuple(own))))
-        options = {key: _config_value(where, key, job[key], *own[key])
-                   for key in own if key in job}
+        options = {key: setting.check(where, job[key]) for key, setting in own.items()
+                   if key in job}
         for key in ("label", "entrypoint", "partition_patterns"):
             if key not in job:
                 raise ConfigError("%s %s: missing (required)" % (where, key))
@@ -2581,18 +2624,11 @@ def _parse_config(root, data, path):
         if not isinstance(environment, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in environment.items()):
             raise ConfigError("%s environment: must be a table of strings" % where)
-        jobs.append(JobConfig(
-            label, entrypoint, patterns, environment,
-            _config_value(where, "max_partitions_per_run", job.get("max_partitions_per_run", 1), "int", 1),
-            _config_value(where, "max_retries", job.get("max_retries", 0), "int", 0),
-            _config_value(where, "timeout_seconds", job.get("timeout_seconds", 0), "num", 0),
-            _config_value(where, "max_concurrent_runs", job["max_concurrent_runs"], "int", 1)
-            if "max_concurrent_runs" in job else None,
-            _config_value(where, "retry_backoff_seconds", job.get("retry_backoff_seconds", 0),
-                          "num", 0),
-            _config_value(where, "retry_backoff_max_seconds",
-                          job.get("retry_backoff_max_seconds", 3600), "num", 0),
-            executor, options, _parse_deps(where, job.get("deps", []), patterns)))
+        limits = {key: setting.check(where, job[key]) if key in job else setting.default
+                  for key, setting in SETTINGS_OF["jobs"].items() if setting.kind != "any"}
+        jobs.append(JobConfig(label, entrypoint, patterns, environment, executor=executor,
+                              options=options, deps=_parse_deps(where, job.get("deps", []),
+                                                                patterns), **limits))
         try:
             executors[executor].check_job(jobs[-1])
         except ConfigError as e:
@@ -2993,8 +3029,8 @@ class Executor:
     """
 
     name = None
-    settings = {}
-    job_settings = {}
+    settings = ()  # Setting()s of [executors.<name>] (max_concurrent_job_runs: every one's)
+    job_settings = ()  # Setting()s of its jobs' own keys (their values: JobConfig.options)
     #: Runs at once when ``[executors.<name>] max_concurrent_job_runs`` is not
     #: set; None: ``[server] max_concurrent_job_runs``.
     default_limit = None
@@ -3013,6 +3049,20 @@ class Executor:
         self._templates = {}  # job label -> (executable, env as a bytes dict)
         self._logs_dir = os.path.join(config.state_dir, "logs")
         os.makedirs(self._logs_dir, exist_ok=True)
+
+    @classmethod
+    def all_settings(cls):
+        """``{key: Setting}`` of its ``[executors.<name>]`` table."""
+        found = {"max_concurrent_job_runs": Setting(
+            "executors." + cls.name, "max_concurrent_job_runs", "int", cls.default_limit, 1,
+            help="its runs at once (default: [server] max_concurrent_job_runs)")}
+        found.update((s.key, s) for s in cls.settings)
+        return found
+
+    def setting(self, key):
+        """The value of ``key`` in its ``[executors.<name>]`` table, or its default."""
+        return self.config.executors.get(self.name, {}).get(
+            key, self.all_settings()[key].default)
 
     @property
     def limit(self):
@@ -3289,8 +3339,12 @@ class SlurmExecutor(Executor):
     """
 
     name = "slurm"
-    settings = {"sbatch_options": ("str_list", None), "poll_max_seconds": ("num", 0.05)}
-    job_settings = {"sbatch_options": ("str_list", None)}
+    settings = (Setting("executors.slurm", "sbatch_options", "str_list", [],
+                        help="sbatch options for every run, before the job's own"),
+                Setting("executors.slurm", "poll_max_seconds", "num", 2.0, 0.05,
+                        help="the longest wait between two squeue calls"))
+    job_settings = (Setting("jobs", "sbatch_options", "str_list", [],
+                            help="sbatch options of this job's runs (slurm jobs only)"),)
     default_limit = 200
     keeps_runs = True
     #: squeue states after which a job runs no more.
@@ -3343,7 +3397,7 @@ class SlurmExecutor(Executor):
                         " ".join(shlex.quote(os.fsdecode(a)) for a in [program] + argv[1:]),
                         shlex.quote(exit_path), shlex.quote(exit_path),
                         shlex.quote(exit_path)))
-        options = list(self.config.executors.get("slurm", {}).get("sbatch_options", []))
+        options = list(self.setting("sbatch_options"))
         options += job.options.get("sbatch_options", [])
         argv = ["sbatch", "--parsable", "--job-name=databuild-%s" % run.job_run_id,
                 "--chdir=%s" % self.config.root, "--export=ALL",
@@ -3494,7 +3548,7 @@ class SlurmExecutor(Executor):
             for handle in finished:
                 self.on_exit(handle)
             # Back off while nothing changes, up to poll_max_seconds.
-            longest = self.config.executors.get("slurm", {}).get("poll_max_seconds", 2.0)
+            longest = self.setting("poll_max_seconds")
             interval = self.POLL_MIN_SECONDS if finished else min(interval * 2, longest)
 
     def _poll(self, tracked):
@@ -3959,7 +4013,10 @@ class PythonExecutor(LocalExecutor):
     """
 
     name = "python"
-    settings = {"idle_seconds": ("num", 0), "import_timeout_seconds": ("num", 0)}
+    settings = (Setting("executors.python", "idle_seconds", "num", 300, 0,
+                        help="a warm interpreter unused this long stops"),
+                Setting("executors.python", "import_timeout_seconds", "num", 600, 0,
+                        help="an import that takes longer fails a run"))
 
     def recover(self, runs, now):
         found = super().recover(runs, now)
@@ -4032,7 +4089,7 @@ class PythonExecutor(LocalExecutor):
         warm = self._warm_for(job)
         state, error, _ = warm.status()
         if state == "starting":
-            limit = self.config.executors.get("python", {}).get("import_timeout_seconds", 600)
+            limit = self.setting("import_timeout_seconds")
             if time.monotonic() - warm.last_used < limit:
                 return None  # importing: it wakes the orchestrator when ready
             self._retire(job.label)
@@ -4090,7 +4147,7 @@ class PythonExecutor(LocalExecutor):
 
     def maintain(self, now, ended, running):
         when = super().maintain(now, ended, running)
-        idle = self.config.executors.get("python", {}).get("idle_seconds", 300)
+        idle = self.setting("idle_seconds")
         clock = time.monotonic()
         for label, warm in list(self._warm.items()):
             state, _, busy = warm.status()
@@ -9023,11 +9080,13 @@ def _build_parser():
                                     "databuild.toml)")
     p = command(commands, "serve", "run the server for a workspace (in the foreground)",
                 _cmd_serve, parents=(serve_options,))
-    p.add_argument("--host", help="address to listen on (default: [server] host, 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default: [server] port; 0 = any free port)")
+    def from_config(key):  # the help of a [server] setting (README "The workspace")
+        setting = SETTINGS_OF["server"][key]
+        return "%s (default: [server] %s, else %s)" % (setting.help, key, setting.default)
+    p.add_argument("--host", help=from_config("host"))
+    p.add_argument("--port", type=int, help=from_config("port"))
     p.add_argument("--idle-timeout", type=float, metavar="S",
-                   help="stop after S idle seconds (default: [server] idle_timeout_seconds; "
-                        "0 = never)")
+                   help=from_config("idle_timeout_seconds"))
 
     range_help = (" A ref may hold one range [FROM..TO] of days (2025-01-01), months "
                   "(2025-01), hours (2025-01-01T00) or integers: quote it for the shell.")

@@ -315,3 +315,19 @@ def test_schedule_config_errors_name_the_schedule_and_key(tmp_path, entry, messa
     with pytest.raises(ConfigError) as e:
         load_config(ws)
     assert "[[schedules]] 'daily'" in e.value.message and message in e.value.message
+
+
+def test_readme_and_help_list_every_setting():
+    # One table (databuild.SETTINGS and each executor's): README's reference
+    # shows every key, serve --help says the defaults it has.
+    import databuild
+    with open(os.path.join(os.path.dirname(MODULE), "README.rst")) as f:
+        readme = f.read()
+    settings = list(databuild.SETTINGS)
+    for executor in databuild.executors.values():
+        settings += list(executor.all_settings().values()) + list(executor.job_settings)
+    missing = [(s.table, s.key) for s in settings if "%s = " % s.key not in readme]
+    assert not missing, missing
+    help_text = subprocess.run([sys.executable, MODULE, "serve", "--help"],
+                               capture_output=True, text=True).stdout
+    assert "else 10800" in help_text and "else 127.0.0.1" in help_text

@@ -147,8 +147,9 @@ def test_slurm_failure_has_the_stderr_tail_and_retries(tmp_path, slurm_cluster, 
     x_runs = run_of(server, "x")
     assert len(x_runs) == 2  # the retry failed too
     assert {(r["exit_code"], r["error"]) for r in x_runs} == {(3, "exit code 3: planned exit 3 for x")}
+    x_ids = {r["job_run_id"] for r in x_runs}
     failures = [e for e in server.client.events(limit=1000)["data"]
-                if e["type"] == "job_run_failure"]
+                if e["type"] == "job_run_failure" and e["payload"]["job_run_id"] in x_ids]
     assert failures[0]["payload"]["stderr_tail"] == ["planned exit 3 for x"]
     assert sorted(r["status"] for r in run_of(server, "y")) == ["Failed", "Succeeded"]
 
