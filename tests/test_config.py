@@ -328,6 +328,6 @@ def test_readme_and_help_list_every_setting():
         settings += list(executor.all_settings().values()) + list(executor.job_settings)
     missing = [(s.table, s.key) for s in settings if "%s = " % s.key not in readme]
     assert not missing, missing
-    help_text = subprocess.run([sys.executable, MODULE, "serve", "--help"],
-                               capture_output=True, text=True).stdout
+    help_text = " ".join(subprocess.run([sys.executable, MODULE, "serve", "--help"],
+                                        capture_output=True, text=True).stdout.split())
     assert "else 10800" in help_text and "else 127.0.0.1" in help_text
