@@ -138,7 +138,7 @@ logger.addHandler(logging.NullHandler())
 #: The server's internal limits and timings (databuild.toml's keys and their
 #: defaults are in ``SETTINGS``, in the Configuration section).
 DEFAULTS = {
-    "orchestrator_tick_seconds": 1.0,  # longest sleep when nothing wakes it
+    "orchestrator_max_sleep_seconds": 1.0,  # longest sleep when nothing wakes it
     "command_timeout_seconds": 30.0,  # an HTTP write waits this long for a reply
     "kill_grace_seconds": 3.0,  # SIGTERM -> SIGKILL for a job's process group
     "http_threads": 16,
@@ -2137,7 +2137,7 @@ class Config:
         self.schedules = []  # ScheduleConfig, in file order (README "Schedules")
         self.schedules_by_name = {}
         #: ``[executors.<name>]`` tables, checked (README "Running on a cluster").
-        self.executors = {}
+        self.executor_settings = {}
         for key, setting in SETTINGS_OF["server"].items():
             setattr(self, key, server.get(key, setting.default))
         self.job_for = functools.lru_cache(maxsize=1 << 16)(self._job_for)
@@ -2634,7 +2634,7 @@ def _parse_config(root, data, path):
         except ConfigError as e:
             raise ConfigError("%s entrypoint: %s" % (where, e.message)) from None
     config = Config(root, jobs, path=path, **server)
-    config.executors = executor_tables
+    config.executor_settings = executor_tables
     for job in jobs:
         _check_deps_built(job, config)
     schedules_data = data.get("schedules", [])
@@ -3061,13 +3061,13 @@ class Executor:
 
     def setting(self, key):
         """The value of ``key`` in its ``[executors.<name>]`` table, or its default."""
-        return self.config.executors.get(self.name, {}).get(
+        return self.config.executor_settings.get(self.name, {}).get(
             key, self.all_settings()[key].default)
 
     @property
     def limit(self):
         """How many of this executor's runs may be Running at once."""
-        table = self.config.executors.get(self.name, {})
+        table = self.config.executor_settings.get(self.name, {})
         if "max_concurrent_job_runs" in table:
             return table["max_concurrent_job_runs"]
         if self.default_limit is not None:
@@ -3222,7 +3222,7 @@ class LocalExecutor(Executor):
                 self._use_pidfd = False
             else:
                 self._pidfds[fd] = handle
-                self.wakeup.watch(fd, functools.partial(self._reap, fd))
+                self.wakeup.watch(fd, functools.partial(self._collect_exit, fd))
                 return
         threading.Thread(target=self._wait_thread, args=(handle,),
                          name="databuild-job-%d" % handle.pid, daemon=True).start()
@@ -3237,7 +3237,7 @@ class LocalExecutor(Executor):
     def _wait_thread(self, handle):
         self.on_exit(self._wait(handle))  # a waiter thread (no pidfds)
 
-    def _reap(self, fd):
+    def _collect_exit(self, fd):
         # In the orchestrator thread, from its _Wakeup: the process has
         # exited, so the wait does not block.
         handle = self._pidfds.pop(fd, None)
@@ -4296,7 +4296,6 @@ class Orchestrator:
         self._thread = None
         self._current_command = None  # the command a _cmd_ handler is answering
         self._syncer = None  # the _Syncer while the loop runs in its thread
-        self.last_step_error = None
         now = clock()
         for want in self.state.wants.values():  # the live wants: a working set
             self._push_deadlines(want)
@@ -4397,9 +4396,7 @@ class Orchestrator:
                 now = self.clock()
                 try:
                     self.step(now)
-                    self.last_step_error = None
-                except Exception as e:  # survive: log, wait a tick, try again
-                    self.last_step_error = e
+                except Exception:  # survive: log, sleep a little, try again
                     logger.exception("Orchestrator step failed")
                 self.wait(self._sleep_seconds(self.clock()))
         finally:
@@ -4419,7 +4416,7 @@ class Orchestrator:
     def _sleep_seconds(self, now):
         if self._schedule_more:
             return 0.0
-        when = min(now + DEFAULTS["orchestrator_tick_seconds"], self._maintain_at)
+        when = min(now + DEFAULTS["orchestrator_max_sleep_seconds"], self._maintain_at)
         if self._ticks:
             when = min(when, self._ticks[0][0])
         if self._retry_waits:
@@ -4465,7 +4462,7 @@ class Orchestrator:
                     self._discard_step(now, cmd.kind)
                     return
         recorded = self._record_starts()
-        reaped = self._reap(now)
+        reaped = self._record_ends(now)
         # Every step: an executor's maintain is cheap, and hears what its own
         # threads noted meanwhile (a Slurm job that began running).
         self._maintain_at = min([executor.maintain(now, bool(reaped), self._running)
@@ -4883,7 +4880,7 @@ class Orchestrator:
             self._sweep_at = min(self._sweep_at, now + 0.2)
         return self._sweep_at
 
-    def _reap(self, now):
+    def _record_ends(self, now):
         # Returns the handles of the runs whose outcomes this step records.
         reaped = []
         while self._exited:
@@ -5226,11 +5223,11 @@ class Orchestrator:
         for run_id, handle in self._running.items():
             running[handle.executor.name] += 1
             running["job:" + self.state.job_runs[run_id].job_label] += 1
-        for name, queue in list(self._queues.items()):
+        for name, heap in list(self._queues.items()):
             executor = self._executor(name)
             held = []  # entries of jobs at their max_concurrent_runs: back in the heap after
-            while queue and running[name] < executor.limit:
-                entry = heapq.heappop(queue)
+            while heap and running[name] < executor.limit:
+                entry = heapq.heappop(heap)
                 run = self.state.job_runs.get(entry[2])
                 if run is None or run.status != QUEUED or run.job_run_id in self._running:
                     continue  # started (or starting), ended or unknown since it was pushed
@@ -5265,7 +5262,7 @@ class Orchestrator:
                 if handle.started:  # else the executor reports it (_on_start)
                     self._emit_start(handle)
             for entry in held:
-                heapq.heappush(queue, entry)
+                heapq.heappush(heap, entry)
         return started
 
     # -- recovery and shutdown ------------------------------------------------
@@ -5319,7 +5316,7 @@ class Orchestrator:
                         handle.kill()
             self.wait(0.05)
             self._record_starts()
-            self._reap(self.clock())
+            self._record_ends(self.clock())
         for run_id in list(self.state.job_runs_by_status[QUEUED]):
             self._emit(JOB_RUN_CANCEL, {"job_run_id": run_id,
                                         "reason": REASON_SERVER_SHUTDOWN}, self.clock())
@@ -9079,7 +9076,7 @@ def _build_parser():
                                help="workspace folder (default: nearest folder upward with "
                                     "databuild.toml)")
     p = command(commands, "serve", "run the server for a workspace (in the foreground)",
-                _cmd_serve, parents=(serve_options,))
+                _cli_serve, parents=(serve_options,))
     def from_config(key):  # the help of a [server] setting (README "The workspace")
         setting = SETTINGS_OF["server"][key]
         return "%s (default: [server] %s, else %s)" % (setting.help, key, setting.default)
@@ -9091,7 +9088,7 @@ def _build_parser():
     range_help = (" A ref may hold one range [FROM..TO] of days (2025-01-01), months "
                   "(2025-01), hours (2025-01-01T00) or integers: quote it for the shell.")
     p = command(commands, "build", "want partitions built (and optionally wait for them)",
-                _cmd_build)
+                _cli_build)
     refs(p, "a partition to build, e.g. 'raw/reviews/date=2025-01-01' or "
             "'raw/reviews/date=[2025-01-01..2025-01-31]'." + range_help)
     p.add_argument("--wait", action="store_true",
@@ -9103,50 +9100,50 @@ def _build_parser():
     want_fields(p)
 
     want = group("want", "create, list, show, cancel and retry wants")
-    p = command(want, "create", "create a want for partitions (without waiting)", _cmd_build)
+    p = command(want, "create", "create a want for partitions (without waiting)", _cli_build)
     refs(p, "a partition the want asks for." + range_help)
     p.add_argument("--dry-run", action="store_true",
                    help="only show the plan; nothing is written")
     want_fields(p)
     p.set_defaults(wait=False)
-    p = command(want, "list", "list wants, newest first", _cmd_want_list)
+    p = command(want, "list", "list wants, newest first", _cli_want_list)
     listing(p, WANT_STATUSES, "wants")
-    p = command(want, "get", "show one want", _cmd_want_get)
+    p = command(want, "get", "show one want", _cli_want_get)
     p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
-    p = command(want, "cancel", "cancel a want (and the work only it needs)", _cmd_want_cancel)
+    p = command(want, "cancel", "cancel a want (and the work only it needs)", _cli_want_cancel)
     p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
     p = command(want, "retry", "want every partition of a want that is not Live (Failed, "
-                "UpstreamFailed, Canceled, never built) again, as a new want", _cmd_want_retry)
+                "UpstreamFailed, Canceled, never built) again, as a new want", _cli_want_retry)
     p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
     p.add_argument("--wait", action="store_true",
                    help="follow the new want until it ends; exit 0 only if Successful")
 
     parts = group("partitions", "list and show partitions")
-    p = command(parts, "list", "list partitions, newest first", _cmd_partitions_list)
+    p = command(parts, "list", "list partitions, newest first", _cli_partitions_list)
     listing(p, PARTITION_STATUSES, "partitions")
     p.add_argument("--prefix", metavar="P", help="only refs starting with P")
-    p = command(parts, "get", "show one partition", _cmd_partitions_get)
+    p = command(parts, "get", "show one partition", _cli_partitions_get)
     p.add_argument("ref", metavar="REF", help="the partition's ref")
 
     runs = group("job-runs", "list, show and cancel job runs")
-    p = command(runs, "list", "list job runs, newest first", _cmd_job_runs_list)
+    p = command(runs, "list", "list job runs, newest first", _cli_job_runs_list)
     listing(p, JOB_RUN_STATUSES, "job runs")
     p.add_argument("--job", metavar="LABEL", help="only runs of this job")
     p.add_argument("--want", metavar="WANT_ID", help="only runs for this want")
-    p = command(runs, "get", "show one job run", _cmd_job_runs_get)
+    p = command(runs, "get", "show one job run", _cli_job_runs_get)
     p.add_argument("job_run_id", metavar="ID", help="the job run's id, or a unique prefix of it")
     p = command(runs, "cancel", "stop one job run (its partitions are rebuilt if still "
-                "wanted; to stop building, cancel the want)", _cmd_job_runs_cancel)
+                "wanted; to stop building, cancel the want)", _cli_job_runs_cancel)
     p.add_argument("job_run_id", metavar="ID", help="the job run's id, or a unique prefix of it")
 
     command(commands, "jobs", "list the configured jobs, with their job runs by status",
-            _cmd_jobs)
+            _cli_jobs)
     schedules = group("schedules", "show the schedules of databuild.toml")
     command(schedules, "list", "list the schedules: when they tick, their last want and "
-            "its status, their next tick", _cmd_schedules_list)
+            "its status, their next tick", _cli_schedules_list)
 
     p = command(commands, "logs", "print a job run's stdout (or stderr), or follow it live",
-                _cmd_logs)
+                _cli_logs)
     p.add_argument("job_run_id", metavar="JOB_RUN_ID",
                    help="the job run's id, or a unique prefix of it")
     p.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
@@ -9155,7 +9152,7 @@ def _build_parser():
     p.add_argument("--tail", type=int, metavar="BYTES",
                    help="print only the last BYTES bytes of the log")
 
-    p = command(commands, "taint", "mark partitions Tainted (rebuilt when wanted)", _cmd_taint)
+    p = command(commands, "taint", "mark partitions Tainted (rebuilt when wanted)", _cli_taint)
     refs(p, "a partition to taint")
     p.add_argument("--reason", metavar="TEXT", help="why (stored in the event)")
     p.add_argument("--downstream", action="store_true",
@@ -9164,17 +9161,17 @@ def _build_parser():
                    help="only list what would be tainted")
 
     p = command(commands, "lineage", "show what a partition was built from and what was "
-                "built from it", _cmd_lineage)
+                "built from it", _cli_lineage)
     p.add_argument("ref", metavar="REF", help="the partition's ref")
     p.add_argument("--depth", type=int, default=3, metavar="N",
                    help="levels each way (default 3)")
 
     p = command(commands, "explain", "say why a partition is in its state: the wants, "
-                "runs, dep misses, failures and taints that led there", _cmd_explain)
+                "runs, dep misses, failures and taints that led there", _cli_explain)
     p.add_argument("ref", metavar="REF", help="the partition's ref")
 
     p = command(commands, "events", "print events of the build event log (the newest, "
-                "oldest first, unless --since)", _cmd_events)
+                "oldest first, unless --since)", _cli_events)
     p.add_argument("--since", type=int, metavar="N",
                    help="the events after event N, oldest first (default: the newest)")
     p.add_argument("--limit", type=int, default=20, metavar="N",
@@ -9184,16 +9181,16 @@ def _build_parser():
                    help="only events of this type (%s)" % ", ".join(EVENT_TYPES))
 
     p = command(commands, "status", "show the workspace's server and what it holds (exit 1 "
-                "if none is running)", _cmd_status)
+                "if none is running)", _cli_status)
     p.add_argument("--start", action="store_true",
                    help="start the server if none is running, then show it")
-    command(commands, "stop", "stop the workspace's server gracefully", _cmd_stop)
+    command(commands, "stop", "stop the workspace's server gracefully", _cli_stop)
     p = command(commands, "dashboard", "print the dashboard's URL (it carries the access "
-                "token, which the page then keeps in a cookie)", _cmd_dashboard)
+                "token, which the page then keeps in a cookie)", _cli_dashboard)
     p.add_argument("--open", action="store_true", help="also open it in a web browser")
     p = command(commands, "init", "write a starter workspace (databuild.toml, a job script, "
                 "a .gitignore) and print the command that builds its example",
-                _cmd_init, parents=())
+                _cli_init, parents=())
     p.add_argument("dir", nargs="?", default=".", metavar="DIR",
                    help="the folder to make a workspace of (default: this one); an "
                         "existing databuild.toml is never overwritten")
@@ -9317,7 +9314,7 @@ _JOB_RUN_COLUMNS = [("JOB_RUN_ID", "job_run_id"), ("STATUS", "status"), ("JOB", 
                      else "%.1fs" % (r["duration_ms"] / 1000.0))]
 
 
-def _cmd_serve(args):
+def _cli_serve(args):
     config = load_config(_workspace(args))
     # A server lives in its workspace (jobs run there; see LocalExecutor).
     os.chdir(config.root)
@@ -9344,7 +9341,7 @@ def _cmd_serve(args):
     return 0
 
 
-def _cmd_build(args):
+def _cli_build(args):
     client = _connect(args)
     fields = {"comment": args.comment, "user": _user(), "priority": _opt(args, "priority"),
               "ttl_seconds": _opt(args, "ttl"), "sla_seconds": _opt(args, "sla")}
@@ -9398,18 +9395,18 @@ def _prog():
     return os.path.basename(sys.argv[0] or "databuild.py")
 
 
-def _cmd_want_retry(args):
+def _cli_want_retry(args):
     client = _connect(args)
     return _follow_new_want(args, client, lambda: client.retry_want(args.want_id))
 
 
-def _cmd_job_runs_cancel(args):
+def _cli_job_runs_cancel(args):
     run = _connect(args).cancel_job_run(args.job_run_id)
     _out(args, run, "Job run %s: %s" % (run["job_run_id"], run["status"]))
     return 0
 
 
-def _cmd_schedules_list(args):
+def _cli_schedules_list(args):
     envelope = _connect(args).list_schedules()
     columns = [("SCHEDULE", "name"),
                ("WHEN", lambda s: s["cron"] or "every %ds" % s["interval_seconds"]),
@@ -9422,7 +9419,7 @@ def _cmd_schedules_list(args):
     return 0
 
 
-def _cmd_jobs(args):
+def _cli_jobs(args):
     envelope = _connect(args).list_jobs()
     columns = [("JOB", "label"), ("EXECUTOR", "executor"),
                ("PATTERNS", lambda j: " ".join(j["partition_patterns"])),
@@ -9534,48 +9531,48 @@ def _why_not_live(client, ref, status):
     return "-"
 
 
-def _cmd_want_list(args):
+def _cli_want_list(args):
     envelope = _connect(args).list_wants(status=args.status, limit=args.limit)
     return _listing(args, envelope, _WANT_COLUMNS, "wants")
 
 
-def _cmd_want_get(args):
+def _cli_want_get(args):
     want = _connect(args).get_want(args.want_id)
     _out(args, want, format_object(want))
     return 0
 
 
-def _cmd_want_cancel(args):
+def _cli_want_cancel(args):
     want = _connect(args).cancel_want(args.want_id)
     _out(args, want, "Want %s: %s" % (want["want_id"], want["status"]))
     return 0
 
 
-def _cmd_partitions_list(args):
+def _cli_partitions_list(args):
     envelope = _connect(args).list_partitions(status=args.status, prefix=args.prefix,
                                               limit=args.limit)
     return _listing(args, envelope, _PARTITION_COLUMNS, "partitions")
 
 
-def _cmd_partitions_get(args):
+def _cli_partitions_get(args):
     part = _connect(args).get_partition(args.ref)
     _out(args, part, format_object(part))
     return 0
 
 
-def _cmd_job_runs_list(args):
+def _cli_job_runs_list(args):
     envelope = _connect(args).list_job_runs(status=args.status, job_label=args.job,
                                             want_id=args.want, limit=args.limit)
     return _listing(args, envelope, _JOB_RUN_COLUMNS, "job runs")
 
 
-def _cmd_job_runs_get(args):
+def _cli_job_runs_get(args):
     run = _connect(args).get_job_run(args.job_run_id)
     _out(args, run, format_object(run))
     return 0
 
 
-def _cmd_logs(args):
+def _cli_logs(args):
     stream = "stderr" if args.stderr else "stdout"
     if args.follow:
         for event, data in _connect(args).follow_logs(args.job_run_id, stream):
@@ -9598,7 +9595,7 @@ def _cmd_logs(args):
     return 0
 
 
-def _cmd_taint(args):
+def _cli_taint(args):
     client = _connect(args)
     if not (args.downstream or args.dry_run):
         parts = [client.taint(ref, args.reason) for ref in args.refs]
@@ -9617,7 +9614,7 @@ def _cmd_taint(args):
     return 0
 
 
-def _cmd_lineage(args):
+def _cli_lineage(args):
     tree = _connect(args).lineage(args.ref, depth=args.depth)
     lines = ["%s  %s" % (tree["ref"], tree["status"])]
 
@@ -9640,7 +9637,7 @@ def _cmd_lineage(args):
     return 0
 
 
-def _cmd_explain(args):
+def _cli_explain(args):
     story = _connect(args).explain(args.ref)
     lines = ["%s: %s" % (story["ref"], story["summary"])]
     for step in story["steps"]:
@@ -9658,7 +9655,7 @@ def _cmd_explain(args):
     return 0
 
 
-def _cmd_events(args):
+def _cli_events(args):
     client = _connect(args)
     limit = max(0, min(args.limit, DEFAULTS["list_limit_max"]))
     since = args.since
@@ -9709,7 +9706,7 @@ def _summarise_payload(payload, width=60):
     return " ".join(parts)
 
 
-def _cmd_status(args):
+def _cli_status(args):
     if not args.start:
         args.no_start = True  # report on the server; do not start one to do it
     try:
@@ -9789,7 +9786,7 @@ for ref in sys.argv[1:]:
 '''
 
 
-def _cmd_init(args):
+def _cli_init(args):
     root = os.path.abspath(args.dir)
     path = os.path.join(root, CONFIG_FILE)
     if os.path.exists(path):
@@ -9816,7 +9813,7 @@ def _cmd_init(args):
     return 0
 
 
-def _cmd_dashboard(args):
+def _cli_dashboard(args):
     client = _connect(args)
     url = client.url + "/"
     if client.token:
@@ -9828,7 +9825,7 @@ def _cmd_dashboard(args):
     return 0
 
 
-def _cmd_stop(args):
+def _cli_stop(args):
     args.no_start = True
     try:
         client = _connect(args)
@@ -9870,7 +9867,7 @@ def main(argv=None):
     """Command-line entry point; returns the exit status (README "CLI")."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.func is _cmd_serve:
+    if args.func is _cli_serve:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

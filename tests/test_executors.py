@@ -55,7 +55,7 @@ def test_executor_limits_and_job_options(tmp_path):
     wake = databuild._Wakeup()
     limits = {name: cls(config, None, wake).limit for name, cls in databuild.executors.items()}
     assert limits == {"local": 3, "python": 3, "slurm": 200}  # the server's, and Slurm's own
-    config.executors["local"] = {"max_concurrent_job_runs": 7}
+    config.executor_settings["local"] = {"max_concurrent_job_runs": 7}
     assert databuild.LocalExecutor(config, None, wake).limit == 7
 
 
