@@ -2545,6 +2545,78 @@ def load_config(workspace):
         raise ConfigError("%s: %s" % (path, e.message)) from None
 
 
+def _parse_job(i, job, labels, pattern_owner):
+    # The i-th [[jobs]] table; ``labels``: the jobs' before it; ``pattern_owner``
+    # (pattern -> label) gets its patterns.
+    where = "[[jobs]] #%d" % i
+    if not isinstance(job, dict):
+        raise ConfigError("%s: must be a table" % where)
+    if isinstance(job.get("label"), str):
+        where = "[[jobs]] %r" % job["label"]
+    executor = job.get("executor", "local")
+    if executor not in executors:
+        raise ConfigError("%s executor: must be one of %s, not %r"
+                          % (where, ", ".join(map(repr, executors)), executor))
+    own = {setting.key: setting for setting in executors[executor].job_settings}
+    for key in job:
+        if key in own:
+            continue
+        owners = [n for n, e in executors.items() if key in {s.key for s in e.job_settings}]
+        if owners:
+            raise ConfigError("%s %s: only for jobs with executor = %s" % (
+                where, key, " or ".join(map(repr, owners))))
+        if key not in _JOB_KEYS:
+            raise ConfigError("%s %s: unknown key (known: %s)" % (
+                where, key, ", ".join(_JOB_KEYS + tuple(own))))
+    options = {key: setting.check(where, job[key]) for key, setting in own.items()
+               if key in job}
+    for key in ("label", "entrypoint", "partition_patterns"):
+        if key not in job:
+            raise ConfigError("%s %s: missing (required)" % (where, key))
+    label = _config_value(where, "label", job["label"], "str")
+    if not _LABEL_RE.fullmatch(label):
+        raise ConfigError("%s label: must match [A-Za-z0-9_.-]+" % where)
+    if label in labels:
+        raise ConfigError("%s label: duplicate label %r" % (where, label))
+    entrypoint = job["entrypoint"]
+    if isinstance(entrypoint, str):
+        try:
+            entrypoint = shlex.split(entrypoint)
+        except ValueError as e:
+            raise ConfigError("%s entrypoint: %s" % (where, e)) from None
+    _config_value(where, "entrypoint", entrypoint, "str_list")
+    if not entrypoint:
+        raise ConfigError("%s entrypoint: must not be empty" % where)
+    patterns = _config_value(where, "partition_patterns", job["partition_patterns"], "str_list")
+    if not patterns:
+        raise ConfigError("%s partition_patterns: must not be empty" % where)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError("%s partition_patterns: bad regex %r: %s"
+                              % (where, pattern, e)) from None
+        if pattern_owner.get(pattern, label) != label:
+            raise ConfigError("%s partition_patterns: %r is also a pattern of job %r, and "
+                              "a ref is produced by one job only"
+                              % (where, pattern, pattern_owner[pattern]))
+        pattern_owner[pattern] = label
+    environment = job.get("environment", {})
+    if not isinstance(environment, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in environment.items()):
+        raise ConfigError("%s environment: must be a table of strings" % where)
+    limits = {key: setting.check(where, job[key]) if key in job else setting.default
+              for key, setting in SETTINGS_OF["jobs"].items() if setting.kind != "any"}
+    parsed = JobConfig(label, entrypoint, patterns, environment, executor=executor,
+                       options=options, deps=_parse_deps(where, job.get("deps", []), patterns),
+                       **limits)
+    try:
+        executors[executor].check_job(parsed)
+    except ConfigError as e:
+        raise ConfigError("%s entrypoint: %s" % (where, e.message)) from None
+    return parsed
+
+
 def _parse_config(root, data, path):
     unknown = set(data) - {"server", "jobs", "schedules", "executors"}
     if unknown:
@@ -2563,76 +2635,9 @@ def _parse_config(root, data, path):
     if not isinstance(jobs_data, list):
         raise ConfigError("jobs: must be an array of tables ([[jobs]])")
     jobs = []
-    labels = set()
     pattern_owner = {}  # pattern -> label: one job per ref, so no pattern twice
     for i, job in enumerate(jobs_data):
-        where = "[[jobs]] #%d" % (i + 1)
-        if not isinstance(job, dict):
-            raise ConfigError("%s: must be a table" % where)
-        if isinstance(job.get("label"), str):
-            where = "[[jobs]] %r" % job["label"]
-        executor = job.get("executor", "local")
-        if executor not in executors:
-            raise ConfigError("%s executor: must be one of %s, not %r"
-                              % (where, ", ".join(map(repr, executors)), executor))
-        own = {setting.key: setting for setting in executors[executor].job_settings}
-        for key in job:
-            if key in own:
-                continue
-            owners = [n for n, e in executors.items() if key in {s.key for s in e.job_settings}]
-            if owners:
-                raise ConfigError("%s %s: only for jobs with executor = %s" % (
-                    where, key, " or ".join(map(repr, owners))))
-            if key not in _JOB_KEYS:
-                raise ConfigError("%s %s: unknown key (known: %s)" % (
-                    where, key, ", ".join(_JOB_KEYS + tuple(own))))
-        options = {key: setting.check(where, job[key]) for key, setting in own.items()
-                   if key in job}
-        for key in ("label", "entrypoint", "partition_patterns"):
-            if key not in job:
-                raise ConfigError("%s %s: missing (required)" % (where, key))
-        label = _config_value(where, "label", job["label"], "str")
-        if not _LABEL_RE.fullmatch(label):
-            raise ConfigError("%s label: must match [A-Za-z0-9_.-]+" % where)
-        if label in labels:
-            raise ConfigError("%s label: duplicate label %r" % (where, label))
-        labels.add(label)
-        entrypoint = job["entrypoint"]
-        if isinstance(entrypoint, str):
-            try:
-                entrypoint = shlex.split(entrypoint)
-            except ValueError as e:
-                raise ConfigError("%s entrypoint: %s" % (where, e)) from None
-        _config_value(where, "entrypoint", entrypoint, "str_list")
-        if not entrypoint:
-            raise ConfigError("%s entrypoint: must not be empty" % where)
-        patterns = _config_value(where, "partition_patterns", job["partition_patterns"], "str_list")
-        if not patterns:
-            raise ConfigError("%s partition_patterns: must not be empty" % where)
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError("%s partition_patterns: bad regex %r: %s"
-                                  % (where, pattern, e)) from None
-            if pattern_owner.get(pattern, label) != label:
-                raise ConfigError("%s partition_patterns: %r is also a pattern of job %r, and "
-                                  "a ref is produced by one job only"
-                                  % (where, pattern, pattern_owner[pattern]))
-            pattern_owner[pattern] = label
-        environment = job.get("environment", {})
-        if not isinstance(environment, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in environment.items()):
-            raise ConfigError("%s environment: must be a table of strings" % where)
-        limits = {key: setting.check(where, job[key]) if key in job else setting.default
-                  for key, setting in SETTINGS_OF["jobs"].items() if setting.kind != "any"}
-        jobs.append(JobConfig(label, entrypoint, patterns, environment, executor=executor,
-                              options=options, deps=_parse_deps(where, job.get("deps", []),
-                                                                patterns), **limits))
-        try:
-            executors[executor].check_job(jobs[-1])
-        except ConfigError as e:
-            raise ConfigError("%s entrypoint: %s" % (where, e.message)) from None
+        jobs.append(_parse_job(i + 1, job, {j.label for j in jobs}, pattern_owner))
     config = Config(root, jobs, path=path, **server)
     config.executor_settings = executor_tables
     for job in jobs:
@@ -6729,6 +6734,12 @@ def _openapi_job_runs(o):
 
 def _openapi_schemas(o):
     """The OpenAPI schemas of the bodies and answers."""
+    return {**_openapi_request_schemas(o), **_openapi_entity_schemas(o),
+            **_openapi_config_schemas(o)}
+
+
+def _openapi_request_schemas(o):
+    """Request bodies, errors and the answers that are not entities."""
     return {
         "Error": {"type": "object", "required": ["error"],
                   "properties": {"error": {"type": "string"}}, "additionalProperties": True},
@@ -6771,6 +6782,12 @@ def _openapi_schemas(o):
                                        "steps": {"type": "array", "items": {"type": "object"}},
                                        "upstream_failures": {"type": "array",
                                                              "items": {"type": "object"}}}},
+    }
+
+
+def _openapi_entity_schemas(o):
+    """Wants (and plans), partitions, job runs and events."""
+    return {
         "Want": {"type": "object", "properties": {
             "want_id": {"type": "string"}, "partitions": o.str_list,
             "status": {"type": "string", "enum": list(WANT_STATUSES)},
@@ -6813,6 +6830,12 @@ def _openapi_schemas(o):
         "Event": {"type": "object", "properties": {
             "event_id": o.integer, "timestamp": {"type": "string", "format": "date-time"},
             "type": {"type": "string"}, "payload": {"type": "object"}}},
+    }
+
+
+def _openapi_config_schemas(o):
+    """Schedules, jobs and lists of events."""
+    return {
         "Schedule": {"type": "object", "properties": {
             "name": {"type": "string"}, "cron": o.nullable_str,
             "interval_seconds": {"type": "integer", "nullable": True},
@@ -9027,32 +9050,43 @@ def _choice(values, what):
     return parse
 
 
-def _build_parser():
-    parser = argparse.ArgumentParser(
-        description=_CLI_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version="databuild " + __version__)
-    _add_global_options(parser, suppress=False)
-    common = argparse.ArgumentParser(add_help=False)
-    _add_global_options(common, suppress=True)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
+class _Parsers:
+    """What the parts of ``_build_parser`` share: the top parser, its
+    subcommands, the global options every command takes (``common``), and
+    the arguments several commands have."""
 
-    def command(parent, name, help_text, func, parents=(common,), **kw):
+    def __init__(self):
+        self.parser = argparse.ArgumentParser(
+            description=_CLI_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.parser.add_argument("--version", action="version",
+                                 version="databuild " + __version__)
+        _add_global_options(self.parser, suppress=False)
+        self.common = argparse.ArgumentParser(add_help=False)
+        _add_global_options(self.common, suppress=True)
+        self.commands = self.parser.add_subparsers(dest="command", metavar="COMMAND")
+        self.commands.required = True
+
+    def command(self, parent, name, help_text, func, parents=None, **kw):
+        """A (sub)command of ``parent`` run by ``func(args)``."""
         sub = parent.add_parser(name, help=help_text, description=help_text,
-                                parents=list(parents), **kw)
+                                parents=list((self.common,) if parents is None else parents),
+                                **kw)
         sub.set_defaults(func=func)
         return sub
 
-    def group(name, help_text):
-        sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  parents=[common]).add_subparsers(
+    def group(self, name, help_text):
+        """A command with actions of its own (``want list``, ``want get`` ...)."""
+        sub = self.commands.add_parser(name, help=help_text, description=help_text,
+                                       parents=[self.common]).add_subparsers(
             dest=name.replace("-", "_") + "_command", metavar="ACTION")
         sub.required = True
         return sub
 
+    @staticmethod
     def refs(p, what):
         p.add_argument("refs", nargs="+", metavar="REF", help=what)
 
+    @staticmethod
     def want_fields(p):
         p.add_argument("--comment", metavar="TEXT", help="a note stored with the want")
         p.add_argument("--priority", type=int, metavar="N",
@@ -9063,6 +9097,7 @@ def _build_parser():
         p.add_argument("--sla", type=float, metavar="S",
                        help="flag the want as breached if it is not done after S seconds")
 
+    @staticmethod
     def listing(p, statuses, noun):
         p.add_argument("--status", type=_choice(statuses, "status"), metavar="STATUS",
                        help="only %s in this status, any case (%s)" % (noun, ", ".join(statuses)))
@@ -9070,13 +9105,29 @@ def _build_parser():
                        help="show at most N (default %d, at most %d)"
                             % (DEFAULTS["list_limit"], DEFAULTS["list_limit_max"]))
 
+
+_RANGE_HELP = (" A ref may hold one range [FROM..TO] of days (2025-01-01), months "
+               "(2025-01), hours (2025-01-01T00) or integers: quote it for the shell.")
+
+
+def _build_parser():
+    parsers = _Parsers()
+    for add in (_parser_serve_and_build, _parser_wants, _parser_partitions_and_runs,
+                _parser_logs_and_lineage, _parser_server):
+        add(parsers)
+    return parsers.parser
+
+
+def _parser_serve_and_build(c):
+    """serve and build."""
+    commands = c.commands
     # serve takes only what applies to it: no server to reach, no output format.
     serve_options = argparse.ArgumentParser(add_help=False)
     serve_options.add_argument("--workspace", metavar="DIR", default=argparse.SUPPRESS,
                                help="workspace folder (default: nearest folder upward with "
                                     "databuild.toml)")
-    p = command(commands, "serve", "run the server for a workspace (in the foreground)",
-                _cli_serve, parents=(serve_options,))
+    p = c.command(commands, "serve", "run the server for a workspace (in the foreground)",
+                  _cli_serve, parents=(serve_options,))
     def from_config(key):  # the help of a [server] setting (README "The workspace")
         setting = SETTINGS_OF["server"][key]
         return "%s (default: [server] %s, else %s)" % (setting.help, key, setting.default)
@@ -9085,65 +9136,74 @@ def _build_parser():
     p.add_argument("--idle-timeout", type=float, metavar="S",
                    help=from_config("idle_timeout_seconds"))
 
-    range_help = (" A ref may hold one range [FROM..TO] of days (2025-01-01), months "
-                  "(2025-01), hours (2025-01-01T00) or integers: quote it for the shell.")
-    p = command(commands, "build", "want partitions built (and optionally wait for them)",
-                _cli_build)
-    refs(p, "a partition to build, e.g. 'raw/reviews/date=2025-01-01' or "
-            "'raw/reviews/date=[2025-01-01..2025-01-31]'." + range_help)
+    p = c.command(commands, "build", "want partitions built (and optionally wait for them)",
+                  _cli_build)
+    c.refs(p, "a partition to build, e.g. 'raw/reviews/date=2025-01-01' or "
+              "'raw/reviews/date=[2025-01-01..2025-01-31]'." + _RANGE_HELP)
     p.add_argument("--wait", action="store_true",
                    help="follow the want until every partition has settled, showing "
                         "progress; exit 0 only if Successful")
     p.add_argument("--dry-run", action="store_true",
                    help="only show the plan: the runs the want would start, over declared "
                         "deps; nothing is written")
-    want_fields(p)
+    c.want_fields(p)
 
-    want = group("want", "create, list, show, cancel and retry wants")
-    p = command(want, "create", "create a want for partitions (without waiting)", _cli_build)
-    refs(p, "a partition the want asks for." + range_help)
+
+def _parser_wants(c):
+    """want create, list, get, cancel, retry."""
+    want = c.group("want", "create, list, show, cancel and retry wants")
+    p = c.command(want, "create", "create a want for partitions (without waiting)", _cli_build)
+    c.refs(p, "a partition the want asks for." + _RANGE_HELP)
     p.add_argument("--dry-run", action="store_true",
                    help="only show the plan; nothing is written")
-    want_fields(p)
+    c.want_fields(p)
     p.set_defaults(wait=False)
-    p = command(want, "list", "list wants, newest first", _cli_want_list)
-    listing(p, WANT_STATUSES, "wants")
-    p = command(want, "get", "show one want", _cli_want_get)
+    p = c.command(want, "list", "list wants, newest first", _cli_want_list)
+    c.listing(p, WANT_STATUSES, "wants")
+    p = c.command(want, "get", "show one want", _cli_want_get)
     p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
-    p = command(want, "cancel", "cancel a want (and the work only it needs)", _cli_want_cancel)
+    p = c.command(want, "cancel", "cancel a want (and the work only it needs)", _cli_want_cancel)
     p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
-    p = command(want, "retry", "want every partition of a want that is not Live (Failed, "
-                "UpstreamFailed, Canceled, never built) again, as a new want", _cli_want_retry)
+    p = c.command(want, "retry", "want every partition of a want that is not Live (Failed, "
+                  "UpstreamFailed, Canceled, never built) again, as a new want", _cli_want_retry)
     p.add_argument("want_id", metavar="ID", help="the want's id, or a unique prefix of it")
     p.add_argument("--wait", action="store_true",
                    help="follow the new want until it ends; exit 0 only if Successful")
 
-    parts = group("partitions", "list and show partitions")
-    p = command(parts, "list", "list partitions, newest first", _cli_partitions_list)
-    listing(p, PARTITION_STATUSES, "partitions")
+
+def _parser_partitions_and_runs(c):
+    """partitions, job-runs, jobs and schedules."""
+    commands = c.commands
+    parts = c.group("partitions", "list and show partitions")
+    p = c.command(parts, "list", "list partitions, newest first", _cli_partitions_list)
+    c.listing(p, PARTITION_STATUSES, "partitions")
     p.add_argument("--prefix", metavar="P", help="only refs starting with P")
-    p = command(parts, "get", "show one partition", _cli_partitions_get)
+    p = c.command(parts, "get", "show one partition", _cli_partitions_get)
     p.add_argument("ref", metavar="REF", help="the partition's ref")
 
-    runs = group("job-runs", "list, show and cancel job runs")
-    p = command(runs, "list", "list job runs, newest first", _cli_job_runs_list)
-    listing(p, JOB_RUN_STATUSES, "job runs")
+    runs = c.group("job-runs", "list, show and cancel job runs")
+    p = c.command(runs, "list", "list job runs, newest first", _cli_job_runs_list)
+    c.listing(p, JOB_RUN_STATUSES, "job runs")
     p.add_argument("--job", metavar="LABEL", help="only runs of this job")
     p.add_argument("--want", metavar="WANT_ID", help="only runs for this want")
-    p = command(runs, "get", "show one job run", _cli_job_runs_get)
+    p = c.command(runs, "get", "show one job run", _cli_job_runs_get)
     p.add_argument("job_run_id", metavar="ID", help="the job run's id, or a unique prefix of it")
-    p = command(runs, "cancel", "stop one job run (its partitions are rebuilt if still "
-                "wanted; to stop building, cancel the want)", _cli_job_runs_cancel)
+    p = c.command(runs, "cancel", "stop one job run (its partitions are rebuilt if still "
+                  "wanted; to stop building, cancel the want)", _cli_job_runs_cancel)
     p.add_argument("job_run_id", metavar="ID", help="the job run's id, or a unique prefix of it")
 
-    command(commands, "jobs", "list the configured jobs, with their job runs by status",
-            _cli_jobs)
-    schedules = group("schedules", "show the schedules of databuild.toml")
-    command(schedules, "list", "list the schedules: when they tick, their last want and "
-            "its status, their next tick", _cli_schedules_list)
+    c.command(commands, "jobs", "list the configured jobs, with their job runs by status",
+              _cli_jobs)
+    schedules = c.group("schedules", "show the schedules of databuild.toml")
+    c.command(schedules, "list", "list the schedules: when they tick, their last want and "
+              "its status, their next tick", _cli_schedules_list)
 
-    p = command(commands, "logs", "print a job run's stdout (or stderr), or follow it live",
-                _cli_logs)
+
+def _parser_logs_and_lineage(c):
+    """logs, taint, lineage, explain and events."""
+    commands = c.commands
+    p = c.command(commands, "logs", "print a job run's stdout (or stderr), or follow it live",
+                  _cli_logs)
     p.add_argument("job_run_id", metavar="JOB_RUN_ID",
                    help="the job run's id, or a unique prefix of it")
     p.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
@@ -9152,26 +9212,26 @@ def _build_parser():
     p.add_argument("--tail", type=int, metavar="BYTES",
                    help="print only the last BYTES bytes of the log")
 
-    p = command(commands, "taint", "mark partitions Tainted (rebuilt when wanted)", _cli_taint)
-    refs(p, "a partition to taint")
+    p = c.command(commands, "taint", "mark partitions Tainted (rebuilt when wanted)", _cli_taint)
+    c.refs(p, "a partition to taint")
     p.add_argument("--reason", metavar="TEXT", help="why (stored in the event)")
     p.add_argument("--downstream", action="store_true",
                    help="also taint every Live partition built from it, transitively")
     p.add_argument("--dry-run", action="store_true",
                    help="only list what would be tainted")
 
-    p = command(commands, "lineage", "show what a partition was built from and what was "
-                "built from it", _cli_lineage)
+    p = c.command(commands, "lineage", "show what a partition was built from and what was "
+                  "built from it", _cli_lineage)
     p.add_argument("ref", metavar="REF", help="the partition's ref")
     p.add_argument("--depth", type=int, default=3, metavar="N",
                    help="levels each way (default 3)")
 
-    p = command(commands, "explain", "say why a partition is in its state: the wants, "
-                "runs, dep misses, failures and taints that led there", _cli_explain)
+    p = c.command(commands, "explain", "say why a partition is in its state: the wants, "
+                  "runs, dep misses, failures and taints that led there", _cli_explain)
     p.add_argument("ref", metavar="REF", help="the partition's ref")
 
-    p = command(commands, "events", "print events of the build event log (the newest, "
-                "oldest first, unless --since)", _cli_events)
+    p = c.command(commands, "events", "print events of the build event log (the newest, "
+                  "oldest first, unless --since)", _cli_events)
     p.add_argument("--since", type=int, metavar="N",
                    help="the events after event N, oldest first (default: the newest)")
     p.add_argument("--limit", type=int, default=20, metavar="N",
@@ -9180,21 +9240,24 @@ def _build_parser():
     p.add_argument("--type", choices=EVENT_TYPES, metavar="TYPE",
                    help="only events of this type (%s)" % ", ".join(EVENT_TYPES))
 
-    p = command(commands, "status", "show the workspace's server and what it holds (exit 1 "
-                "if none is running)", _cli_status)
+
+def _parser_server(c):
+    """status, stop, dashboard and init."""
+    commands = c.commands
+    p = c.command(commands, "status", "show the workspace's server and what it holds (exit 1 "
+                  "if none is running)", _cli_status)
     p.add_argument("--start", action="store_true",
                    help="start the server if none is running, then show it")
-    command(commands, "stop", "stop the workspace's server gracefully", _cli_stop)
-    p = command(commands, "dashboard", "print the dashboard's URL (it carries the access "
-                "token, which the page then keeps in a cookie)", _cli_dashboard)
+    c.command(commands, "stop", "stop the workspace's server gracefully", _cli_stop)
+    p = c.command(commands, "dashboard", "print the dashboard's URL (it carries the access "
+                  "token, which the page then keeps in a cookie)", _cli_dashboard)
     p.add_argument("--open", action="store_true", help="also open it in a web browser")
-    p = command(commands, "init", "write a starter workspace (databuild.toml, a job script, "
-                "a .gitignore) and print the command that builds its example",
-                _cli_init, parents=())
+    p = c.command(commands, "init", "write a starter workspace (databuild.toml, a job script, "
+                  "a .gitignore) and print the command that builds its example",
+                  _cli_init, parents=())
     p.add_argument("dir", nargs="?", default=".", metavar="DIR",
                    help="the folder to make a workspace of (default: this one); an "
                         "existing databuild.toml is never overwritten")
-    return parser
 
 
 def _opt(args, name, default=None):
