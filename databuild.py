@@ -495,6 +495,48 @@ def _pid_alive(pid):
     return True
 
 
+class _Workers:
+    """A few daemon threads that run slow calls (an executor's ``sbatch`` and
+    ``scancel``, the reading of a long log) in order, so that no caller
+    waits for them: ``submit(fn,
+    *args)`` queues a call; ``close(timeout)`` lets the queued ones finish.
+    The queue is the only state shared with the caller (it locks itself)."""
+
+    def __init__(self, name, size):
+        self._queue = queue.SimpleQueue()
+        self._name, self._size = name, size
+        self._threads = []  # started with the first call (the caller's thread only)
+
+    def submit(self, fn, *args):
+        """Run ``fn(*args)`` on a worker thread, soon."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._work, daemon=True,
+                                              name="%s-%d" % (self._name, i))
+                             for i in range(self._size)]
+            for thread in self._threads:
+                thread.start()
+        self._queue.put((fn, args))
+
+    def _work(self):
+        while True:
+            fn, args = self._queue.get()
+            if fn is None:
+                return
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("%s failed", getattr(fn, "__name__", fn))
+
+    def close(self, timeout):
+        """Finish what is queued (up to ``timeout`` seconds), then stop."""
+        for _ in self._threads:
+            self._queue.put((None, ()))
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+
 ###############################################################################
 # Events and the reducer ######################################################
 ###############################################################################
@@ -3282,46 +3324,6 @@ class LocalExecutor(Executor):
             self.wakeup.unwatch(fd)
             os.close(fd)
         self._pidfds.clear()
-
-
-class _Workers:
-    """A few daemon threads that run an executor's slow calls (``sbatch``,
-    ``scancel``) in order, so that no caller waits for them: ``submit(fn,
-    *args)`` queues a call; ``close(timeout)`` lets the queued ones finish.
-    The queue is the only state shared with the caller (it locks itself)."""
-
-    def __init__(self, name, size):
-        self._queue = queue.SimpleQueue()
-        self._name, self._size = name, size
-        self._threads = []  # started with the first call (the caller's thread only)
-
-    def submit(self, fn, *args):
-        """Run ``fn(*args)`` on a worker thread, soon."""
-        if not self._threads:
-            self._threads = [threading.Thread(target=self._work, daemon=True,
-                                              name="%s-%d" % (self._name, i))
-                             for i in range(self._size)]
-            for thread in self._threads:
-                thread.start()
-        self._queue.put((fn, args))
-
-    def _work(self):
-        while True:
-            fn, args = self._queue.get()
-            if fn is None:
-                return
-            try:
-                fn(*args)
-            except Exception:
-                logger.exception("%s failed", getattr(fn, "__name__", fn))
-
-    def close(self, timeout):
-        """Finish what is queued (up to ``timeout`` seconds), then stop."""
-        for _ in self._threads:
-            self._queue.put((None, ()))
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class SlurmExecutor(Executor):
@@ -7119,9 +7121,8 @@ def _channel_class():
     loop, woken meanwhile by any other connection, sees the channel
     ``writable()``: ``select`` returns at once, ``handle_write`` cannot take
     the lock, and the loop goes round again, taking the GIL from the very
-    worker it waits for.  Measured under 16 clients writing: 2.4 such empty
-    rounds per request (0.4 rounds in all with this class; writes/s up by
-    about 6 %).  Here the channel is not writable while a worker holds that
+    worker it waits for (README "Performance", row 3, has the figures).
+    Here the channel is not writable while a worker holds that
     lock; the worker flushes, and ends its request with a trigger that wakes
     the loop for whatever is left (at worst the loop's one-second timeout
     does).  Above the high watermark (a worker waiting for the loop to drain)
