@@ -16,18 +16,7 @@ import tempfile
 import time
 
 import _workload as w
-from bench_fanout import pool_time
-
-TOML = """
-[server]
-idle_timeout_seconds = 0
-max_concurrent_job_runs = 4
-
-[[jobs]]
-label = "trivial"
-entrypoint = ["sh", "-c", "exit 0"]
-partition_patterns = ['p/\\d+/\\d+']
-"""
+from bench_fanout import TOML, pool_time  # the same trivial job, 4 at a time
 
 
 def cpu_seconds(pid):
