@@ -1658,7 +1658,7 @@ class EventLog:
     def view(self):
         """A consistent, durable snapshot of the projection for readers (a context
         manager yielding a ``StoreView``)."""
-        return _StoreSnapshot(self)
+        return _Reading(lambda: StoreView(self))
 
     @staticmethod
     def _event(row):
@@ -1722,14 +1722,16 @@ class EventLog:
         self._local = threading.local()
 
 
-class _StoreSnapshot:
-    """``with log.view() as view``: readers' access to the projection."""
+class _Reading:
+    """``with log.view() as view`` and ``with read_model.read(as_of) as view``:
+    a view to read with (a ``StoreView``, made when the block begins, or a
+    ``MemoryView`` of the past)."""
 
-    def __init__(self, log):
-        self.log = log
+    def __init__(self, make_view):
+        self.make_view = make_view
 
     def __enter__(self):
-        return StoreView(self.log)
+        return self.make_view()
 
     def __exit__(self, *exc):
         return False
@@ -5500,17 +5502,18 @@ class ReadModel:
     ``as_of`` replays once.
     """
 
-    def __init__(self, log, snapshots=4):
+    def __init__(self, log, past_states=4):
         self.log = log
         self._past_lock = threading.Lock()  # guards _past; each entry has a lock of its own
         self._past = collections.OrderedDict()
-        self._snapshots = snapshots
+        self._past_states = past_states  # how many replays of the past are kept
 
     def read(self, as_of=None):
         """Context manager yielding a view (StoreView, or MemoryView for ``as_of``)."""
         if as_of is None:
             return self.log.view()
-        return _Snapshot(MemoryView(self._state_at(as_of), self.log))
+        view = MemoryView(self._state_at(as_of), self.log)
+        return _Reading(lambda: view)
 
     def _state_at(self, as_of):
         latest = self.log.latest_event_id()
@@ -5521,7 +5524,7 @@ class ReadModel:
             past = self._past.get(as_of)
             if past is None:
                 past = self._past[as_of] = [threading.Lock(), None]  # [its lock, state]
-                while len(self._past) > self._snapshots:
+                while len(self._past) > self._past_states:
                     self._past.popitem(last=False)
             else:
                 self._past.move_to_end(as_of)
@@ -5529,17 +5532,6 @@ class ReadModel:
             if past[1] is None:
                 past[1] = BuildState.from_events(self.log.iter_events(upto=as_of))
             return past[1]
-
-
-class _Snapshot:
-    def __init__(self, view):
-        self.view = view
-
-    def __enter__(self):
-        return self.view
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _chunks(items, size=500):
