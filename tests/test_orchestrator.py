@@ -884,3 +884,31 @@ def test_a_long_stdout_is_read_for_its_outcome_off_the_orchestrator(tmp_path, dr
     runs = {r.partitions[0] + ":" + r.status: r.job_run_id for r in d.full().job_runs.values()}
     assert readers[runs["long:DepMiss"]] == "databuild-outcome-0"  # its dep miss was read
     assert readers[runs["short:Succeeded"]] == threading.current_thread().name
+
+
+def test_a_command_that_fails_after_changing_the_state_writes_none_of_its_step(
+        tmp_path, driver_for, monkeypatch):
+    # The general rule behind the number ranges: whatever raises after a
+    # command emitted its events, none of the step reaches the log.
+    ws = write_workspace(tmp_path / "ws")
+    d = driver_for(ws)
+    push = databuild.Orchestrator._push_deadlines
+
+    def failing(self, want, ttl=True):
+        if want.comment == "breaks":
+            raise OverflowError("a stand-in for a bug after the append")
+        return push(self, want, ttl)
+    monkeypatch.setattr(databuild.Orchestrator, "_push_deadlines", failing)
+    head = d.log.latest_event_id()
+    good = d.orch.enqueue("create_want", request=databuild.parse_want_request(
+        {"partitions": ["a"]}, d.config))
+    bad = d.orch.enqueue("create_want", request=databuild.parse_want_request(
+        {"partitions": ["b"], "comment": "breaks"}, d.config))
+    d.orch.step()
+    assert isinstance(bad.error, OverflowError)
+    assert isinstance(good.error, databuild.Unavailable)  # not written: send it again
+    assert d.log.latest_event_id() == head and not d.state.wants
+    again = d.want("a")
+    assert d.settle(again["want_id"]) == SUCCESSFUL
+    d.close()
+    assert driver_for(ws).want_status(again["want_id"]) == SUCCESSFUL  # the log replays
