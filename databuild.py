@@ -362,8 +362,8 @@ def check_ref(ref):
 
 
 _RANGE_RE = re.compile(r"\[([^\[\]]*)\.\.([^\[\]]*)\]")
-#: The kinds of range ends (README "Backfills"): a regex, how to read an end,
-#: the step from one value to the next, and how to write one.
+#: The kinds of range ends (README "Backfills"): a name, the regex an end
+#: matches, how to read one, and how to write a value (strftime; None: digits).
 _RANGE_KINDS = (
     ("day", re.compile(r"\d{4}-\d{2}-\d{2}"),
      lambda t: datetime.datetime.strptime(t, "%Y-%m-%d"), "%Y-%m-%d"),
@@ -5081,9 +5081,11 @@ class Orchestrator:
         # declared dep that cannot be, a dependency cycle) fails through a run
         # that never starts, so its story is in the log like any failure.
         run_id = new_id()
+        wants = self.state.wants
         self._emit(JOB_RUN_QUEUE, {"job_run_id": run_id, "job_label": job_label,
                                    "partitions": [ref], "want_ids": sorted(
-                                       self.state.live_wants_by_ref.get(ref, ())),
+                                       self.state.live_wants_by_ref.get(ref, ()),
+                                       key=lambda w: wants[w].seq),  # oldest first, as _schedule
                                    "attempt": 1}, now)
         self._fail(self.state.job_runs[run_id], now, error, False)
 
