@@ -29,6 +29,7 @@ Sections (in dependency order; ``grep -n '^# .*####' databuild.py``):
     Storage: the event log
     Configuration
     Executors: where job runs execute
+    Automation: want requests, sensors, alerts
     Orchestrator
     Read model
     HTTP API
@@ -71,6 +72,7 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "UnsupportedMediaType",
+    "UsageError",
     "WaitTimeout",
     "check_ref",
     "describe_error",
@@ -95,6 +97,7 @@ import fcntl
 import functools
 import gc
 import getpass
+import hashlib
 import heapq
 import hmac
 import http.client
@@ -108,6 +111,7 @@ import random
 import re
 import secrets
 import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -162,6 +166,15 @@ DEFAULTS = {
     # A run's stdout up to this size is read for its outcome in the
     # orchestrator's thread (a millisecond); a longer one on a thread of its own.
     "outcome_inline_bytes": 256 * 1024,
+    # README "Sensors": what one evaluation may print before it is stopped and
+    # failed, and the stderr lines kept as its error.
+    "sensor_output_bytes": 1024 * 1024,
+    "sensor_error_lines": 5,
+    # README "Alerts": a failed delivery is tried again after each of these
+    # waits in turn, then given up; a command's and a webhook's time limits.
+    "alert_backoff_seconds": (1.0, 2.0, 4.0, 8.0),
+    "alert_command_timeout_seconds": 30.0,
+    "alert_webhook_timeout_seconds": 10.0,
 }
 
 #: The ranges of a want's numbers (README "HTTP API"): checked before anything
@@ -228,9 +241,22 @@ JOB_RUN_FAILURE = "job_run_failure"
 JOB_RUN_MISSING_DEPS = "job_run_missing_deps"
 JOB_RUN_CANCEL = "job_run_cancel"
 PARTITION_TAINT = "partition_taint"
+JOB_CODE_VERSION = "job_code_version"  # a job's code changed (README "Freshness")
+SENSOR_EVALUATE = "sensor_evaluate"  # README "Sensors"
+ALERT_RAISE = "alert_raise"  # README "Alerts"
+ALERT_DELIVERED = "alert_delivered"
+ALERT_FAILED = "alert_failed"
 EVENT_TYPES = (WANT_CREATE, WANT_CANCEL, WANT_EXPIRE, WANT_SLA_BREACH,
                JOB_RUN_QUEUE, JOB_RUN_START, JOB_RUN_SUCCESS, JOB_RUN_FAILURE,
-               JOB_RUN_MISSING_DEPS, JOB_RUN_CANCEL, PARTITION_TAINT)
+               JOB_RUN_MISSING_DEPS, JOB_RUN_CANCEL, PARTITION_TAINT, JOB_CODE_VERSION,
+               SENSOR_EVALUATE, ALERT_RAISE, ALERT_DELIVERED, ALERT_FAILED)
+
+# README "Alerts": what an alert may be raised on, and the states of its delivery.
+ALERT_KINDS = ("want_failed", "partition_failed", "sla_breached", "sensor_failed")
+OWED = "owed"
+DELIVERED = "delivered"
+GIVEN_UP = "given_up"
+ALERT_STATUSES = (OWED, DELIVERED, GIVEN_UP)
 
 # Reasons recorded on job runs that did not end on their own.
 REASON_SERVER_SHUTDOWN = "server shutdown"
@@ -261,6 +287,10 @@ class DatabuildError(Exception):
 
 class ConfigError(DatabuildError):
     """databuild.toml (or a command-line setting) is invalid."""
+
+
+class UsageError(DatabuildError):
+    """A command line that does not say what to do (the CLI exits 2)."""
 
 
 class InvalidRequest(DatabuildError):
@@ -650,7 +680,8 @@ class Partition(_Entity):
 
     __slots__ = ("ref", "status", "job_label", "last_job_run_id", "built_by_job_run_id",
                  "want_ids", "missing_deps", "updated_at", "waiting_on", "retries",
-                 "upstream", "reported_deps", "retry_at", "seq")
+                 "upstream", "reported_deps", "retry_at", "seq", "code_version", "built_at",
+                 "build_started_at", "stale_reasons")
     #: ``want_ids`` grows without bound: a link table holds it, not the row.
     ROW = tuple(f for f in __slots__ if f != "want_ids")
 
@@ -660,7 +691,8 @@ class Partition(_Entity):
         part = cls()
         (part.ref, part.status, part.job_label, part.last_job_run_id,
          part.built_by_job_run_id, part.missing_deps, part.updated_at, waiting_on,
-         part.retries, part.upstream, part.reported_deps, part.retry_at, part.seq) = values
+         part.retries, part.upstream, part.reported_deps, part.retry_at, part.seq,
+         part.code_version, part.built_at, part.build_started_at, part.stale_reasons) = values
         part.waiting_on = set(waiting_on) if waiting_on else _NOTHING
         part.want_ids = []
         return part
@@ -672,6 +704,9 @@ class Partition(_Entity):
                 "built_by_job_run_id": self.built_by_job_run_id,
                 "want_ids": list(self.want_ids), "missing_deps": list(self.missing_deps),
                 "upstream": list(self.upstream), "retry_at": isoformat(self.retry_at),
+                "code_version": self.code_version, "built_at": isoformat(self.built_at),
+                "stale": bool(self.stale_reasons),
+                "stale_reasons": list((self.stale_reasons or {}).values()),
                 "updated_at": isoformat(self.updated_at)}
 
 
@@ -680,7 +715,8 @@ class JobRun(_Entity):
 
     __slots__ = ("job_run_id", "job_label", "partitions", "want_ids", "status", "attempt",
                  "exit_code", "missing_deps", "error", "queued_at", "started_at",
-                 "finished_at", "pid", "pid_start_time", "seq", "executor", "external_id")
+                 "finished_at", "pid", "pid_start_time", "seq", "executor", "external_id",
+                 "code_version")
     ROW = __slots__
 
     @property
@@ -700,7 +736,38 @@ class JobRun(_Entity):
                 "started_at": isoformat(self.started_at),
                 "finished_at": isoformat(self.finished_at),
                 "duration_ms": self.duration_ms,
-                "executor": self.executor or "local", "external_id": self.external_id}
+                "executor": self.executor or "local", "external_id": self.external_id,
+                "code_version": self.code_version}
+
+
+class Alert(_Entity):
+    """An alert raised for people (README "Alerts"), and where its delivery is.
+
+    ``alert_id`` is the id of its ``alert_raise`` event; ``event_id`` and
+    ``timestamp`` are those of the event that raised it; ``subject`` is
+    ``{"want" | "partition" | "sensor": {...}}``.
+    """
+
+    __slots__ = ("alert_id", "alert", "kind", "event_id", "timestamp", "summary", "subject",
+                 "status", "attempts", "last_error", "delivered_at", "next_attempt_at")
+    ROW = __slots__
+
+    def message(self):
+        """The JSON a receiver gets (a command on stdin, a webhook as the body)."""
+        message = {"alert_id": self.alert_id, "alert": self.alert, "kind": self.kind,
+                   "event_id": self.event_id, "timestamp": isoformat(self.timestamp),
+                   "summary": self.summary}
+        message.update(self.subject)
+        return message
+
+    def to_dict(self):
+        """The alert as the API shows it: its message and its delivery."""
+        answer = self.message()
+        answer.update({"status": self.status, "attempts": self.attempts,
+                       "last_error": self.last_error,
+                       "delivered_at": isoformat(self.delivered_at),
+                       "next_attempt_at": isoformat(self.next_attempt_at)})
+        return answer
 
 
 class _Tally:
@@ -725,7 +792,7 @@ class _Tally:
 
 
 #: Bumped when the projection's rows change shape: an older projection is rebuilt.
-PROJECTION_VERSION = 8
+PROJECTION_VERSION = 9
 
 
 def _unindex(index, key, member):
@@ -753,7 +820,11 @@ class BuildState:
     * ``waiters``: ref -> refs of UpstreamBuilding partitions waiting on it;
     * ``pending_refs``: refs that need a job run now (ordered, oldest first);
     * ``active_run_by_ref``: ref -> its Queued or Running job run;
-    * ``*_by_status``: status -> ids (ordered dicts used as sets).
+    * ``*_by_status``: status -> ids (ordered dicts used as sets);
+    * ``stale``: the Live partitions that are stale (README "Freshness"),
+      kept as events arrive: a partition's staleness is computed again when
+      it or one of its upstream partitions changes status, or turns stale
+      or fresh, or its job's code version changes -- never by a scan.
 
     A partition is *wanted* while a non-terminal want names it or a wanted
     partition waits on it.  It is *pending* while it is wanted, has no active
@@ -782,6 +853,16 @@ class BuildState:
         self.seqs = {"wants": 0, "partitions": 0, "job_runs": 0}  # creation counters
         self.job_runs_by_job = {}  # job label -> {status: how many job runs}
         self.downstream = {}  # ref -> refs whose upstream holds it (README "Lineage")
+        self.job_versions = {}  # job label -> its code version now (README "Freshness")
+        self.stale = {}  # refs of the stale Live partitions (a dict used as an ordered set)
+        self.sensors = {}  # sensor name -> what its evaluations left (README "Sensors")
+        self.alerts = {}  # alert_id -> Alert (a working set keeps the owed ones)
+        # Set by the orchestrator (None while replaying): the refs whose
+        # staleness changed (auto rebuild looks at them), and what alerts may
+        # be raised on -- (kind, event_id, timestamp, summary, subject).
+        self.stale_dirty = None
+        self.notices = None
+        self._event = None  # the event being applied
 
         def bucket(status, live):
             return {} if live or not working_set else _Tally()
@@ -789,6 +870,7 @@ class BuildState:
         self.partitions_by_status = {s: {} for s in PARTITION_STATUSES}
         self.job_runs_by_status = {s: bucket(s, s in ACTIVE_JOB_RUN_STATUSES)
                                    for s in JOB_RUN_STATUSES}
+        self.alerts_by_status = {s: bucket(s, s == OWED) for s in ALERT_STATUSES}
         self.live_wants_by_ref = {}
         self.waiters = {}
         self.pending_refs = {}
@@ -835,6 +917,8 @@ class BuildState:
                 self.wants.pop(entity.want_id, None)
             elif kind == "job_runs" and entity.status not in ACTIVE_JOB_RUN_STATUSES:
                 self.job_runs.pop(entity.job_run_id, None)
+            elif kind == "alerts" and entity.status != OWED:
+                self.alerts.pop(entity.alert_id, None)
 
     def summary(self):
         """Counters and ids a projection stores beside the rows (``restore`` reads it)."""
@@ -842,15 +926,19 @@ class BuildState:
                 "seqs": self.seqs, "event_counts": dict(self.event_counts),
                 "sla_breaches": self.sla_breaches, "job_runs_by_job": self.job_runs_by_job,
                 "durations": [self.duration_buckets, self.duration_sum, self.duration_count],
+                "job_versions": self.job_versions, "sensors": self.sensors,
                 "counts": {"wants": {k: len(v) for k, v in self.wants_by_status.items()},
                            "partitions": {k: len(v) for k, v in self.partitions_by_status.items()},
-                           "job_runs": {k: len(v) for k, v in self.job_runs_by_status.items()}}}
+                           "job_runs": {k: len(v) for k, v in self.job_runs_by_status.items()},
+                           "alerts": {k: len(v) for k, v in self.alerts_by_status.items()},
+                           "stale": len(self.stale)}}
 
     @classmethod
-    def restore(cls, summary, partitions, live_wants, active_runs):
+    def restore(cls, summary, partitions, live_wants, active_runs, owed_alerts=()):
         """The working-set state from a projection: its summary, every partition,
-        the non-terminal wants and the Queued/Running job runs (creation order).
-        Rebuilds the indexes exactly as the reducer keeps them."""
+        the non-terminal wants, the Queued/Running job runs (creation order)
+        and the owed alerts.  Rebuilds the indexes exactly as the reducer
+        keeps them."""
         state = cls(working_set=True)
         state.latest_event_id = summary["event_id"]
         state.seqs = dict(summary["seqs"])
@@ -859,14 +947,22 @@ class BuildState:
         state.job_runs_by_job = {label: dict(counts) for label, counts
                                  in summary["job_runs_by_job"].items()}
         state.duration_buckets, state.duration_sum, state.duration_count = summary["durations"]
+        state.job_versions = dict(summary["job_versions"])
+        state.sensors = {name: dict(s) for name, s in summary["sensors"].items()}
         for kind, index in (("wants", state.wants_by_status),
-                            ("job_runs", state.job_runs_by_status)):
+                            ("job_runs", state.job_runs_by_status),
+                            ("alerts", state.alerts_by_status)):
             for status, bucket in index.items():
                 if isinstance(bucket, _Tally):
                     bucket.n = summary["counts"][kind].get(status, 0)
+        for alert in owed_alerts:
+            state.alerts[alert.alert_id] = alert
+            state.alerts_by_status[OWED][alert.alert_id] = None
         for part in partitions:
             state.partitions[part.ref] = part
             state.partitions_by_status[part.status][part.ref] = None
+            if part.stale_reasons:
+                state.stale[part.ref] = None
         for run in active_runs:
             state.job_runs[run.job_run_id] = run
             state.job_runs_by_status[run.status][run.job_run_id] = None
@@ -903,6 +999,7 @@ class BuildState:
         """Advance the state by one event (its id must follow ``latest_event_id``)."""
         handler = self._HANDLERS.get(event.type)
         if handler is not None:  # unknown types are skipped: newer logs stay readable
+            self._event = event
             handler(self, event.payload, event.timestamp)
             while self._todo:
                 action, ref, ts = self._todo.popleft()
@@ -946,8 +1043,10 @@ class BuildState:
         self._touch("wants", want.want_id, want)
         for ref in want.partitions:
             part = self.partitions.get(ref)
-            if part is not None and part.status in (FAILED, UPSTREAM_FAILED):
-                # A new want asks again for what failed before: build it anew.
+            if part is not None and (part.status in (FAILED, UPSTREAM_FAILED)
+                                     or part.stale_reasons):
+                # A new want asks again for what failed before, or for what
+                # is stale (README "Freshness"): build it anew.
                 part.retries = 0
                 self._set_partition_status(part, UP_FOR_RETRY, ts)
             self.live_wants_by_ref.setdefault(ref, set()).add(want.want_id)
@@ -993,6 +1092,9 @@ class BuildState:
             want.updated_at = ts
             self.sla_breaches += 1
             self._touch("wants", want.want_id, want)
+            self._notice("sla_breached", "want %s missed its SLA of %s s (%d partitions)"
+                         % (want.want_id, want.sla_seconds, len(want.partitions)),
+                         {"want": self._want_brief(want)})
 
     def _on_job_run_queue(self, p, ts):
         run = JobRun()
@@ -1007,7 +1109,7 @@ class BuildState:
         run.error = None
         run.queued_at = ts
         run.started_at = run.finished_at = None
-        run.pid = run.pid_start_time = run.external_id = None
+        run.pid = run.pid_start_time = run.external_id = run.code_version = None
         run.executor = p.get("executor")
         run.seq = self.seqs["job_runs"]
         self.seqs["job_runs"] += 1
@@ -1050,6 +1152,7 @@ class BuildState:
         part.upstream = []
         part.reported_deps = []
         part.retry_at = None
+        part.code_version = part.built_at = part.build_started_at = part.stale_reasons = None
         part.seq = self.seqs["partitions"]
         self.seqs["partitions"] += 1
         self.partitions[ref] = part
@@ -1090,6 +1193,9 @@ class BuildState:
         run.pid_start_time = p.get("pid_start_time")
         run.executor = p.get("executor", run.executor)
         run.external_id = p.get("external_id")
+        run.code_version = p.get("code_version")
+        if run.code_version and run.job_label not in self.job_versions:
+            self.job_versions[run.job_label] = run.code_version  # its first run's code
         self._touch("job_runs", run.job_run_id, run)
 
     def _finish_run(self, p, status, ts):
@@ -1117,6 +1223,10 @@ class BuildState:
         for ref in run.partitions:
             part = self.partitions[ref]
             part.built_by_job_run_id = run.job_run_id
+            part.code_version = run.code_version
+            part.built_at = ts
+            # README "Freshness": an upstream built after this moment makes it stale.
+            part.build_started_at = run.started_at if run.started_at is not None else run.queued_at
             part.retries = 0
             self._set_upstream(part, sorted(set(read).union(part.reported_deps) - {ref}))
             part.reported_deps = []
@@ -1185,13 +1295,71 @@ class BuildState:
         if part is not None:
             self._set_partition_status(part, TAINTED, ts)
 
+    def _on_job_code_version(self, p, ts):
+        # A job's code changed: its Live partitions built with other code are
+        # stale.  The one walk of the Live partitions in the reducer, once per
+        # change of a job's code.
+        label = p["job_label"]
+        self.job_versions[label] = p["code_version"]
+        for ref in [r for r in self.partitions_by_status[LIVE]
+                    if self.partitions[r].job_label == label]:
+            self._restale(ref, ts)
+
+    def _on_sensor_evaluate(self, p, ts):
+        name = p["name"]
+        sensor = self.sensors.setdefault(name, {
+            "cursor": None, "last_evaluated_at": None, "last_status": None,
+            "last_error": None, "wants_created": 0, "evaluations": 0})
+        failed = p["status"] == "failed"
+        if failed and sensor["last_status"] != "failed":  # once per run of failures
+            self._notice("sensor_failed", "sensor %s failed: %s" % (name, p.get("error")),
+                         {"sensor": {"name": name, "error": p.get("error")}})
+        sensor["last_status"] = p["status"]
+        sensor["last_error"] = p.get("error")
+        sensor["last_evaluated_at"] = ts
+        sensor["evaluations"] += 1
+        if not failed:  # a failed evaluation's cursor and wants are dropped
+            if p.get("cursor") is not None:
+                sensor["cursor"] = p["cursor"]
+            sensor["wants_created"] += len(p.get("want_ids", ()))
+
+    def _on_alert_raise(self, p, ts):
+        alert = Alert()
+        alert.alert_id = self._event.event_id
+        alert.alert, alert.kind, alert.summary = p["alert"], p["kind"], p["summary"]
+        alert.event_id, alert.timestamp = p["event_id"], p["timestamp"]
+        alert.subject = {k: p[k] for k in ("want", "partition", "sensor") if k in p}
+        alert.status, alert.attempts = OWED, 0
+        alert.last_error = alert.delivered_at = None
+        alert.next_attempt_at = ts
+        self.alerts[alert.alert_id] = alert
+        self.alerts_by_status[OWED][alert.alert_id] = None
+        self._touch("alerts", alert.alert_id, alert)
+
+    def _on_alert_attempt(self, p, ts):
+        alert = self.alerts.get(p["alert_id"])
+        if alert is None or alert.status != OWED:
+            return
+        alert.attempts += 1
+        if self._event.type == ALERT_DELIVERED:
+            status, alert.delivered_at, alert.next_attempt_at = DELIVERED, ts, None
+        else:
+            alert.last_error = p.get("error")
+            status = GIVEN_UP if p.get("given_up") else OWED
+            alert.next_attempt_at = None if status == GIVEN_UP else p.get("retry_at")
+        self._move(self.alerts_by_status, alert.alert_id, alert.status, status)
+        alert.status = status
+        self._touch("alerts", alert.alert_id, alert)
+
     _HANDLERS = {
         WANT_CREATE: _on_want_create, WANT_CANCEL: _on_want_cancel,
         WANT_EXPIRE: _on_want_expire, WANT_SLA_BREACH: _on_want_sla_breach,
         JOB_RUN_QUEUE: _on_job_run_queue, JOB_RUN_START: _on_job_run_start,
         JOB_RUN_SUCCESS: _on_job_run_success, JOB_RUN_FAILURE: _on_job_run_failure,
         JOB_RUN_MISSING_DEPS: _on_job_run_missing_deps, JOB_RUN_CANCEL: _on_job_run_cancel,
-        PARTITION_TAINT: _on_partition_taint,
+        PARTITION_TAINT: _on_partition_taint, JOB_CODE_VERSION: _on_job_code_version,
+        SENSOR_EVALUATE: _on_sensor_evaluate, ALERT_RAISE: _on_alert_raise,
+        ALERT_DELIVERED: _on_alert_attempt, ALERT_FAILED: _on_alert_attempt,
     }
 
     # -- derived state ------------------------------------------------------
@@ -1269,6 +1437,82 @@ class BuildState:
         elif status in (FAILED, UPSTREAM_FAILED):
             for ref in self.waiters.pop(part.ref, ()):
                 self._todo.append((BuildState._dep_failed, ref, ts))
+            if status == FAILED:  # settled Failed: its retries are spent
+                run = self.job_runs.get(part.last_job_run_id or "")
+                error = run.error if run is not None else None
+                self._notice("partition_failed", "partition %s failed: %s" % (part.ref, error),
+                             {"partition": {"ref": part.ref, "status": status,
+                                            "job_label": part.job_label,
+                                            "last_job_run_id": part.last_job_run_id,
+                                            "error": error}})
+        if old == LIVE or status == LIVE:
+            self._restale(part.ref, ts)
+        if part.built_by_job_run_id is not None:  # what was built from it sees the change
+            for ref in self.downstream.get(part.ref, ()):
+                self._todo.append((BuildState._restale, ref, ts))
+
+    def _stale_reasons(self, part):
+        # README "Freshness": why a Live partition is stale, by cause --
+        # "code", "rebuilt:<ref>" (a rebuild of this one clears those two) or
+        # "upstream:<ref>" (not Live, or stale) -- or None if it is fresh (or
+        # not Live).
+        if part.status != LIVE:
+            return None
+        reasons = {}
+        version = self.job_versions.get(part.job_label)
+        if part.code_version and version and version != part.code_version:
+            reasons["code"] = "code version %s -> %s" % (part.code_version, version)
+        started = part.build_started_at
+        for dep in part.upstream:
+            up = self.partitions.get(dep)
+            if up is None or up.built_by_job_run_id is None:
+                continue  # never built here: nothing of ours it could be stale against
+            if started is not None and up.built_at is not None and up.built_at > started:
+                reasons["rebuilt:" + dep] = "upstream %s rebuilt at %sZ" % (
+                    dep, _iso_seconds(up.built_at))
+            elif up.status != LIVE:
+                reasons["upstream:" + dep] = "upstream %s is %s" % (dep, up.status)
+            elif up.stale_reasons:
+                reasons["upstream:" + dep] = "upstream %s is stale" % dep
+        return reasons or None
+
+    def _restale(self, ref, ts):
+        # Compute ``ref``'s staleness again; when it turns stale or fresh, so
+        # may what was built from it (each flips once per wave: no loop).
+        part = self.partitions.get(ref)
+        if part is None:
+            return
+        reasons = self._stale_reasons(part)
+        if reasons == part.stale_reasons:
+            return
+        was = bool(part.stale_reasons)
+        part.stale_reasons = reasons
+        self._touch("partitions", ref, part)
+        if self.stale_dirty is not None:
+            self.stale_dirty[ref] = None
+        if bool(reasons) == was:
+            return
+        if reasons:
+            self.stale[ref] = None
+        else:
+            del self.stale[ref]
+        if self._changed is not None:
+            self._changed[("stale", ref)] = (ref, part.seq, bool(reasons))
+        for down in self.downstream.get(ref, ()):
+            self._todo.append((BuildState._restale, down, ts))
+
+    def _notice(self, kind, summary, subject):
+        # Something an alert may be raised on (README "Alerts"); the
+        # orchestrator turns notices into alert_raise events.
+        if self.notices is not None:
+            event = self._event
+            self.notices.append((kind, event.event_id, event.timestamp, summary, subject))
+
+    @staticmethod
+    def _want_brief(want):
+        return {"want_id": want.want_id, "status": want.status, "source": want.source,
+                "comment": want.comment, "partitions": len(want.partitions),
+                "root_want_id": want.root_want_id}
 
     def _dep_live(self, args, ts):
         ref, dep = args
@@ -1329,6 +1573,15 @@ class BuildState:
         want.status = status
         want.updated_at = ts
         self._touch("wants", want.want_id, want)
+        if status in (FAILED, UPSTREAM_FAILED) and want.parent_want_id is None:
+            # A want people made (not a derivative one: its failure fails its parent).
+            bad = [r for r in want.partitions if self._status_of(r) != LIVE]
+            brief = self._want_brief(want)
+            brief["not_live"] = bad[:10]
+            self._notice("want_failed", "want %s ended %s: %d of %d partitions not Live (%s%s)"
+                         % (want.want_id, status, len(bad), len(want.partitions),
+                            ", ".join(bad[:3]), ", ..." if len(bad) > 3 else ""),
+                         {"want": brief})
         if status in TERMINAL_WANT_STATUSES:
             want.counts = None  # only live wants need them
             for ref in want.partitions:
@@ -1382,6 +1635,13 @@ CREATE TABLE IF NOT EXISTS upstream (ref TEXT NOT NULL, dep TEXT NOT NULL,
 CREATE INDEX IF NOT EXISTS upstream_by_dep ON upstream (dep, ref);
 CREATE TABLE IF NOT EXISTS ref_events (ref TEXT NOT NULL, event_id INTEGER NOT NULL,
                                        PRIMARY KEY (ref, event_id)) WITHOUT ROWID;
+-- README "Freshness": the stale Live partitions (seq: the partition's).
+CREATE TABLE IF NOT EXISTS stale (ref TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS stale_by_seq ON stale (seq);
+-- README "Alerts": alert_id is the id of the alert's alert_raise event.
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id INTEGER PRIMARY KEY, status TEXT NOT NULL, row TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS alerts_by_status ON alerts (status, alert_id);
 """
 # Upserts, not INSERT OR REPLACE: an update touches only the indexes whose
 # columns changed (status), where a replace deletes and re-inserts every entry.
@@ -1395,6 +1655,8 @@ _ROW_SQL = {
     "job_runs": "INSERT INTO job_runs (job_run_id, seq, status, job_label, row) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (job_run_id) DO UPDATE "
                 "SET status = excluded.status, row = excluded.row",
+    "alerts": "INSERT INTO alerts (alert_id, status, row) VALUES (?, ?, ?) "
+              "ON CONFLICT (alert_id) DO UPDATE SET status = excluded.status, row = excluded.row",
 }
 
 
@@ -1557,13 +1819,18 @@ class EventLog:
 
     @staticmethod
     def _write_projection(conn, changes, summary):
-        rows = {"wants": [], "partitions": [], "job_runs": [], "links": [], "ref_events": []}
-        upstream = []
+        rows = {"wants": [], "partitions": [], "job_runs": [], "links": [], "ref_events": [],
+                "alerts": []}
+        upstream, stale = [], []
         for kind, entity in changes:
             if kind in ("links", "ref_events"):
                 rows[kind].append(entity)
             elif kind == "upstream":
                 upstream.append(entity)
+            elif kind == "stale":
+                stale.append(entity)
+            elif kind == "alerts":
+                rows[kind].append((entity.alert_id, entity.status, entity.to_row()))
             elif kind == "job_runs":
                 rows[kind].append((entity.job_run_id, entity.seq, entity.status,
                                    entity.job_label, entity.to_row()))
@@ -1573,6 +1840,10 @@ class EventLog:
         for kind, values in rows.items():
             if values:
                 conn.executemany(_ROW_SQL[kind], values)
+        if stale:
+            conn.executemany("DELETE FROM stale WHERE ref = ?", [(r,) for r, _, _ in stale])
+            conn.executemany("INSERT INTO stale (ref, seq) VALUES (?, ?)",
+                             [(r, seq) for r, seq, is_stale in stale if is_stale])
         if upstream:
             conn.executemany("DELETE FROM upstream WHERE ref = ?", [(r,) for r, _ in upstream])
             conn.executemany("INSERT INTO upstream (ref, dep) VALUES (?, ?)",
@@ -1589,18 +1860,19 @@ class EventLog:
         """Drop every projection row (before a rebuild)."""
         with self.transaction() as conn:
             for table in ("wants", "partitions", "job_runs", "links", "projection", "upstream",
-                          "ref_events"):
+                          "ref_events", "stale", "alerts"):
                 conn.execute("DELETE FROM %s" % table)
 
     def load_projection(self):
-        """``(summary, partitions, live wants, active job runs)`` as objects,
-        or ``(None, ...)`` when there is no projection or it does not match the log."""
+        """``(summary, partitions, live wants, active job runs, owed alerts)`` as
+        objects (``BuildState.restore``'s arguments), or ``(None, ...)`` when
+        there is no projection or it does not match the log."""
         with self.transaction(write=False) as conn:
             row = conn.execute("SELECT value FROM projection WHERE key = 'summary'").fetchone()
             summary = json.loads(row[0]) if row else None
             if (summary is None or summary.get("version") != PROJECTION_VERSION
                     or summary.get("event_id") != self._appended_id):
-                return None, [], [], []
+                return None, [], [], [], []
             # Every partition, parsed as one JSON document: far cheaper
             # than a json.loads per row (this is most of a start-up).
             (rows,) = conn.execute("SELECT json_group_array(json(row)) FROM "
@@ -1616,7 +1888,9 @@ class EventLog:
             runs = [JobRun.from_row(r) for (r,) in conn.execute(
                 "SELECT row FROM job_runs WHERE status IN (?, ?) ORDER BY seq",
                 (QUEUED, RUNNING))]
-            return summary, partitions, wants, runs
+            alerts = [Alert.from_row(r) for (r,) in conn.execute(
+                "SELECT row FROM alerts WHERE status = ? ORDER BY alert_id", (OWED,))]
+            return summary, partitions, wants, runs, alerts
 
     @staticmethod
     def _links(conn, kind, owner):
@@ -1920,26 +2194,41 @@ class StoreView:
                             "WHERE ref = ?" % (_PARTITION_WANTS_SQL, _EVENT_ID_SQL),
                             self._partition)
 
-    def partitions(self, status, prefix, offset, limit):
-        """``(page, total)`` of partitions, newest first, optionally by status and ref prefix."""
+    def partitions(self, status, prefix, offset, limit, stale=False):
+        """``(page, total)`` of partitions, newest first, optionally by status,
+        ref prefix, and only the stale ones (their own index: README "Freshness")."""
         where, args = [], []
+        table = "stale s JOIN partitions p ON p.ref = s.ref" if stale else "partitions p"
+        key = "s" if stale else "p"
         if status is not None:
-            where.append("status = ?")
+            where.append("p.status = ?")
             args.append(status)
         if prefix:
             # A range on the primary key: prefix <= ref < prefix + U+10FFFF.
-            where.append("ref >= ? AND ref < ?")
+            where.append("%s.ref >= ? AND %s.ref < ?" % (key, key))
             args += [prefix, prefix + "\U0010ffff"]
         clause = (" WHERE " + " AND ".join(where)) if where else ""
-        rows, count = self._json_page(("p.row", _PARTITION_WANTS_SQL), "partitions p" + clause,
-                                      "ORDER BY seq DESC LIMIT ? OFFSET ?", args + [limit, offset],
-                                      count=bool(prefix))
-        if prefix:  # counted in the same snapshot as the page
-            total = count if rows else self._count("partitions", clause, args)
+        counted = bool(prefix) or (stale and status is not None)
+        rows, count = self._json_page(("p.row", _PARTITION_WANTS_SQL), table + clause,
+                                      "ORDER BY %s.seq DESC LIMIT ? OFFSET ?" % key,
+                                      args + [limit, offset], count=counted)
+        if counted:  # counted in the same snapshot as the page
+            total = count if rows else self._count(table, clause, args)
+        elif stale:
+            total = self.summary["counts"]["stale"]
         else:
             total = (self.summary["seqs"]["partitions"] if status is None
                      else self.summary["counts"]["partitions"].get(status, 0))
         return [self._partition_of(*values) for values in rows], total
+
+    def alerts(self, status, offset, limit):
+        """``(page, total)`` of alerts, newest first (README "Alerts")."""
+        where, args = ("", []) if status is None else (" WHERE status = ?", [status])
+        rows = self._page("SELECT row FROM alerts%s ORDER BY alert_id DESC LIMIT ? OFFSET ?"
+                          % where, args + [limit, offset])
+        counts = self.summary["counts"]["alerts"]
+        total = sum(counts.values()) if status is None else counts.get(status, 0)
+        return [Alert.from_row(r[0]).to_dict() for r in rows], total
 
     def _count(self, table, clause, args):
         with self.log._errors():
@@ -2088,6 +2377,10 @@ SETTINGS = (
             help="the longest of those waits"),
     Setting("jobs", "executor", "any", "local", help="where its runs execute (an executor's "
                                                      "name)"),
+    Setting("jobs", "version", "str", None, help="its code version; default: a hash of its "
+                                                 "entrypoint files in the workspace"),
+    Setting("jobs", "auto_rebuild", "choice", "off", choices=("off", "stale"),
+            help='"stale": its stale partitions are rebuilt by themselves'),
     Setting("schedules", "name", "any", help="unique, [A-Za-z0-9_.-]+ (required)"),
     Setting("schedules", "cron", "str", help="5-field cron (or interval_seconds)"),
     Setting("schedules", "interval_seconds", "int", None, 1, help="ticks every N seconds"),
@@ -2100,6 +2393,20 @@ SETTINGS = (
     Setting("schedules", "priority", "int", 0, *PRIORITY_RANGE, help="of each want"),
     Setting("schedules", "ttl_seconds", "num", None, *DURATION_RANGE, help="of each want"),
     Setting("schedules", "sla_seconds", "num", None, *DURATION_RANGE, help="of each want"),
+    Setting("sensors", "name", "any", help="unique, [A-Za-z0-9_.-]+ (required)"),
+    Setting("sensors", "command", "any", help="argv list, or a string split with shlex, run "
+                                              "in the workspace (required)"),
+    Setting("sensors", "interval_seconds", "num", None, 0.1, DURATION_RANGE[1],
+            help="seconds between evaluations (required)"),
+    Setting("sensors", "timeout_seconds", "num", 60, 0.1, DURATION_RANGE[1],
+            help="an evaluation's time limit"),
+    Setting("alerts", "name", "any", help="unique, [A-Za-z0-9_.-]+ (required)"),
+    Setting("alerts", "on", "any", help="the kinds it is raised on: " + ", ".join(ALERT_KINDS)
+                                        + " (required)"),
+    Setting("alerts", "command", "any", help="argv list or string; gets the alert JSON on "
+                                             "stdin (or webhook)"),
+    Setting("alerts", "webhook", "str", help="an http(s) URL the alert JSON is POSTed to "
+                                             "(or command)"),
 )
 #: The settings of a table, by key: ``SETTINGS_OF["server"]["port"]``.
 SETTINGS_OF = {}
@@ -2116,7 +2423,8 @@ class JobConfig:
     def __init__(self, label, entrypoint, partition_patterns, environment=None,
                  max_partitions_per_run=1, max_retries=0, timeout_seconds=0,
                  max_concurrent_runs=None, retry_backoff_seconds=0,
-                 retry_backoff_max_seconds=3600, executor="local", options=None, deps=()):
+                 retry_backoff_max_seconds=3600, executor="local", options=None, deps=(),
+                 version=None, auto_rebuild="off"):
         self.label = label
         self.entrypoint = list(entrypoint)
         self.partition_patterns = list(partition_patterns)
@@ -2133,6 +2441,10 @@ class JobConfig:
         #: Declared deps: templates filled from the named groups of the pattern
         #: a ref matched, e.g. ``raw/date={date}`` (README "Backfills").
         self.deps = list(deps)
+        self.version = version  # README "Freshness": given, else code_version is a hash
+        self.auto_rebuild = auto_rebuild  # "off" or "stale"
+        self.code_version = version  # set by Config from the files (code_files) if None
+        self.code_files = []  # the entrypoint's files in the workspace
 
     def declared_deps(self, ref):
         """The refs ``ref`` declares it needs (its job's ``deps``, filled in); []
@@ -2182,9 +2494,17 @@ class Config:
         self.schedules_by_name = {}
         #: ``[executors.<name>]`` tables, checked (README "Running on a cluster").
         self.executor_settings = {}
+        self.sensors = []  # SensorConfig, in file order (README "Sensors")
+        self.sensors_by_name = {}
+        self.alerts = []  # AlertConfig, in file order (README "Alerts")
+        self.alerts_by_name = {}
         for key, setting in SETTINGS_OF["server"].items():
             setattr(self, key, server.get(key, setting.default))
         self.job_for = functools.lru_cache(maxsize=1 << 16)(self._job_for)
+        for job in self.jobs:
+            job.code_files = code_files(self.root, job.entrypoint)
+            if job.version is None:
+                job.code_version = code_version(job.code_files)
 
     @property
     def state_dir(self):
@@ -2203,38 +2523,83 @@ class Config:
         return jobs[0]
 
 
-class ConfigWatcher:
-    """A workspace's config, reloaded when databuild.toml changes.
+def code_files(root, entrypoint):
+    """The files of an entrypoint that lie in the workspace ``root``, in order
+    (the script, not the interpreter): what a job's code version hashes."""
+    root = os.path.realpath(root)
+    found = []
+    for arg in entrypoint:
+        path = os.path.realpath(os.path.join(root, arg))
+        if path.startswith(root + os.sep) and os.path.isfile(path) and path not in found:
+            found.append(path)
+    return found
 
-    ``current()`` costs one ``stat`` of the file; when its mtime, size or
-    inode changed, the file is loaded again.  A valid new config replaces
-    the old one for all new work; an invalid one keeps the old config, and
-    ``error`` says why until the file loads again (never a crash).
+
+def code_version(paths):
+    """The first 12 hex digits of the SHA-256 of the files' contents, in order
+    (README "Freshness"); a file that cannot be read counts as empty."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 16), b""):
+                    digest.update(chunk)
+        except OSError:
+            pass
+    return digest.hexdigest()[:12]
+
+
+def _stamp(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class ConfigWatcher:
+    """A workspace's config, reloaded when databuild.toml or a job's code changes.
+
+    ``current()`` costs one ``stat`` of the file (and, at most every
+    ``code_check_seconds``, one of each job's code files: a changed script
+    changes its job's code version, README "Freshness"); when an mtime,
+    size or inode changed, the file is loaded again.  A valid new config
+    replaces the old one for all new work; an invalid one keeps the old
+    config, and ``error`` says why until the file loads again (never a crash).
     """
 
-    def __init__(self, config):
+    code_check_seconds = 1.0
+
+    def __init__(self, config, clock=time.monotonic):
         self.config = config
         self.error = None  # why the last reload failed; None while the file loads
-        self._lock = threading.Lock()  # one reload at a time; guards _stamp
+        self.clock = clock
+        self._lock = threading.Lock()  # one reload at a time; guards the stamps
         self._stamp = self._stat()
+        self._code_stamp = self._code_stat()
+        self._code_check_at = clock() + self.code_check_seconds
 
     def _stat(self):
-        if self.config.path is None:
-            return None
-        try:
-            st = os.stat(self.config.path)
-        except OSError:
-            return "missing"
-        return st.st_mtime_ns, st.st_size, st.st_ino
+        return None if self.config.path is None else _stamp(self.config.path)
+
+    def _code_stat(self):
+        return [_stamp(path) for job in self.config.jobs for path in job.code_files]
 
     def current(self):
-        """The config in force, reloaded first if the file changed."""
-        if self.config.path is not None and self._stat() != self._stamp:
+        """The config in force, reloaded first if the file (or a job's code) changed."""
+        if self.config.path is None:
+            return self.config
+        changed = self._stat() != self._stamp
+        if not changed and self.clock() >= self._code_check_at:
+            self._code_check_at = self.clock() + self.code_check_seconds
+            changed = self._code_stat() != self._code_stamp
+        if changed:
             with self._lock:
-                stamp = self._stat()
-                if stamp != self._stamp:
+                stamp, code_stamp = self._stat(), self._code_stat()
+                if stamp != self._stamp or code_stamp != self._code_stamp:
                     self._stamp = stamp
                     self._reload()
+                    self._code_stamp = self._code_stat()
         return self.config
 
     def _reload(self):
@@ -2386,25 +2751,96 @@ class ScheduleConfig:
             tick, self.tz)) for p in self.partitions]
 
 
-_SCHEDULE_KEYS = tuple(SETTINGS_OF["schedules"])
+class SensorConfig:
+    """One ``[[sensors]]`` entry (README "Sensors"): a command evaluated every
+    ``interval_seconds`` that may print wants and a cursor."""
+
+    def __init__(self, name, command, interval_seconds, timeout_seconds=60):
+        self.name = name
+        self.command = list(command)
+        self.interval_seconds = interval_seconds
+        self.timeout_seconds = timeout_seconds
 
 
-def _parse_schedule(i, data, jobs_config):
-    where = "[[schedules]] #%d" % i
+class AlertConfig:
+    """One ``[[alerts]]`` entry (README "Alerts"): the kinds it is raised on and
+    where it goes (a command, or a webhook)."""
+
+    def __init__(self, name, on, command=None, webhook=None):
+        self.name = name
+        self.on = list(on)
+        self.command = list(command) if command else None
+        self.webhook = webhook
+
+
+def _table_entry(table, i, data, required):
+    # The i-th [[table]] entry, checked for what every such entry needs: a
+    # table of known keys, the required ones, a good unique-able name.
+    # Returns ``(where, name)``; ``where`` names the entry in errors.
+    where = "[[%s]] #%d" % (table, i)
     if not isinstance(data, dict):
         raise ConfigError("%s: must be a table" % where)
     if isinstance(data.get("name"), str):
-        where = "[[schedules]] %r" % data["name"]
+        where = "[[%s]] %r" % (table, data["name"])
+    known = tuple(SETTINGS_OF[table])
     for key in data:
-        if key not in _SCHEDULE_KEYS:
-            raise ConfigError("%s %s: unknown key (known: %s)"
-                              % (where, key, ", ".join(_SCHEDULE_KEYS)))
-    for key in ("name", "partitions"):
+        if key not in known:
+            raise ConfigError("%s %s: unknown key (known: %s)" % (where, key, ", ".join(known)))
+    for key in required:
         if key not in data:
             raise ConfigError("%s %s: missing (required)" % (where, key))
     name = _config_value(where, "name", data["name"], "str")
     if not _LABEL_RE.fullmatch(name):
         raise ConfigError("%s name: must match [A-Za-z0-9_.-]+" % where)
+    return where, name
+
+
+def _argv(where, key, value):
+    # An argv: a list of strings, or a string split as a shell would.
+    if isinstance(value, str):
+        try:
+            value = shlex.split(value)
+        except ValueError as e:
+            raise ConfigError("%s %s: %s" % (where, key, e)) from None
+    _config_value(where, key, value, "str_list")
+    if not value:
+        raise ConfigError("%s %s: must not be empty" % (where, key))
+    return value
+
+
+def _parse_sensor(i, data):
+    where, name = _table_entry("sensors", i, data, ("name", "command", "interval_seconds"))
+    command = _argv(where, "command", data["command"])
+    numbers = {key: SETTINGS_OF["sensors"][key].check(where, data[key]) if key in data
+               else SETTINGS_OF["sensors"][key].default
+               for key in ("interval_seconds", "timeout_seconds")}
+    return SensorConfig(name, command, **numbers)
+
+
+def _parse_alert(i, data):
+    where, name = _table_entry("alerts", i, data, ("name", "on"))
+    on = _config_value(where, "on", data["on"], "str_list")
+    if not on:
+        raise ConfigError("%s on: must name at least one kind (%s)"
+                          % (where, ", ".join(ALERT_KINDS)))
+    for kind in on:
+        if kind not in ALERT_KINDS:
+            raise ConfigError("%s on: unknown kind %r (known: %s)"
+                              % (where, kind, ", ".join(ALERT_KINDS)))
+    if ("command" in data) == ("webhook" in data):
+        raise ConfigError("%s: give either command or webhook" % where)
+    if "command" in data:
+        return AlertConfig(name, on, command=_argv(where, "command", data["command"]))
+    url = SETTINGS_OF["alerts"]["webhook"].check(where, data["webhook"])
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("%s webhook: must be an http:// or https:// URL, not %r"
+                          % (where, url))
+    return AlertConfig(name, on, webhook=url)
+
+
+def _parse_schedule(i, data, jobs_config):
+    where, name = _table_entry("schedules", i, data, ("name", "partitions"))
     if ("cron" in data) == ("interval_seconds" in data):
         raise ConfigError("%s: give either cron or interval_seconds" % where)
     partitions = _config_value(where, "partitions", data["partitions"], "str_list")
@@ -2622,15 +3058,7 @@ def _parse_job(i, job, labels, pattern_owner):
         raise ConfigError("%s label: must match [A-Za-z0-9_.-]+" % where)
     if label in labels:
         raise ConfigError("%s label: duplicate label %r" % (where, label))
-    entrypoint = job["entrypoint"]
-    if isinstance(entrypoint, str):
-        try:
-            entrypoint = shlex.split(entrypoint)
-        except ValueError as e:
-            raise ConfigError("%s entrypoint: %s" % (where, e)) from None
-    _config_value(where, "entrypoint", entrypoint, "str_list")
-    if not entrypoint:
-        raise ConfigError("%s entrypoint: must not be empty" % where)
+    entrypoint = _argv(where, "entrypoint", job["entrypoint"])
     patterns = _config_value(where, "partition_patterns", job["partition_patterns"], "str_list")
     if not patterns:
         raise ConfigError("%s partition_patterns: must not be empty" % where)
@@ -2662,10 +3090,11 @@ def _parse_job(i, job, labels, pattern_owner):
 
 
 def _parse_config(root, data, path):
-    unknown = set(data) - {"server", "jobs", "schedules", "executors"}
+    unknown = set(data) - {"server", "jobs", "schedules", "sensors", "alerts", "executors"}
     if unknown:
         raise ConfigError("unknown top-level key %r (expected [server], [[jobs]], "
-                          "[[schedules]] and [executors.*])" % sorted(unknown)[0])
+                          "[[schedules]], [[sensors]], [[alerts]] and [executors.*])"
+                          % sorted(unknown)[0])
     executor_tables = _parse_executors(data.get("executors", {}))
     server = data.get("server", {})
     if not isinstance(server, dict):
@@ -2695,6 +3124,18 @@ def _parse_config(root, data, path):
             raise ConfigError("[[schedules]] %r name: duplicate name" % schedule.name)
         config.schedules.append(schedule)
         config.schedules_by_name[schedule.name] = schedule
+    for table, parse, entries, by_name in (
+            ("sensors", _parse_sensor, config.sensors, config.sensors_by_name),
+            ("alerts", _parse_alert, config.alerts, config.alerts_by_name)):
+        items = data.get(table, [])
+        if not isinstance(items, list):
+            raise ConfigError("%s: must be an array of tables ([[%s]])" % (table, table))
+        for i, entry in enumerate(items):
+            item = parse(i + 1, entry)
+            if item.name in by_name:
+                raise ConfigError("[[%s]] %r name: duplicate name" % (table, item.name))
+            by_name[item.name] = item
+            entries.append(item)
     return config
 
 
@@ -4214,6 +4655,254 @@ def _stop_orphan(pid):
 
 
 ###############################################################################
+# Automation: want requests, sensors, alerts ##################################
+###############################################################################
+
+# What a want request may hold (README "HTTP API"): the body of POST
+# /api/wants, and what a sensor prints (README "Sensors").
+_WANT_FIELDS = ("partitions", "want_id", "data_timestamp", "ttl_seconds", "sla_seconds",
+                "comment", "user", "priority")
+_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def _number(body, name, low, high):
+    # A JSON number (not a boolean) from ``low`` to ``high``, or None if absent.
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    raise InvalidRequest("%s must be a number from %d to %d" % (name, low, high),
+                         field=name, value=_shown(value, 40))
+
+
+def _string(body, name, max_len):
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > max_len:
+        raise InvalidRequest("%s must be a string of at most %d characters" % (name, max_len),
+                             field=name)
+    return value
+
+
+def parse_want_request(body, config):
+    """Validate a POST /api/wants body; returns the request for ``create_want``.
+
+    Raises InvalidRequest naming the field (or the ref) that is wrong.
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object")
+    unknown = sorted(set(body) - set(_WANT_FIELDS))
+    if unknown:
+        raise InvalidRequest("Unknown field(s): %s" % ", ".join(unknown), fields=unknown)
+    refs = body.get("partitions")
+    if not isinstance(refs, list) or not refs:
+        raise InvalidRequest("partitions must be a non-empty list of refs", field="partitions")
+    refs = expand_ranges(refs, DEFAULTS["max_partitions_per_want"])
+    for ref in refs:
+        try:
+            check_ref(ref)
+        except InvalidRequest as e:
+            e.fields["field"] = "partitions"
+            raise
+        config.job_for(ref)
+    want_id = body.get("want_id")
+    if want_id is not None and (not isinstance(want_id, str) or not _ID_RE.fullmatch(want_id)):
+        raise InvalidRequest("want_id must be 1 to 128 characters of [A-Za-z0-9_.:-]",
+                             field="want_id")
+    return {"partitions": refs, "want_id": want_id,
+            "data_timestamp": _number(body, "data_timestamp", *DATA_TIME_RANGE),
+            "ttl_seconds": _number(body, "ttl_seconds", *DURATION_RANGE),
+            "sla_seconds": _number(body, "sla_seconds", *DURATION_RANGE),
+            "comment": _string(body, "comment", 10000), "user": _string(body, "user", 200),
+            "priority": _priority(body)}
+
+
+def _priority(body):
+    value = body.get("priority")
+    if value is None:
+        return 0
+    low, high = PRIORITY_RANGE
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidRequest("priority must be an integer from %d to %d" % (low, high),
+                             field="priority", value=_shown(value))
+    return value
+
+
+SENSOR_WANT_MARKER = "DATABUILD_WANT_JSON:"
+SENSOR_CURSOR_MARKER = "DATABUILD_SENSOR_CURSOR:"
+_SENSOR_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+SENSOR_CURSOR_MAX = 10000  # characters: the cursor is kept in the log
+
+
+def run_bounded(argv, cwd, env, timeout, limit, stdin=b"", running=None):
+    """Run a command (a sensor, an alert's) in its own process group.
+
+    Returns ``(returncode, stdout, stderr_tail, problem)``: stdout as bytes,
+    read up to ``limit`` bytes, the last lines of stderr, and ``problem`` --
+    ``"timed out after N s"`` or ``"printed more than N bytes"`` -- when the
+    command was killed for it (then ``returncode`` is None).  ``running``, a
+    set, holds the Popen while it runs (so a server that stops can kill it).
+    Memory stays bounded whatever the command prints.
+    """
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, close_fds=True)
+    if running is not None:
+        running.add(proc)
+    out, err, problem = bytearray(), b"", None
+    deadline = time.monotonic() + timeout
+    try:
+        try:
+            proc.stdin.write(stdin)
+        except OSError:  # (it did not read its stdin: its business)
+            pass
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        with selectors_default() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            selector.register(proc.stderr, selectors.EVENT_READ)
+            while selector.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    problem = "timed out after %g s" % timeout
+                    break
+                for key, _ in selector.select(remaining):
+                    data = os.read(key.fileobj.fileno(), 1 << 16)
+                    if not data:
+                        selector.unregister(key.fileobj)
+                    elif key.fileobj is proc.stdout:
+                        out += data
+                        if len(out) > limit:
+                            problem = "printed more than %d bytes" % limit
+                            break
+                    else:
+                        err = (err + data)[-8192:]
+                if problem:
+                    break
+        if problem:
+            _signal_group(proc.pid, signal.SIGKILL)
+        try:
+            code = proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # it closed its pipes but runs on
+            problem = "timed out after %g s" % timeout
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+        if running is not None:
+            running.discard(proc)
+    tail = err.decode("utf-8", "replace").splitlines()[-DEFAULTS["sensor_error_lines"]:]
+    return (None if problem else code), bytes(out[:limit]), tail, problem
+
+
+def selectors_default():
+    """A selector for a few pipes (poll where there is one: no 1,024-fd limit)."""
+    return selectors.PollSelector() if hasattr(selectors, "PollSelector") \
+        else selectors.DefaultSelector()
+
+
+def _failure_text(code, tail):
+    # "exit code 3: <the last stderr line>", as for a job run.
+    text = "exit code %d" % code if code >= 0 else "killed by signal %d" % -code
+    return text + (": " + " | ".join(line[:300] for line in tail) if tail else "")
+
+
+def evaluate_sensor(sensor, root, cursor, env, running=None):
+    """Run one evaluation of a sensor (README "Sensors"), on the caller's thread.
+
+    Returns ``{"status": "ok", "wants": [object, ...], "cursor": text or
+    None}`` -- each want the JSON object of a ``DATABUILD_WANT_JSON:`` line,
+    not yet checked -- or ``{"status": "failed", "error": text}``.
+    """
+    env = dict(env, DATABUILD_SENSOR_NAME=sensor.name, DATABUILD_SENSOR_CURSOR=cursor or "")
+    try:
+        code, out, tail, problem = run_bounded(
+            sensor.command, root, env, sensor.timeout_seconds,
+            DEFAULTS["sensor_output_bytes"], running=running)
+    except OSError as e:
+        return {"status": "failed", "error": "cannot run %s: %s" % (sensor.command[0], e)}
+    if problem:
+        return {"status": "failed", "error": problem}
+    if code != 0:
+        return {"status": "failed", "error": _failure_text(code, tail)}
+    wants, new_cursor = [], None
+    for n, line in enumerate(out.decode("utf-8", "replace").splitlines(), 1):
+        if line.startswith(SENSOR_WANT_MARKER):
+            try:
+                want = json.loads(line[len(SENSOR_WANT_MARKER):])
+            except ValueError as e:
+                return {"status": "failed", "error": "line %d: %s is not JSON (%s)"
+                        % (n, SENSOR_WANT_MARKER, e)}
+            if not isinstance(want, dict):
+                return {"status": "failed", "error": "line %d: %s must be a JSON object"
+                        % (n, SENSOR_WANT_MARKER)}
+            wants.append(want)
+        elif line.startswith(SENSOR_CURSOR_MARKER):
+            new_cursor = line[len(SENSOR_CURSOR_MARKER):].strip()
+            if len(new_cursor) > SENSOR_CURSOR_MAX:
+                return {"status": "failed", "error": "line %d: the cursor is longer than %d "
+                        "characters" % (n, SENSOR_CURSOR_MAX)}
+    return {"status": "ok", "wants": wants, "cursor": new_cursor}
+
+
+def sensor_want(sensor_name, body, config):
+    """A sensor's printed want as a want request (``parse_want_request``'s),
+    with its idempotent id ``sensor:<name>:<key>``; InvalidRequest if bad."""
+    body = dict(body)
+    key = body.pop("key", None)
+    if "want_id" in body:
+        raise InvalidRequest("want_id is the sensor's to make: print a key instead",
+                             field="want_id")
+    request = parse_want_request(body, config)
+    if key is None:
+        key = hashlib.sha256(" ".join(sorted(request["partitions"])).encode()).hexdigest()[:16]
+    elif not isinstance(key, str) or not _SENSOR_KEY_RE.fullmatch(key):
+        raise InvalidRequest("key must be 1 to 200 characters of [A-Za-z0-9_.:-]", field="key")
+    request["want_id"] = "sensor:%s:%s" % (sensor_name, key)
+    return request
+
+
+def deliver_alert(alert, message, root, env):
+    """Deliver one alert message (README "Alerts") on the caller's thread:
+    None if delivered, else the error.  A command gets the JSON on stdin
+    (exit 0 = delivered); a webhook a POST (a 2xx answer = delivered)."""
+    body = dumps(message).encode("utf-8")
+    if alert.command:
+        timeout = DEFAULTS["alert_command_timeout_seconds"]
+        try:
+            code, _, tail, problem = run_bounded(alert.command, root, env, timeout, 1 << 20,
+                                                 stdin=body)
+        except OSError as e:
+            return "cannot run %s: %s" % (alert.command[0], e)
+        if problem:
+            return problem
+        return None if code == 0 else _failure_text(code, tail)
+    timeout = DEFAULTS["alert_webhook_timeout_seconds"]
+    request = urllib.request.Request(alert.webhook, data=body, method="POST", headers={
+        "Content-Type": "application/json", "User-Agent": "databuild/" + __version__})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            resp.read(1 << 16)
+            return None
+    except urllib.error.HTTPError as e:
+        return "HTTP %d %s from %s" % (e.code, e.reason, alert.webhook)
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, (socket.timeout, TimeoutError)):
+            return "timed out after %g s" % timeout
+        return "cannot reach %s: %s" % (alert.webhook, e.reason)
+    except (socket.timeout, TimeoutError):
+        return "timed out after %g s" % timeout
+    except (OSError, http.client.HTTPException) as e:
+        return "cannot reach %s: %s" % (alert.webhook, e)
+
+
+###############################################################################
 # Orchestrator ################################################################
 ###############################################################################
 
@@ -4298,6 +4987,16 @@ class Orchestrator:
         self._orphans = _OrphanSweeper()
         self._sweep_at = float("inf")  # the next sweep for orphans, if one is due
         self._maintain_at = float("inf")  # the next call of the executors' maintain
+        # README "Sensors": evaluations run on worker threads; the plan is here.
+        self._sensor_due = []  # heap of (when, sensor name)
+        self._sensor_next = {}  # sensor name -> its planned evaluation (heap entries agree)
+        self._sensors_running = set()  # names of the sensors being evaluated
+        self._sensor_procs = set()  # their processes (killed when the server stops)
+        self._sensor_workers = _Workers("databuild-sensor", 4)
+        # README "Alerts": deliveries run on worker threads too.
+        self._alert_due = []  # heap of (when, alert_id): owed alerts to try
+        self._alerts_sending = set()  # alert_ids being delivered
+        self._alert_workers = _Workers("databuild-alert", 2)
         self._stopped = threading.Event()
         #: True while a job run is Queued or Running: set by the orchestrator
         #: thread after each commit, read by the idle timer's.
@@ -4309,17 +5008,28 @@ class Orchestrator:
         for want in self.state.wants.values():  # the live wants: a working set
             self._push_deadlines(want)
         self._recover(now)
+        self._note_code_versions(now)  # code changed while no server ran
+        self._commit()
         runs = self.state.job_runs_by_status
         self.has_runs = bool(runs[QUEUED] or runs[RUNNING])
         self._plan_from_state(now)
+        self._plan_sensors(now)
+
+    @staticmethod
+    def _watched(state):
+        # The orchestrator's state also notes what alerts may be raised on
+        # and whose staleness changed (all stale ones, at first: auto rebuild).
+        state.notices = []
+        state.stale_dirty = dict.fromkeys(state.stale)
+        return state
 
     def _open_state(self):
         # The working set from the projection; if the projection does not
         # match the log (a new log, an older version, a log written by other
         # means), rebuild it from the events first.
-        summary, partitions, wants, runs = self.log.load_projection()
-        if summary is not None:
-            return BuildState.restore(summary, partitions, wants, runs)
+        projection = self.log.load_projection()
+        if projection[0] is not None:
+            return self._watched(BuildState.restore(*projection))
         if self.log.latest_event_id():
             logger.info("Building the projection of the event log (%d events)",
                         self.log.latest_event_id())
@@ -4335,11 +5045,11 @@ class Orchestrator:
                 self.log.write_projection(changes, state.summary())
                 state.forget(changes)
                 batch = []
-        return state
+        return self._watched(state)
 
     def _reload_state(self):
-        summary, partitions, wants, runs = self.log.load_projection()
-        return (BuildState.restore(summary, partitions, wants, runs) if summary is not None
+        projection = self.log.load_projection()
+        return (self._watched(BuildState.restore(*projection)) if projection[0] is not None
                 else self._open_state())
 
     def find_want(self, want_id):
@@ -4430,6 +5140,9 @@ class Orchestrator:
             when = min(when, self._ticks[0][0])
         if self._retry_waits:
             when = min(when, self._retry_waits[0][0])
+        for heap in (self._sensor_due, self._alert_due):
+            if heap:
+                when = min(when, heap[0][0])
         if self._deadlines:
             when = min(when, self._deadlines[0][0])
         for handle in self._running.values():
@@ -4480,6 +5193,9 @@ class Orchestrator:
         self._enforce_deadlines(now)
         self._expire(now)
         self._tick_schedules(now)
+        self._tick_sensors(now)
+        self._send_alerts(now)
+        self._auto_rebuild(now)
         self._schedule(now)
         if not self._stop_requested and now >= self._no_starts_until:
             started = recorded + self._start_queued(now)
@@ -4522,11 +5238,15 @@ class Orchestrator:
         self._wake.set()  # the rest of the work: in the next step, at once
 
     def _plan_from_state(self, now):
-        # The queued runs and the schedules' ticks, as the state (the log's) has them.
+        # The queued runs, the schedules' ticks and the owed alerts, as the
+        # state (the log's) has them.
         self._queues = {}
         for run_id in self.state.job_runs_by_status[QUEUED]:
             self._push_queued(self.state.job_runs[run_id])
         self._plan_schedules(now)
+        self._alert_due = [(alert.next_attempt_at or now, alert.alert_id)
+                           for alert in self.state.alerts.values() if alert.status == OWED]
+        heapq.heapify(self._alert_due)
 
     def _commit(self):
         """Append this step's events with the projection rows they changed, in
@@ -4581,6 +5301,8 @@ class Orchestrator:
     def _emit(self, type_, payload, now):
         self._entries.append((type_, payload, now))
         self.state.apply(Event(self.state.latest_event_id + 1, now, type_, payload))
+        if self.state.notices:
+            self._raise_alerts(now)
         if type_ == WANT_CREATE:
             want = self.state.wants[payload["want_id"]]
             self._push_deadlines(want)
@@ -4630,19 +5352,24 @@ class Orchestrator:
             return lambda: (False, existing.to_dict(self.state))
         for ref in refs:
             self.config.job_for(ref)
+        self._create_want(want_id, refs, request,
+                          {"type": "manual", "user": request.get("user")}, now)
+        reply = self._want_reply(want_id)
+        return lambda: (True, reply())
+
+    def _create_want(self, want_id, refs, request, source, now):
+        # A want people made (or a sensor): its own root, fields from a
+        # checked want request (``parse_want_request``).
         data_timestamp = request.get("data_timestamp")
         self._emit(WANT_CREATE, {
             "want_id": want_id, "partitions": refs,
             "data_timestamp": now if data_timestamp is None else data_timestamp,
             "ttl_seconds": request.get("ttl_seconds"),
             "sla_seconds": request.get("sla_seconds"),
-            "priority": request.get("priority") or 0,
-            "source": {"type": "manual", "user": request.get("user")},
+            "priority": request.get("priority") or 0, "source": source,
             "parent_want_id": None, "root_want_id": want_id,
             "comment": request.get("comment"),
         }, now)
-        reply = self._want_reply(want_id)
-        return lambda: (True, reply())
 
     def _cmd_retry_want(self, now, want_id):
         # README "Backfills": a new want for every partition of the want
@@ -4835,6 +5562,9 @@ class Orchestrator:
 
     def _emit_start(self, handle):
         payload = {"job_run_id": handle.job_run_id, "executor": handle.executor.name}
+        job = self.config.jobs_by_label.get(self.state.job_runs[handle.job_run_id].job_label)
+        if job is not None:  # the code it runs (README "Freshness")
+            payload["code_version"] = job.code_version
         payload.update(handle.start_fields())
         # Stamped when the run was started, not when the step began.
         self._emit(JOB_RUN_START, payload, self.clock())
@@ -4846,7 +5576,25 @@ class Orchestrator:
             self.config = config
             for executor in self._executors.values():
                 executor.use_config(config)
-            self._plan_schedules(self.clock())
+            now = self.clock()
+            self._plan_schedules(now)
+            self._plan_sensors(now)
+            self._note_code_versions(now)
+            # A job may have turned auto_rebuild on: look at every stale partition.
+            self.state.stale_dirty.update(dict.fromkeys(self.state.stale))
+
+    def _note_code_versions(self, now):
+        # README "Freshness": a job's code version that differs from the one
+        # the log last recorded is recorded (its partitions built with other
+        # code turn stale in the reducer).
+        # A job that never ran has nothing built to compare: its first run's
+        # start records its version.
+        for job in self.config.jobs:
+            previous = self.state.job_versions.get(job.label)
+            if job.code_version and previous is not None and job.code_version != previous:
+                self._emit(JOB_CODE_VERSION, {"job_label": job.label,
+                                              "code_version": job.code_version,
+                                              "previous": previous}, now)
 
     @property
     def url(self):
@@ -5104,7 +5852,10 @@ class Orchestrator:
             self._fail_unrunnable(ref, job.label, "declared dependency of %r: %s"
                                   % (ref, error), now)
             return True
-        unmet = [dep for dep in deps if state._status_of(dep) != LIVE]
+        # A stale dep is used as it is, unless its job rebuilds it by itself
+        # (README "Freshness"): then it is rebuilt first.
+        unmet = [dep for dep in deps if state._status_of(dep) != LIVE
+                 or (state.partitions[dep].stale_reasons and self._auto_job(state.partitions[dep]))]
         if not unmet:
             return False
         parent = self._parent_want(ref)
@@ -5192,6 +5943,179 @@ class Orchestrator:
             "source": {"type": "schedule", "name": schedule.name, "tick": isoformat(tick)},
             "parent_want_id": None, "root_want_id": want_id, "comment": None,
             "priority": schedule.priority}, now)
+
+    # -- freshness, sensors, alerts (README "Freshness", "Sensors", "Alerts") -------
+
+    def _auto_rebuild(self, now):
+        # A stale partition of a job with auto_rebuild = "stale" is wanted
+        # again (source "auto") once a rebuild would make it fresh: its
+        # upstream Live and not building, none stale that will be rebuilt
+        # itself (dependency order), and a reason a rebuild clears (its code
+        # changed, an upstream was rebuilt).  It is looked at when its
+        # staleness changes; one not ready now is looked at again when its
+        # upstream changes.  While it is rebuilt it is not Live, so not
+        # stale: one rebuild at a time, and the changes meanwhile make one
+        # more (README "Freshness", the rule against storms).
+        dirty, state = self.state.stale_dirty, self.state
+        budget = DEFAULTS["schedule_batch"]
+        while dirty and budget > 0:
+            ref = next(iter(dirty))
+            del dirty[ref]
+            part = state.partitions.get(ref)
+            if part is None or not part.stale_reasons:
+                continue
+            job = self.config.jobs_by_label.get(part.job_label)
+            if job is None or job.auto_rebuild != "stale" or not self._rebuild_clears(part):
+                continue
+            self._create_want(new_id(), [ref], {}, {
+                "type": "auto", "ref": ref,
+                "reason": next(iter(part.stale_reasons.values()))}, now)
+            budget -= 1
+        if dirty:
+            self._schedule_more = True  # the rest in the next step, at once
+
+    def _rebuild_clears(self, part):
+        state = self.state
+        for dep in part.upstream:
+            up = state.partitions.get(dep)
+            if up is None or up.built_by_job_run_id is None:
+                continue
+            if up.status != LIVE or dep in state.active_run_by_ref:
+                return False
+            if up.stale_reasons and self._auto_job(up):
+                return False  # rebuilt first
+        return any(key == "code" or key.startswith("rebuilt:") for key in part.stale_reasons)
+
+    def _auto_job(self, part):
+        job = self.config.jobs_by_label.get(part.job_label)
+        return job is not None and job.auto_rebuild == "stale"
+
+    def _plan_sensors(self, now):
+        # A sensor new to this server (or to its config) is evaluated now;
+        # the others keep their plan.
+        for sensor in self.config.sensors:
+            if sensor.name not in self._sensor_next and sensor.name not in self._sensors_running:
+                self._sensor_next[sensor.name] = now
+                heapq.heappush(self._sensor_due, (now, sensor.name))
+
+    def _tick_sensors(self, now):
+        while self._sensor_due and self._sensor_due[0][0] <= now:
+            when, name = heapq.heappop(self._sensor_due)
+            sensor = self.config.sensors_by_name.get(name)
+            if self._sensor_next.get(name) != when:
+                continue  # planned again since
+            del self._sensor_next[name]
+            if sensor is None:
+                continue  # gone from the config
+            self._sensors_running.add(name)
+            cursor = self.state.sensors.get(name, {}).get("cursor")
+            self._sensor_workers.submit(self._evaluate_sensor, sensor, cursor, self._env())
+
+    def _env(self):
+        # What a sensor or an alert command gets, as a job does: the server.
+        return dict(os.environ, DATABUILD_URL=self._url or "", DATABUILD_TOKEN=self._token or "",
+                    DATABUILD_WORKSPACE=self.config.root)
+
+    def _evaluate_sensor(self, sensor, cursor, env):
+        # On a sensor worker's thread; the outcome comes back as a command.
+        outcome = evaluate_sensor(sensor, self.config.root, cursor, env, self._sensor_procs)
+        try:
+            self.enqueue("sensor_result", name=sensor.name, outcome=outcome)
+        except Unavailable:
+            pass  # the server stops: the next one evaluates again
+
+    def _cmd_sensor_result(self, now, name, outcome):
+        self._sensors_running.discard(name)
+        sensor = self.config.sensors_by_name.get(name)
+        if sensor is not None and name not in self._sensor_next:
+            self._sensor_next[name] = now + sensor.interval_seconds
+            heapq.heappush(self._sensor_due, (now + sensor.interval_seconds, name))
+        payload = {"name": name, "status": outcome["status"]}
+        if outcome["status"] == "ok":
+            try:  # every printed want checked before any is made
+                requests = [sensor_want(name, body, self.config) for body in outcome["wants"]]
+            except InvalidRequest as e:
+                outcome = {"status": "failed", "error": "a printed want: %s" % e.message}
+                payload["status"] = "failed"
+        if outcome["status"] != "ok":
+            payload["error"] = outcome["error"]
+            self._emit(SENSOR_EVALUATE, payload, now)
+            return None
+        created = []
+        for request in requests:
+            want_id = request["want_id"]
+            if want_id in created or self.find_want(want_id) is not None:
+                continue  # a key is wanted once
+            self._create_want(want_id, request["partitions"], request,
+                              {"type": "sensor", "name": name}, now)
+            created.append(want_id)
+        payload.update(cursor=outcome["cursor"], want_ids=created, wants_printed=len(requests))
+        self._emit(SENSOR_EVALUATE, payload, now)
+        return None
+
+    def _raise_alerts(self, now):
+        # What the reducer noticed, as alert_raise events of each alert
+        # configured for its kind: in the same commit as its cause.
+        notices, self.state.notices = self.state.notices, []
+        for kind, event_id, timestamp, summary, subject in notices:
+            for alert in self.config.alerts:
+                if kind in alert.on:
+                    payload = {"alert": alert.name, "kind": kind, "event_id": event_id,
+                               "timestamp": timestamp, "summary": summary}
+                    payload.update(subject)
+                    self._emit(ALERT_RAISE, payload, now)
+                    heapq.heappush(self._alert_due, (now, self.state.latest_event_id))
+
+    def _send_alerts(self, now):
+        while self._alert_due and self._alert_due[0][0] <= now:
+            _, alert_id = heapq.heappop(self._alert_due)
+            alert = self.state.alerts.get(alert_id)
+            if alert is None or alert.status != OWED or alert_id in self._alerts_sending:
+                continue
+            config = self.config.alerts_by_name.get(alert.alert)
+            if config is None:
+                self._emit(ALERT_FAILED, {"alert_id": alert_id, "given_up": True,
+                                          "error": "alert %r is no longer in %s"
+                                                   % (alert.alert, CONFIG_FILE)}, now)
+                continue
+            self._alerts_sending.add(alert_id)
+            self._alert_workers.submit(self._deliver_alert, alert_id, config, alert.message(),
+                                       self._env())
+
+    def _deliver_alert(self, alert_id, config, message, env):
+        # On an alert worker's thread.  Sent once its alert_raise is on disk
+        # (a power loss never takes back an alert someone got).
+        try:
+            self.log.wait_durable(alert_id, timeout=30)
+            error = deliver_alert(config, message, self.config.root, env)
+        except Exception as e:  # (a result always comes back, or the alert stays owed)
+            error = "%s: %s" % (type(e).__name__, e)
+        try:
+            self.enqueue("alert_result", alert_id=alert_id, error=error)
+        except Unavailable:
+            pass  # the server stops: the alert stays owed; the next server delivers it
+
+    def _cmd_alert_result(self, now, alert_id, error):
+        self._alerts_sending.discard(alert_id)
+        alert = self.state.alerts.get(alert_id)
+        if alert is None or alert.status != OWED:
+            return None
+        if error is None:
+            self._emit(ALERT_DELIVERED, {"alert_id": alert_id, "attempt": alert.attempts + 1},
+                       now)
+            return None
+        backoff = DEFAULTS["alert_backoff_seconds"]
+        attempt = alert.attempts + 1
+        payload = {"alert_id": alert_id, "attempt": attempt, "error": error[:2000]}
+        if attempt > len(backoff):
+            payload["given_up"] = True
+            logger.error("Alert %s (%s) given up after %d attempts: %s", alert.alert,
+                         alert.kind, attempt, error)
+        else:
+            payload["retry_at"] = now + backoff[attempt - 1]
+            heapq.heappush(self._alert_due, (payload["retry_at"], alert_id))
+        self._emit(ALERT_FAILED, payload, now)
+        return None
 
     def _rebuild_upstream_first(self, ref, now):
         # README "Lineage": a partition is rebuilt after the partitions it was built
@@ -5333,6 +6257,10 @@ class Orchestrator:
                                         "reason": REASON_SERVER_SHUTDOWN}, self.clock())
         for executor in self._executors.values():
             executor.close()
+        for proc in list(self._sensor_procs):  # an evaluation is tried again at the next start
+            _signal_group(proc.pid, signal.SIGKILL)
+        self._sensor_workers.close(1.0)
+        self._alert_workers.close(1.0)  # an alert still owed is the next server's
         if self.adopt_orphans:
             self._orphans.sweep({})  # nothing of ours runs any more
         try:
@@ -5469,12 +6397,20 @@ class MemoryView:
             lambda refs: {r: (parts[r].status, parts[r].upstream) for r in refs if r in parts},
             lambda refs: {r: sorted(self.state.downstream.get(r, ())) for r in refs})
 
-    def partitions(self, status, prefix, offset, limit):
+    def partitions(self, status, prefix, offset, limit, stale=False):
         """``(page, total)`` of partitions, newest first."""
         index = None if status is None else self.state.partitions_by_status[status]
+        if stale:
+            index = [ref for ref in self.state.stale if index is None or ref in index]
         keep = None if not prefix else (lambda p: p.ref.startswith(prefix))
         page, total = _newest_first(self.state.partitions, index, offset, limit, keep)
         return [p.to_dict() for p in page], total
+
+    def alerts(self, status, offset, limit):
+        """``(page, total)`` of alerts, newest first."""
+        alerts = [a for a in reversed(self.state.alerts.values())
+                  if status is None or a.status == status]
+        return [a.to_dict() for a in alerts[offset:offset + limit]], len(alerts)
 
     def job_run(self, job_run_id):
         """One job run as a dict, or None."""
@@ -5760,9 +6696,6 @@ HTTP_STATUS = (
     (StorageError, 503), (ServerUnreachable, 502), (DatabuildError, 500),
 )
 JSON_TYPE = "application/json; charset=utf-8"
-_WANT_FIELDS = ("partitions", "want_id", "data_timestamp", "ttl_seconds", "sla_seconds",
-                "comment", "user", "priority")
-_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _DIGITS_RE = re.compile(r"[0-9]+")
 #: The largest integer a query parameter takes (2**53 - 1: exact in every JSON client).
 MAX_INT = 2 ** 53 - 1
@@ -5829,71 +6762,6 @@ def http_status_for(error):
     return 500
 
 
-def _number(body, name, low, high):
-    # A JSON number (not a boolean) from ``low`` to ``high``, or None if absent.
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
-        return value
-    raise InvalidRequest("%s must be a number from %d to %d" % (name, low, high),
-                         field=name, value=_shown(value, 40))
-
-
-def _string(body, name, max_len):
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > max_len:
-        raise InvalidRequest("%s must be a string of at most %d characters" % (name, max_len),
-                             field=name)
-    return value
-
-
-def parse_want_request(body, config):
-    """Validate a POST /api/wants body; returns the request for ``create_want``.
-
-    Raises InvalidRequest naming the field (or the ref) that is wrong.
-    """
-    if not isinstance(body, dict):
-        raise InvalidRequest("Request body must be a JSON object")
-    unknown = sorted(set(body) - set(_WANT_FIELDS))
-    if unknown:
-        raise InvalidRequest("Unknown field(s): %s" % ", ".join(unknown), fields=unknown)
-    refs = body.get("partitions")
-    if not isinstance(refs, list) or not refs:
-        raise InvalidRequest("partitions must be a non-empty list of refs", field="partitions")
-    refs = expand_ranges(refs, DEFAULTS["max_partitions_per_want"])
-    for ref in refs:
-        try:
-            check_ref(ref)
-        except InvalidRequest as e:
-            e.fields["field"] = "partitions"
-            raise
-        config.job_for(ref)
-    want_id = body.get("want_id")
-    if want_id is not None and (not isinstance(want_id, str) or not _ID_RE.fullmatch(want_id)):
-        raise InvalidRequest("want_id must be 1 to 128 characters of [A-Za-z0-9_.:-]",
-                             field="want_id")
-    return {"partitions": refs, "want_id": want_id,
-            "data_timestamp": _number(body, "data_timestamp", *DATA_TIME_RANGE),
-            "ttl_seconds": _number(body, "ttl_seconds", *DURATION_RANGE),
-            "sla_seconds": _number(body, "sla_seconds", *DURATION_RANGE),
-            "comment": _string(body, "comment", 10000), "user": _string(body, "user", 200),
-            "priority": _priority(body)}
-
-
-def _priority(body):
-    value = body.get("priority")
-    if value is None:
-        return 0
-    low, high = PRIORITY_RANGE
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidRequest("priority must be an integer from %d to %d" % (low, high),
-                             field="priority", value=_shown(value))
-    return value
-
-
 def _sse(event, data):
     return ("event: %s\ndata: %s\n\n" % (event, data)).encode("utf-8")
 
@@ -5958,6 +6826,20 @@ def schedule_to_dict(schedule, last_want, now):
             "last_want_status": last_want["status"] if last_want else None}
 
 
+def sensor_to_dict(sensor, evaluated):
+    """A sensor as ``GET /api/sensors`` shows it: its config and what its
+    evaluations left in the log (``evaluated``: ``BuildState.sensors``'s entry)."""
+    evaluated = evaluated or {}
+    return {"name": sensor.name, "command": list(sensor.command),
+            "interval_seconds": sensor.interval_seconds,
+            "timeout_seconds": sensor.timeout_seconds, "cursor": evaluated.get("cursor"),
+            "last_evaluated_at": isoformat(evaluated.get("last_evaluated_at")),
+            "last_status": evaluated.get("last_status"),
+            "last_error": evaluated.get("last_error"),
+            "wants_created": evaluated.get("wants_created", 0),
+            "evaluations": evaluated.get("evaluations", 0)}
+
+
 def job_to_dict(job, run_counts):
     """A configured job as ``GET /api/jobs`` shows it, with its job runs by status."""
     return {"label": job.label, "partition_patterns": list(job.partition_patterns),
@@ -5968,7 +6850,8 @@ def job_to_dict(job, run_counts):
             "max_concurrent_runs": job.max_concurrent_runs,
             "retry_backoff_seconds": job.retry_backoff_seconds,
             "retry_backoff_max_seconds": job.retry_backoff_max_seconds,
-            "options": dict(job.options),
+            "options": dict(job.options), "code_version": job.code_version,
+            "auto_rebuild": job.auto_rebuild,
             "job_runs": {s: n for s, n in run_counts.items() if n}}
 
 
@@ -6219,12 +7102,13 @@ def _partitions_routes(app, api):
 
     @app.get("/api/partitions")
     def list_partitions():
-        api.query(("status", "prefix", "limit", "offset", "as_of"))
+        api.query(("status", "prefix", "stale", "limit", "offset", "as_of"))
         status = api.status_param(PARTITION_STATUSES)
         prefix = api.text_param("prefix") or None
+        stale = api.bool_param("stale")
         limit, offset = api.paging()
         with api.read_model.read(api.as_of()) as view:
-            page, total = view.partitions(status, prefix, offset, limit)
+            page, total = view.partitions(status, prefix, offset, limit, stale=stale)
             return api.listing(page, total, limit, offset, view)
 
     def lineage(ref):
@@ -6334,7 +7218,8 @@ def _service_routes(app, api):
         return {"status": "ok", "version": __version__,
                 "latest_event_id": api.server.read_model.log.latest_event_id(),
                 "uptime_seconds": round(time.time() - api.server.started_at, 3),
-                "pid": os.getpid(), "config_error": api.server.config_watcher.error}
+                "pid": os.getpid(), "config_error": api.server.config_watcher.error,
+                "kept_up_by": api.server.kept_up_by()}
 
     @app.get("/api/schedules")
     def list_schedules():
@@ -6348,6 +7233,25 @@ def _service_routes(app, api):
                 items.append(schedule_to_dict(schedule, last, now))
             return {"data": items, "total": len(items), "limit": len(items), "offset": 0,
                     "latest_event_id": api.read_model.log.latest_event_id()}
+
+    @app.get("/api/sensors")
+    def list_sensors():
+        api.query(())
+        with api.read_model.read() as view:
+            evaluated = view.summary["sensors"]
+            items = [sensor_to_dict(sensor, evaluated.get(sensor.name))
+                     for sensor in api.server.config.sensors]
+            return {"data": items, "total": len(items), "limit": len(items), "offset": 0,
+                    "latest_event_id": view.latest_event_id}
+
+    @app.get("/api/alerts")
+    def list_alerts():
+        api.query(("status", "limit", "offset", "as_of"))
+        status = api.status_param(ALERT_STATUSES)
+        limit, offset = api.paging()
+        with api.read_model.read(api.as_of()) as view:
+            page, total = view.alerts(status, offset, limit)
+            return api.listing(page, total, limit, offset, view)
 
     @app.get("/api/jobs")
     def list_jobs():
@@ -6565,6 +7469,16 @@ def _openapi_service(o):
             "get": {"summary": "The configured schedules, with their next and last ticks",
                     "operationId": "listSchedules",
                     "responses": {"200": o.answer("Schedules", o.envelope("Schedule"))}}},
+        "/api/sensors": {
+            "get": {"summary": "The configured sensors and what their evaluations left",
+                    "operationId": "listSensors",
+                    "responses": {"200": o.answer("Sensors", o.envelope("Sensor"))}}},
+        "/api/alerts": {
+            "get": {"summary": "Alerts raised, newest first, and their delivery",
+                    "operationId": "listAlerts",
+                    "parameters": [o.status_param(ALERT_STATUSES)] + o.paging,
+                    "responses": {"200": o.answer("Alerts", o.envelope("Alert")),
+                                  **o.errors(400)}}},
         "/api/jobs": {
             "get": {"summary": "The configured jobs, with their job runs by status",
                     "operationId": "listJobs", "parameters": o.as_of,
@@ -6635,7 +7549,9 @@ def _openapi_partitions(o):
             "get": {"summary": "List partitions, newest first", "operationId": "listPartitions",
                     "parameters": [o.status_param(PARTITION_STATUSES),
                                    o.param("prefix", "query", {"type": "string"},
-                                           "only refs starting with this")] + o.paging,
+                                           "only refs starting with this"),
+                                   o.param("stale", "query", {"type": "boolean"},
+                                           "only the stale partitions")] + o.paging,
                     "responses": {"200": o.answer("Partitions", o.envelope("Partition")),
                                   **o.errors(400)}}},
     }
@@ -6744,7 +7660,8 @@ def _openapi_request_schemas(o):
                    "properties": {"status": {"type": "string"}, "version": {"type": "string"},
                                   "latest_event_id": o.integer,
                                   "uptime_seconds": {"type": "number"},
-                                  "pid": o.integer, "config_error": o.nullable_str}},
+                                  "pid": o.integer, "config_error": o.nullable_str,
+                                  "kept_up_by": o.str_list}},
         "WantRequest": {"type": "object", "required": ["partitions"], "additionalProperties": False,
                         "properties": {"partitions": {"type": "array", "minItems": 1,
                                                       "maxItems": DEFAULTS[
@@ -6813,6 +7730,8 @@ def _openapi_entity_schemas(o):
             "built_by_job_run_id": o.nullable_str, "want_ids": o.str_list,
             "missing_deps": o.str_list,
             "upstream": o.str_list, "retry_at": {"type": "string", "nullable": True},
+            "code_version": o.nullable_str, "built_at": o.nullable_str,
+            "stale": {"type": "boolean"}, "stale_reasons": o.str_list,
             "updated_at": {"type": "string", "format": "date-time"}}},
         "JobRun": {"type": "object", "properties": {
             "job_run_id": {"type": "string"}, "job_label": o.nullable_str, "partitions": o.str_list,
@@ -6822,7 +7741,8 @@ def _openapi_entity_schemas(o):
             "queued_at": {"type": "string", "format": "date-time"},
             "started_at": o.nullable_str, "finished_at": o.nullable_str,
             "duration_ms": {"type": "integer", "nullable": True},
-            "executor": {"type": "string"}, "external_id": o.nullable_str}},
+            "executor": {"type": "string"}, "external_id": o.nullable_str,
+            "code_version": o.nullable_str}},
         "Event": {"type": "object", "properties": {
             "event_id": o.integer, "timestamp": {"type": "string", "format": "date-time"},
             "type": {"type": "string"}, "payload": {"type": "object"}}},
@@ -6849,7 +7769,24 @@ def _openapi_config_schemas(o):
             "retry_backoff_seconds": {"type": "number"},
             "retry_backoff_max_seconds": {"type": "number"},
             "options": {"type": "object", "description": "the executor's own job keys"},
+            "code_version": o.nullable_str, "auto_rebuild": {"type": "string"},
             "job_runs": {"type": "object", "additionalProperties": o.integer}}},
+        "Sensor": {"type": "object", "properties": {
+            "name": {"type": "string"}, "command": o.str_list,
+            "interval_seconds": {"type": "number"}, "timeout_seconds": {"type": "number"},
+            "cursor": o.nullable_str, "last_evaluated_at": o.nullable_str,
+            "last_status": {"type": "string", "nullable": True, "enum": ["ok", "failed", None]},
+            "last_error": o.nullable_str, "wants_created": o.integer,
+            "evaluations": o.integer}},
+        "Alert": {"type": "object", "properties": {
+            "alert_id": o.integer, "alert": {"type": "string"},
+            "kind": {"type": "string", "enum": list(ALERT_KINDS)}, "event_id": o.integer,
+            "timestamp": {"type": "string", "format": "date-time"},
+            "summary": {"type": "string"}, "want": {"type": "object"},
+            "partition": {"type": "object"}, "sensor": {"type": "object"},
+            "status": {"type": "string", "enum": list(ALERT_STATUSES)},
+            "attempts": o.integer, "last_error": o.nullable_str,
+            "delivered_at": o.nullable_str, "next_attempt_at": o.nullable_str}},
         "EventList": {"type": "object", "properties": {
             "data": {"type": "array", "items": o.schema("Event")},
             "total": {"type": "integer", "nullable": True}, "limit": o.integer,
@@ -7275,8 +8212,26 @@ class Server:
             return dict(self._http_requests)
 
     def _busy(self):
-        # A workspace with schedules has work to do at their ticks (README "Schedules").
-        return self.orchestrator.has_runs or bool(self.config.schedules)
+        return bool(self.kept_up_by())
+
+    def kept_up_by(self):
+        """Why the server will not stop for idleness now ([] when it may):
+        job runs, and what has work to do by itself -- schedules' ticks,
+        sensors' evaluations, jobs that rebuild their stale partitions
+        (README "Lifecycle")."""
+        config, reasons = self.config, []
+        if not self.idle_timeout:
+            reasons.append("idle_timeout_seconds = 0")
+        if self.orchestrator.has_runs:
+            reasons.append("job runs queued or running")
+        for noun, items in (("schedule", config.schedules), ("sensor", config.sensors)):
+            if items:
+                reasons.append("%d %s%s (%s)" % (len(items), noun, "s" * (len(items) > 1),
+                                                 ", ".join(i.name for i in items)))
+        auto = [job.label for job in config.jobs if job.auto_rebuild == "stale"]
+        if auto:
+            reasons.append("auto_rebuild on job%s %s" % ("s" * (len(auto) > 1), ", ".join(auto)))
+        return reasons
 
     def _on_idle(self, seconds):
         logger.info("Server idle for %d seconds, shutting down", seconds)
@@ -8813,10 +9768,12 @@ class Client:
         """DELETE /api/wants/<want_id>; returns the canceled want."""
         return self.request("DELETE", "/api/wants/" + want_id)["data"]
 
-    def list_partitions(self, status=None, prefix=None, limit=None, offset=None, as_of=None):
-        """GET /api/partitions: the list envelope."""
+    def list_partitions(self, status=None, prefix=None, limit=None, offset=None, as_of=None,
+                        stale=False):
+        """GET /api/partitions: the list envelope (``stale``: only the stale ones)."""
         return self.request("GET", "/api/partitions", params=dict(
-            status=status, prefix=prefix, limit=limit, offset=offset, as_of=as_of))
+            status=status, prefix=prefix, limit=limit, offset=offset, as_of=as_of,
+            stale="true" if stale else None))
 
     # The partition calls send the ref as a query parameter (GET
     # /api/partition?ref=R, ...): that works for every ref, one that ends
@@ -8903,6 +9860,15 @@ class Client:
     def list_schedules(self):
         """GET /api/schedules: the configured schedules (list envelope)."""
         return self.request("GET", "/api/schedules")
+
+    def list_sensors(self):
+        """GET /api/sensors: the configured sensors and their evaluations (list envelope)."""
+        return self.request("GET", "/api/sensors")
+
+    def list_alerts(self, status=None, limit=None, offset=None, as_of=None):
+        """GET /api/alerts: alerts raised, newest first (list envelope)."""
+        return self.request("GET", "/api/alerts", params=dict(
+            status=status, limit=limit, offset=offset, as_of=as_of))
 
     def list_jobs(self, as_of=None):
         """GET /api/jobs: the configured jobs (list envelope)."""
@@ -9133,8 +10099,13 @@ def _parser_serve_and_build(c):
 
     p = c.command(commands, "build", "want partitions built (and optionally wait for them)",
                   _cli_build)
-    c.refs(p, "a partition to build, e.g. 'raw/reviews/date=2025-01-01' or "
-              "'raw/reviews/date=[2025-01-01..2025-01-31]'." + _RANGE_HELP)
+    p.add_argument("refs", nargs="*", metavar="REF",
+                   help="a partition to build, e.g. 'raw/reviews/date=2025-01-01' or "
+                        "'raw/reviews/date=[2025-01-01..2025-01-31]'." + _RANGE_HELP)
+    p.add_argument("--stale", action="store_true",
+                   help="want every stale partition (instead of REFs): what was built from "
+                        "data or code that changed since")
+    p.add_argument("--prefix", metavar="P", help="with --stale: only refs starting with P")
     p.add_argument("--wait", action="store_true",
                    help="follow the want until every partition has settled, showing "
                         "progress; exit 0 only if Successful")
@@ -9173,6 +10144,9 @@ def _parser_partitions_and_runs(c):
     p = c.command(parts, "list", "list partitions, newest first", _cli_partitions_list)
     c.listing(p, PARTITION_STATUSES, "partitions")
     p.add_argument("--prefix", metavar="P", help="only refs starting with P")
+    p.add_argument("--stale", action="store_true",
+                   help="only stale partitions, with why (an upstream rebuilt since, or "
+                        "their job's code changed)")
     p = c.command(parts, "get", "show one partition", _cli_partitions_get)
     p.add_argument("ref", metavar="REF", help="the partition's ref")
 
@@ -9192,6 +10166,13 @@ def _parser_partitions_and_runs(c):
     schedules = c.group("schedules", "show the schedules of databuild.toml")
     c.command(schedules, "list", "list the schedules: when they tick, their last want and "
               "its status, their next tick", _cli_schedules_list)
+    sensors = c.group("sensors", "show the sensors of databuild.toml")
+    c.command(sensors, "list", "list the sensors: their last evaluation, its error, their "
+              "cursor and how many wants they made", _cli_sensors_list)
+    alerts = c.group("alerts", "show the alerts raised and their delivery")
+    p = c.command(alerts, "list", "list alerts, newest first: kind, summary, delivery "
+                  "(owed, delivered, given_up)", _cli_alerts_list)
+    c.listing(p, ALERT_STATUSES, "alerts")
 
 
 def _parser_logs_and_lineage(c):
@@ -9362,8 +10343,9 @@ _WANT_COLUMNS = [("WANT_ID", "want_id"), ("STATUS", "status"),
                  ("PARTITIONS", lambda w: _few(w["partitions"], 1)),
                  ("SOURCE", lambda w: _source_text(w["source"])),
                  ("DATA_TIME", lambda w: _date(w["data_timestamp"])), ("CREATED", "created_at")]
-_PARTITION_COLUMNS = [("REF", "ref"), ("STATUS", "status"), ("JOB", "job_label"),
-                      ("UPDATED", "updated_at")]
+_PARTITION_COLUMNS = [("REF", "ref"),
+                      ("STATUS", lambda p: p["status"] + (" (stale)" if p.get("stale") else "")),
+                      ("JOB", "job_label"), ("UPDATED", "updated_at")]
 _JOB_RUN_COLUMNS = [("JOB_RUN_ID", "job_run_id"), ("STATUS", "status"), ("JOB", "job_label"),
                     ("ATTEMPT", "attempt"), ("PARTITIONS", lambda r: _few(r["partitions"], 1)),
                     ("START", lambda r: r["started_at"][:19].replace("T", " ") + "Z"
@@ -9400,14 +10382,51 @@ def _cli_serve(args):
 
 
 def _cli_build(args):
+    if _opt(args, "stale") == bool(args.refs):
+        raise UsageError("give partitions to build, or --stale (not both)")
+    if _opt(args, "prefix") and not _opt(args, "stale"):
+        raise UsageError("--prefix goes with --stale")
     client = _connect(args)
     fields = {"comment": args.comment, "user": _user(), "priority": _opt(args, "priority"),
               "ttl_seconds": _opt(args, "ttl"), "sla_seconds": _opt(args, "sla")}
+    if _opt(args, "stale"):
+        return _build_stale(args, client, fields)
     if _opt(args, "dry_run"):
         plan = client.plan_want(args.refs, **fields)
         _out(args, plan, format_plan(plan))
         return 0
     return _follow_new_want(args, client, lambda: client.create_want(args.refs, **fields))
+
+
+def _build_stale(args, client, fields):
+    # build --stale (README "Freshness"): every stale partition (under a
+    # prefix), in wants of at most max_partitions_per_want refs.
+    refs, offset = [], 0
+    while True:
+        page = client.list_partitions(stale=True, prefix=args.prefix,
+                                      limit=DEFAULTS["list_limit_max"], offset=offset)
+        refs += [p["ref"] for p in page["data"]]
+        offset += len(page["data"])
+        if not page["data"] or offset >= page["total"]:
+            break
+    if not refs:
+        _out(args, {"partitions": [], "wants": []}, "No stale partitions%s: nothing to build."
+             % (" under %r" % args.prefix if args.prefix else ""))
+        return 0
+    refs = sorted(set(refs))
+    size = DEFAULTS["max_partitions_per_want"]
+    fields["comment"] = fields["comment"] or "stale partitions%s" % (
+        " under " + args.prefix if args.prefix else "")
+    code = 0
+    for i in range(0, len(refs), size):
+        chunk = refs[i:i + size]
+        if _opt(args, "dry_run"):
+            plan = client.plan_want(chunk, **fields)
+            _out(args, plan, format_plan(plan))
+            continue
+        code = max(code, _follow_new_want(args, client,
+                                          lambda: client.create_want(chunk, **fields)))
+    return code
 
 
 def format_plan(plan):
@@ -9475,6 +10494,29 @@ def _cli_schedules_list(args):
             else "No schedules: add [[schedules]] to %s" % CONFIG_FILE)
     _out(args, envelope, text)
     return 0
+
+
+def _cli_sensors_list(args):
+    envelope = _connect(args).list_sensors()
+    columns = [("SENSOR", "name"), ("EVERY", lambda s: "%gs" % s["interval_seconds"]),
+               ("LAST", lambda s: s["last_evaluated_at"] or "-"),
+               ("STATUS", lambda s: s["last_status"] or "-"), ("WANTS", "wants_created"),
+               ("CURSOR", lambda s: _shown(s["cursor"], 30) if s["cursor"] else "-"),
+               ("ERROR", lambda s: _shown(s["last_error"], 60) if s["last_error"] else "-")]
+    text = (format_table(envelope["data"], columns) if envelope["data"]
+            else "No sensors: add [[sensors]] to %s" % CONFIG_FILE)
+    _out(args, envelope, text)
+    return 0
+
+
+def _cli_alerts_list(args):
+    envelope = _connect(args).list_alerts(status=args.status, limit=args.limit)
+    columns = [("ALERT_ID", "alert_id"), ("ALERT", "alert"), ("KIND", "kind"),
+               ("STATUS", "status"), ("TRIES", "attempts"),
+               ("RAISED", lambda a: a["timestamp"][:19].replace("T", " ") + "Z"),
+               ("SUMMARY", lambda a: _shown(a["summary"], 70)),
+               ("ERROR", lambda a: _shown(a["last_error"], 50) if a["last_error"] else "-")]
+    return _listing(args, envelope, columns, "alerts")
 
 
 def _cli_jobs(args):
@@ -9608,7 +10650,14 @@ def _cli_want_cancel(args):
 
 def _cli_partitions_list(args):
     envelope = _connect(args).list_partitions(status=args.status, prefix=args.prefix,
-                                              limit=args.limit)
+                                              limit=args.limit, stale=args.stale)
+    if args.stale:
+        columns = [("REF", "ref"), ("JOB", "job_label"), ("BUILT", "built_at"),
+                   ("WHY", lambda p: "; ".join(p["stale_reasons"]))]
+        if not envelope["data"] and not _opt(args, "json"):
+            print("No stale partitions%s." % (" under %r" % args.prefix if args.prefix else ""))
+            return 0
+        return _listing(args, envelope, columns, "stale partitions")
     return _listing(args, envelope, _PARTITION_COLUMNS, "partitions")
 
 
@@ -9930,7 +10979,7 @@ def main(argv=None):
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         print("databuild: error: %s" % describe_error(e), file=sys.stderr)
         return 2
     except DatabuildError as e:

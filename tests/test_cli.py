@@ -295,6 +295,7 @@ def test_jobs_and_want_retry(tmp_path, serve):
                      "environment_keys": ["SECRET_NAME"], "max_partitions_per_run": 1,
                      "max_retries": 1, "timeout_seconds": 0, "max_concurrent_runs": None,
                      "retry_backoff_seconds": 0, "retry_backoff_max_seconds": 3600, "options": {},
+                     "code_version": jobs[0]["code_version"], "auto_rebuild": "off",
                      "job_runs": {"Succeeded": 1, "Failed": 2}}]
     table = server.cli("jobs", check=0).stdout
     assert "JOB" in table and "1 Succeeded" in table and "2 Failed" in table

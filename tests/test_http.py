@@ -103,7 +103,8 @@ def test_partitions_and_job_runs(app_server):
     assert part.status == 200
     assert set(part.json["data"]) == {"ref", "status", "job_label", "last_job_run_id",
                                       "built_by_job_run_id", "want_ids", "missing_deps",
-                                      "updated_at", "upstream", "retry_at"}
+                                      "updated_at", "upstream", "retry_at", "code_version",
+                                      "built_at", "stale", "stale_reasons"}
     assert part.json["data"]["status"] == "Live" and want["want_id"] in part.json["data"]["want_ids"]
     assert http.call("GET", "/api/partitions/raw/d=9").status == 404
     raw = http.call("GET", "/api/partitions?prefix=raw/").json
@@ -118,7 +119,7 @@ def test_partitions_and_job_runs(app_server):
     run = runs["data"][0]
     assert set(run) == {"job_run_id", "job_label", "partitions", "want_ids", "status", "attempt",
                         "exit_code", "missing_deps", "error", "queued_at", "started_at",
-                        "finished_at", "duration_ms", "executor", "external_id"}
+                        "finished_at", "duration_ms", "executor", "external_id", "code_version"}
     dep_miss = http.call("GET", "/api/job_runs?status=DepMiss").json["data"]
     assert len(dep_miss) == 1 and dep_miss[0]["missing_deps"] == ["raw/d=1", "raw/d=2"]
     mine = http.call("GET", "/api/job_runs?want_id=" + want["want_id"]).json

@@ -468,8 +468,7 @@ def test_upstream_is_what_was_read_and_what_was_reported_missing(tmp_path, drive
     assert parts["c"].upstream == ["b"] and parts["d"].upstream == ["c"]
     assert d.state.downstream == {"a": {"b"}, "b": {"c"}, "c": {"d"}}
     # The working set restored from the projection has the same index.
-    summary, partitions, wants, runs = d.log.load_projection()
-    restored = databuild.BuildState.restore(summary, partitions, wants, runs)
+    restored = databuild.BuildState.restore(*d.log.load_projection())
     assert restored.downstream == d.state.downstream
 
 

@@ -414,3 +414,91 @@ def test_a_failed_declared_dep_makes_the_partition_upstream_failed(log):
     log("want_cancel", want_id="w1")
     assert log.state.partitions["out/2"].status == CANCELED
     assert want.to_dict(log.state)["counts"] == {"total": 2, UPSTREAM_FAILED: 1, CANCELED: 1}
+
+
+# -- freshness (README "Freshness") -------------------------------------------
+
+def _build(log, run_id, ref, reads=(), code=None, started=True):
+    log.want("w-" + run_id, ref)
+    log.queue(run_id, ref, want_ids=["w-" + run_id])
+    if started:
+        log("job_run_start", job_run_id=run_id, code_version=code)
+    payload = {"job_run_id": run_id, "exit_code": 0}
+    if reads:
+        payload["read_deps"] = list(reads)
+    log("job_run_success", **payload)
+    return log.state.partitions[ref]
+
+
+def test_a_rebuilt_upstream_makes_its_downstream_stale_down_the_chain(log):
+    _build(log, "r1", "a")
+    _build(log, "r2", "b", reads=["a"])
+    c = _build(log, "r3", "c", reads=["b"])
+    assert not log.state.stale and c.stale_reasons is None
+    _build(log, "r4", "a")  # a rebuilt: b was built from the old a
+    parts = log.state.partitions
+    assert list(parts["b"].stale_reasons) == ["rebuilt:a"]
+    assert parts["b"].stale_reasons["rebuilt:a"].startswith("upstream a rebuilt at 1970-")
+    assert parts["c"].stale_reasons == {"upstream:b": "upstream b is stale"}
+    assert list(log.state.stale) == ["b", "c"]
+    assert parts["c"].to_dict()["stale"] is True
+    # b rebuilt: fresh; c now stale because b was rebuilt after c's run started.
+    _build(log, "r5", "b", reads=["a"])
+    assert parts["b"].stale_reasons is None
+    assert list(parts["c"].stale_reasons) == ["rebuilt:b"]
+    _build(log, "r6", "c", reads=["b"])
+    assert not log.state.stale
+    assert parts["c"].to_dict()["stale_reasons"] == [] and not parts["c"].to_dict()["stale"]
+
+
+def test_an_upstream_rebuilt_while_its_downstream_ran_is_caught(log):
+    _build(log, "r1", "a")
+    log.want("wb", "b")
+    log.queue("rb", "b", want_ids=["wb"])
+    log("job_run_start", job_run_id="rb")  # b's run starts, reading the old a...
+    _build(log, "r2", "a")  # ...a is rebuilt meanwhile...
+    log("job_run_success", job_run_id="rb", exit_code=0, read_deps=["a"])
+    assert list(log.state.partitions["b"].stale_reasons) == ["rebuilt:a"]  # ...b is stale
+
+
+def test_an_upstream_no_longer_live_and_a_changed_code_version(log):
+    _build(log, "r1", "a", code="v1")
+    b = _build(log, "r2", "b", reads=["a"], code="v1")
+    log("partition_taint", ref="a")
+    assert b.stale_reasons == {"upstream:a": "upstream a is Tainted"}
+    log("job_code_version", job_label="job", code_version="v2", previous="v1")
+    assert b.stale_reasons["code"] == "code version v1 -> v2"
+    assert log.state.partitions["a"].stale_reasons is None  # not Live: never stale
+    # The code back to what built b: only the upstream reason is left.
+    log("job_code_version", job_label="job", code_version="v1", previous="v2")
+    assert list(b.stale_reasons) == ["upstream:a"]
+
+
+def test_a_want_for_a_stale_partition_rebuilds_it(log):
+    _build(log, "r1", "a")
+    _build(log, "r2", "b", reads=["a"])
+    _build(log, "r3", "a")
+    want = log.want("again", "b")
+    assert log.state.partitions["b"].status == UP_FOR_RETRY and "b" in log.state.pending_refs
+    assert want.status == IDLE and "b" not in log.state.stale
+
+
+def test_stale_survives_a_projection_round_trip(tmp_path):
+    import databuild
+    log = Log()
+    _build(log, "r1", "a")
+    _build(log, "r2", "b", reads=["a"])
+    _build(log, "r3", "a")
+    store = databuild.EventLog(str(tmp_path / "events.db"))
+    state = BuildState(working_set=True)
+    for event in log.events:
+        state.apply(event)
+    store.append([(e.type, e.payload, e.timestamp) for e in log.events],
+                 changes=state.take_changes(), summary=state.summary())
+    restored = BuildState.restore(*store.load_projection())
+    assert list(restored.stale) == ["b"]
+    assert restored.partitions["b"].stale_reasons == log.state.partitions["b"].stale_reasons
+    with store.view() as view:
+        page, total = view.partitions(None, None, 0, 10, stale=True)
+    assert [p["ref"] for p in page] == ["b"] and total == 1
+    store.close()

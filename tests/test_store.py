@@ -114,8 +114,7 @@ def assert_projection_matches_replay(log):
         assert log.projected("wants", want_id).derivative_want_ids == want.derivative_want_ids
     for ref, part in full.partitions.items():
         assert log.projected("partitions", ref).want_ids == part.want_ids
-    summary, partitions, wants, runs = log.load_projection()
-    restored = databuild.BuildState.restore(summary, partitions, wants, runs)
+    restored = databuild.BuildState.restore(*log.load_projection())
     assert restored.latest_event_id == full.latest_event_id
     assert restored.pending_refs.keys() == full.pending_refs.keys()
     assert restored.live_wants_by_ref == full.live_wants_by_ref
