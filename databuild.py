@@ -6578,6 +6578,9 @@ def _explain_summary(status, part, last, upstream_failures):
     if status == CANCELED:
         return "Canceled: its work was dropped before it was ever built (%s); a new want " \
             "builds it" % said
+    if status == LIVE and part.get("stale"):  # README "Freshness"
+        return "Live but stale, built by run %s: %s" % (_short(part["built_by_job_run_id"]),
+                                                       "; ".join(part["stale_reasons"]))
     if status == LIVE:
         return "Live, built by run %s" % _short(part["built_by_job_run_id"])
     return "%s: %s" % (status, said)
@@ -10834,6 +10837,9 @@ def _cli_status(args):
     if info.get("config_error"):
         keys.append("config_error")  # an edit of databuild.toml that does not load
     lines = [format_object(info, keys)]
+    if "kept_up_by" in health:  # why it will not stop for idleness (README "Lifecycle")
+        lines.append("%s  %s" % ("kept up by:".ljust(16),
+                                 "; ".join(health["kept_up_by"]) or "nothing (stops when idle)"))
     for noun, by_status in counts.items():
         shown = ", ".join("%d %s" % (n, s) for s, n in by_status.items() if n) or "none"
         lines.append("%s  %s" % ((noun + ":").ljust(16), shown))
