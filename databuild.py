@@ -7239,8 +7239,8 @@ def _service_routes(app, api):
 
     @app.get("/api/sensors")
     def list_sensors():
-        api.query(())
-        with api.read_model.read() as view:
+        api.query(("as_of",))
+        with api.read_model.read(api.as_of()) as view:
             evaluated = view.summary["sensors"]
             items = [sensor_to_dict(sensor, evaluated.get(sensor.name))
                      for sensor in api.server.config.sensors]
@@ -7474,8 +7474,9 @@ def _openapi_service(o):
                     "responses": {"200": o.answer("Schedules", o.envelope("Schedule"))}}},
         "/api/sensors": {
             "get": {"summary": "The configured sensors and what their evaluations left",
-                    "operationId": "listSensors",
-                    "responses": {"200": o.answer("Sensors", o.envelope("Sensor"))}}},
+                    "operationId": "listSensors", "parameters": o.as_of,
+                    "responses": {"200": o.answer("Sensors", o.envelope("Sensor")),
+                                  **o.errors(400)}}},
         "/api/alerts": {
             "get": {"summary": "Alerts raised, newest first, and their delivery",
                     "operationId": "listAlerts",
@@ -8562,8 +8563,20 @@ _DASHBOARD_HTML = r"""<!doctype html>
     .s-Queued,
     .s-UpstreamBuilding,
     .s-UpForRetry,
-    .s-DepMiss {
+    .s-DepMiss,
+    .s-stale,
+    .s-owed {
       color: var(--busy)
+    }
+
+    .s-delivered,
+    .s-ok {
+      color: var(--ok)
+    }
+
+    .s-given_up,
+    .s-failed {
+      color: var(--bad)
     }
 
     .s-Idle,
@@ -8685,7 +8698,8 @@ _DASHBOARD_HTML = r"""<!doctype html>
   <header><b>databuild</b>
     <nav><a href="#/wants">Wants</a><a href="#/partitions">Partitions</a><a href="#/job_runs">Job
         runs</a>
-      <a href="#/events">Events</a><a href="#/schedules">Schedules</a><a href="#/jobs">Jobs</a>
+      <a href="#/events">Events</a><a href="#/schedules">Schedules</a><a href="#/sensors">Sensors</a>
+      <a href="#/alerts">Alerts</a><a href="#/jobs">Jobs</a>
     </nav>
     <button id="new" class="primary">New want</button>
     <label class="muted">as of event <input id="asof" type="number" min="1" style="width:7em"
@@ -8737,6 +8751,11 @@ _DASHBOARD_HTML = r"""<!doctype html>
 
     function st(s) {
       return '<span class="status s-' + esc(s) + '">' + esc(s) + '</span>';
+    }
+
+    function staleMark(p) { // README "Freshness": a Live partition built from what changed since
+      return p.stale ? ' <span class="status s-stale" data-stale="' + esc(p.ref) + '" title="' +
+        esc(p.stale_reasons.join("; ")) + '">stale</span>' : "";
     }
 
     function short(id) {
@@ -8988,6 +9007,7 @@ _DASHBOARD_HTML = r"""<!doctype html>
         return api("/api/partitions", {
           status: q.status,
           prefix: q.prefix,
+          stale: q.stale ? "true" : null,
           limit: PAGE,
           offset: q.offset
         }).then(function(j) {
@@ -8995,13 +9015,15 @@ _DASHBOARD_HTML = r"""<!doctype html>
             html: "<h1>Partitions</h1>" +
               '<div class="bar"><input id="prefix" placeholder="ref prefix, e.g. raw/" value="' +
               esc(q.prefix || "").replace("\u2013", "") + '" size="32">' +
-              statusFilter("partitions", q) + "</div>" +
+              statusFilter("partitions", q) +
+              '<label><input type="checkbox" id="stale"' + (q.stale ? " checked" : "") +
+              '> stale only</label></div>' +
               table([
                 ["ref", function(p) {
                   return refLink(p.ref);
                 }],
                 ["status", function(p) {
-                  return st(p.status);
+                  return st(p.status) + staleMark(p);
                 }],
                 ["job", function(p) {
                   return esc(p.job_label);
@@ -9021,13 +9043,22 @@ _DASHBOARD_HTML = r"""<!doctype html>
               $("prefix").onchange = function() {
                 go("partitions", {
                   prefix: this.value,
-                  status: q.status
+                  status: q.status,
+                  stale: q.stale
                 });
               };
               $("flt").onchange = function() {
                 go("partitions", {
                   prefix: q.prefix,
-                  status: this.value
+                  status: this.value,
+                  stale: q.stale
+                });
+              };
+              $("stale").onchange = function() {
+                go("partitions", {
+                  prefix: q.prefix,
+                  status: q.status,
+                  stale: this.checked ? "true" : ""
                 });
               };
               wirePager("partitions", q);
@@ -9191,6 +9222,87 @@ _DASHBOARD_HTML = r"""<!doctype html>
           };
         });
       },
+      sensors: function() {
+        return api("/api/sensors", {}).then(function(j) {
+          return {
+            html: "<h1>Sensors</h1>" + table([
+              ["name", function(x) {
+                return '<span data-sensor="' + esc(x.name) + '">' + esc(x.name) + "</span>";
+              }],
+              ["every", function(x) {
+                return esc(x.interval_seconds) + " s";
+              }],
+              ["command", function(x) {
+                return '<span class="mono">' + esc(x.command.join(" ")) + "</span>";
+              }],
+              ["last evaluated", function(x) {
+                return when(x.last_evaluated_at);
+              }],
+              ["status", function(x) {
+                return x.last_status ? st(x.last_status) : "\u2013";
+              }],
+              ["error", function(x) {
+                return x.last_error ? '<span class="mono">' + esc(x.last_error) + "</span>" :
+                  "\u2013";
+              }],
+              ["cursor", function(x) {
+                return x.cursor != null ? '<span class="mono">' + esc(x.cursor) + "</span>" :
+                  "\u2013";
+              }],
+              ["wants made", function(x) {
+                return esc(x.wants_created);
+              }]
+            ], j.data)
+          };
+        });
+      },
+      alerts: function(r) {
+        var q = r.q;
+        return api("/api/alerts", {
+          status: q.status,
+          limit: PAGE,
+          offset: q.offset
+        }).then(function(j) {
+          return {
+            html: "<h1>Alerts</h1>" + '<div class="bar">' + statusFilter("alerts", q) +
+              "</div>" + table([
+                ["#", function(a) {
+                  return '<span data-alert="' + esc(a.alert_id) + '">' + esc(a.alert_id) +
+                    "</span>";
+                }],
+                ["alert", function(a) {
+                  return esc(a.alert);
+                }],
+                ["kind", function(a) {
+                  return esc(a.kind);
+                }],
+                ["raised", function(a) {
+                  return when(a.timestamp);
+                }],
+                ["summary", function(a) {
+                  var subject = a.want ? wantLink(a.want.want_id) : a.partition ?
+                    refLink(a.partition.ref) : "";
+                  return esc(a.summary) + (subject ? " " + subject : "");
+                }],
+                ["delivery", function(a) {
+                  return st(a.status) + " " + esc(a.attempts) + " attempt" +
+                    (a.attempts === 1 ? "" : "s");
+                }],
+                ["last error", function(a) {
+                  return a.last_error ? esc(a.last_error) : "\u2013";
+                }]
+              ], j.data) + pager("alerts", q, j.total),
+            wire: function() {
+              $("flt").onchange = function() {
+                go("alerts", {
+                  status: this.value
+                });
+              };
+              wirePager("alerts", q);
+            }
+          };
+        });
+      },
       jobs: function() {
         return api("/api/jobs", {}).then(function(j) {
           return {
@@ -9209,6 +9321,10 @@ _DASHBOARD_HTML = r"""<!doctype html>
               ["entrypoint", function(x) {
                 return '<span class="mono">' + esc(x.entrypoint.join(" ")) +
                 "</span>";
+              }],
+              ["code version", function(x) {
+                return '<span class="mono">' + esc(x.code_version || "\u2013") + "</span>" +
+                  (x.auto_rebuild === "stale" ? " (auto rebuild)" : "");
               }],
               ["runs", function(x) {
                 return Object.keys(x.job_runs).map(function(k) {
@@ -9348,7 +9464,16 @@ _DASHBOARD_HTML = r"""<!doctype html>
         var p = a[0].data,
           l = a[1].data,
           x = a[2] && a[2].data;
-        var acts = p.status === "Live" ? [action("Taint", "danger", function() {
+        var acts = p.stale ? [action("Rebuild", "primary", function() {
+          return send("POST", "/api/wants", {
+            partitions: [p.ref],
+            comment: "rebuild of a stale partition"
+          }).then(function(j) {
+            location.hash = "#/wants/" + encodeURIComponent(j.data.want_id);
+            return "Wanted";
+          });
+        })] : [];
+        acts = acts.concat(p.status === "Live" ? [action("Taint", "danger", function() {
             var why = prompt("Taint " + p.ref + "? Reason:");
             if (why === null) return;
             return send("POST", "/api/partition/taint?ref=" + e, {
@@ -9367,12 +9492,19 @@ _DASHBOARD_HTML = r"""<!doctype html>
               return "Tainted " + j.data.tainted.length;
             });
           })
-        ] : [];
+        ] : []);
         return {
-          html: "<h1>Partition " + esc(p.ref) + " " + st(p.status) + "</h1>" + actions(acts) +
+          html: "<h1>Partition " + esc(p.ref) + " " + st(p.status) + staleMark(p) + "</h1>" +
+            actions(acts) +
             '<div class="grid"><div>' + fields([
               ["status", st(p.status)],
+              ["stale", p.stale ? '<ul class="reasons">' + p.stale_reasons.map(function(x) {
+                return "<li>" + esc(x) + "</li>";
+              }).join("") + "</ul>" : "no"],
               ["job", esc(p.job_label)],
+              ["code version", '<span class="mono">' + esc(p.code_version || "\u2013") +
+                "</span>"],
+              ["built at", when(p.built_at)],
               ["built by", runLink(p.built_by_job_run_id)],
               ["last run", runLink(p.last_job_run_id)],
               ["wants", few(p.want_ids, wantLink, 6)],
@@ -9615,7 +9747,8 @@ _DASHBOARD_HTML = r"""<!doctype html>
 
 </html>
 """.replace("/*STATUSES*/", json.dumps({
-    "wants": WANT_STATUSES, "partitions": PARTITION_STATUSES, "job_runs": JOB_RUN_STATUSES})).replace(
+    "wants": WANT_STATUSES, "partitions": PARTITION_STATUSES, "job_runs": JOB_RUN_STATUSES,
+    "alerts": ALERT_STATUSES})).replace(
     "/*EVENT_TYPES*/", json.dumps(EVENT_TYPES))
 
 

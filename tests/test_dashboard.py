@@ -240,3 +240,41 @@ def test_want_view_shows_progress_and_retries_what_is_not_live(tmp_path, serve, 
     assert retry["partitions"] == ["p/2"] and retry["status"] == "Successful"
     until(b, "#view h1", ["Successful"])
     assert "Retry" not in text_of(b, "#view .bar button")  # a Successful want has none
+
+
+def test_stale_marks_sensors_and_alerts_views(tmp_path, serve, browser):
+    # README "Freshness", "Sensors", "Alerts": what the dashboard shows of them.
+    ws = write_workspace(tmp_path / "ws", plan={"b": {"deps": ["a"], "reads": ["a"]},
+                                                "bad": {"exit": 2}})
+    with open(os.path.join(ws, "databuild.toml"), "a") as f:
+        f.write('\n[[sensors]]\nname = "landing"\ncommand = ["sh", "-c", '
+                '"echo DATABUILD_SENSOR_CURSOR: c7"]\ninterval_seconds = 60\n'
+                '\n[[alerts]]\nname = "oncall"\non = ["partition_failed"]\n'
+                'command = ["sh", "-c", "cat > /dev/null"]\n')
+    server = serve(ws)
+    c = server.client
+    c.wait_want(c.create_want(["b"])["want_id"], 30)
+    server.cli("taint", "a", check=0)
+    c.wait_want(c.create_want(["a", "bad"])["want_id"], 30)
+    wait_for(lambda: c.list_alerts(status="delivered")["total"] == 1)
+    b = browser
+    login(b, server, "/partitions?stale=true")
+    until(b, "#view", ["stale"])
+    marks = b.find_elements(By.CSS_SELECTOR, "[data-stale]")
+    assert [m.get_attribute("data-stale") for m in marks] == ["b"]
+    assert "upstream a rebuilt at" in marks[0].get_attribute("title")
+    assert b.find_element(By.ID, "stale").is_selected()
+    shot(b, "partitions_stale")
+    b.get(b.current_url.split("#")[0] + "#/partitions/b")
+    until(b, "#view", ["upstream a rebuilt at", "Rebuild", "code version"])
+    click(b, By.XPATH, "//button[text()='Rebuild']")
+    wait_for(lambda: not c.get_partition("b")["stale"], 30)
+    b.get(b.current_url.split("#")[0] + "#/sensors")
+    text = until(b, "#view", ["landing", "c7", "ok"])
+    assert b.find_element(By.CSS_SELECTOR, "[data-sensor]").get_attribute(
+        "data-sensor") == "landing"
+    shot(b, "sensors")
+    b.get(b.current_url.split("#")[0] + "#/alerts")
+    text = until(b, "#view", ["partition_failed", "delivered", "partition bad failed"])
+    assert len(b.find_elements(By.CSS_SELECTOR, "[data-alert]")) == 1
+    shot(b, "alerts")
