@@ -524,3 +524,45 @@ def test_auto_rebuild_and_version_are_checked(tmp_path):
     with pytest.raises(databuild.ConfigError) as e:
         databuild.load_config(ws)
     assert 'auto_rebuild: must be "off" or "stale"' in e.value.message
+
+
+# -- the walk-through ---------------------------------------------------------
+
+def test_the_landing_example_walk_through(tmp_path, serve):
+    # README "Freshness, sensors and alerts: a walk-through", step by step.
+    from conftest import ROOT
+    ws = str(tmp_path / "landing")
+    shutil.copytree(os.path.join(ROOT, "examples", "landing"), ws,
+                    ignore=shutil.ignore_patterns(".databuild", "data", "landing", "pages.log"))
+    with open(os.path.join(ws, "databuild.toml")) as f:
+        toml = f.read().replace("interval_seconds = 2", "interval_seconds = 0.2")
+    write(os.path.join(ws, "databuild.toml"), toml)
+    server = serve(ws)
+    c = server.client
+    os.makedirs(os.path.join(ws, "landing"))
+    samples = os.path.join(ws, "samples")
+    # A file lands: the sensor wants it; it builds.
+    shutil.copy(os.path.join(samples, "2025-01-01.csv"), os.path.join(ws, "landing"))
+    want = wait_for(lambda: [w for w in c.list_wants()["data"]
+                             if w["want_id"] == "sensor:landing:2025-01-01"])[0]
+    assert c.wait_want(want["want_id"], timeout=30)["status"] == "Successful"
+    summary = os.path.join(ws, "data", "summary", "date=2025-01-01", "summary.json")
+    assert json.load(open(summary))["total"] == 51.5
+    # A corrected file: raw is rebuilt, its downstream rebuilds by itself.
+    shutil.copy(os.path.join(samples, "2025-01-01-corrected.csv"),
+                os.path.join(ws, "landing", "2025-01-01.csv"))
+    wait_for(lambda: json.load(open(summary))["total"] == 65.5, timeout=30)
+    wait_for(lambda: c.list_partitions(stale=True)["total"] == 0
+             and c.get_partition("summary/date=2025-01-01")["status"] == "Live")
+    auto = sorted(w["partitions"][0] for w in c.list_wants()["data"]
+                  if w["source"]["type"] == "auto")
+    assert auto == ["clean/date=2025-01-01", "summary/date=2025-01-01"]
+    # A bad file: the build fails and someone is paged.
+    shutil.copy(os.path.join(samples, "2025-01-02-bad.csv"),
+                os.path.join(ws, "landing", "2025-01-02.csv"))
+    wait_for(lambda: os.path.exists(os.path.join(ws, "pages.log")) and all(
+        kind in open(os.path.join(ws, "pages.log")).read()
+        for kind in ("[want_failed]", "[partition_failed]")), timeout=30)
+    pages = open(os.path.join(ws, "pages.log")).read()
+    assert "[partition_failed] partition clean/date=2025-01-02 failed" in pages
+    assert "not an item,amount row" in pages
