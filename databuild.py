@@ -42,6 +42,8 @@ Sections (in dependency order; ``grep -n '^# .*####' databuild.py``):
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alert",
+    "AlertConfig",
     "BuildState",
     "Client",
     "Config",
@@ -65,6 +67,7 @@ __all__ = [
     "PythonExecutor",
     "ReadModel",
     "Server",
+    "SensorConfig",
     "ServerUnreachable",
     "SlurmExecutor",
     "StorageError",
@@ -75,7 +78,11 @@ __all__ = [
     "UsageError",
     "WaitTimeout",
     "check_ref",
+    "code_files",
+    "code_version",
+    "deliver_alert",
     "describe_error",
+    "evaluate_sensor",
     "executors",
     "is_loopback",
     "load_config",
@@ -85,6 +92,8 @@ __all__ = [
     "openapi_document",
     "parse_json_body",
     "parse_want_request",
+    "run_bounded",
+    "sensor_want",
 ]
 
 import argparse
@@ -676,6 +685,10 @@ class Partition(_Entity):
     ``upstream`` (README "Lineage") are the refs its last successful run read: the ones
     that run printed (``DATABUILD_READ_DEPS_JSON``) and the ones the runs for
     it reported missing since the success before (``reported_deps``).
+    README "Freshness": ``code_version`` is that of the run that built it,
+    ``built_at`` when that run succeeded, ``build_started_at`` when it
+    started; ``stale_reasons`` is None while it is fresh, else why it is
+    stale (cause -> a line).
     """
 
     __slots__ = ("ref", "status", "job_label", "last_job_run_id", "built_by_job_run_id",
@@ -2575,6 +2588,7 @@ class ConfigWatcher:
         self.error = None  # why the last reload failed; None while the file loads
         self.clock = clock
         self._lock = threading.Lock()  # one reload at a time; guards the stamps
+        # (_code_check_at is not guarded: two threads may both stat the code files)
         self._stamp = self._stat()
         self._code_stamp = self._code_stat()
         self._code_check_at = clock() + self.code_check_seconds
@@ -4763,7 +4777,7 @@ def run_bounded(argv, cwd, env, timeout, limit, stdin=b"", running=None):
                 proc.stdin.close()
             except OSError:
                 pass
-        with selectors_default() as selector:
+        with _poll_selector() as selector:
             selector.register(proc.stdout, selectors.EVENT_READ)
             selector.register(proc.stderr, selectors.EVENT_READ)
             while selector.get_map():
@@ -4801,7 +4815,7 @@ def run_bounded(argv, cwd, env, timeout, limit, stdin=b"", running=None):
     return (None if problem else code), bytes(out[:limit]), tail, problem
 
 
-def selectors_default():
+def _poll_selector():
     """A selector for a few pipes (poll where there is one: no 1,024-fd limit)."""
     return selectors.PollSelector() if hasattr(selectors, "PollSelector") \
         else selectors.DefaultSelector()
@@ -6896,6 +6910,10 @@ def metrics_text(summary, http_requests, uptime):
            [((("status", s),), counts["partitions"].get(s, 0)) for s in PARTITION_STATUSES])
     family("databuild_job_runs", "gauge", "Job runs by status.",
            [((("status", s),), counts["job_runs"].get(s, 0)) for s in JOB_RUN_STATUSES])
+    family("databuild_stale_partitions", "gauge", "Live partitions that are stale.",
+           [((), counts["stale"])])
+    family("databuild_alerts", "gauge", "Alerts by delivery status.",
+           [((("status", s),), counts["alerts"].get(s, 0)) for s in ALERT_STATUSES])
     family("databuild_events_total", "counter", "Events in the build event log.",
            [((), summary["event_id"])])
     family("databuild_sla_breaches_total", "counter", "Wants that breached their SLA.",

@@ -566,3 +566,24 @@ def test_the_landing_example_walk_through(tmp_path, serve):
     pages = open(os.path.join(ws, "pages.log")).read()
     assert "[partition_failed] partition clean/date=2025-01-02 failed" in pages
     assert "not an item,amount row" in pages
+
+
+def test_sensors_schedules_and_auto_rebuild_keep_the_server_up(tmp_path):
+    # README "Lifecycle": each keeps an idle server up, and /health says which.
+    def kept(jobs, tables):
+        ws = workspace_toml(tmp_path / ("ws%d" % len(os.listdir(tmp_path))), jobs, tables,
+                            server={"idle_timeout_seconds": 5})
+        server = databuild.Server(databuild.load_config(ws))
+        try:
+            far = server.idle_timer.clock() + 3600
+            return server.kept_up_by(), server.idle_timer.check(now=far)
+        finally:
+            server.close()
+    plain = [{"label": "t", "partition_patterns": ["p/.+"]}]
+    assert kept(plain, []) == ([], True)  # nothing keeps it: it stops
+    sensor = ("sensors", {"name": "s", "command": ["true"], "interval_seconds": 60})
+    assert kept(plain, [sensor]) == (["1 sensor (s)"], False)
+    schedule = ("schedules", {"name": "d", "interval_seconds": 60, "partitions": ["p/x"]})
+    assert kept(plain, [schedule]) == (["1 schedule (d)"], False)
+    auto = [dict(plain[0], auto_rebuild="stale")]
+    assert kept(auto, []) == (["auto_rebuild on job t"], False)
