@@ -821,6 +821,81 @@ def _unindex(index, key, member):
     return True
 
 
+#: Partition statuses of settled work: a working set keeps such a partition in
+#: memory only while something needs it (README "Performance", history).
+_RESTING = frozenset((LIVE, FAILED, UPSTREAM_FAILED, TAINTED, CANCELED))
+
+
+class _Partitions(dict):
+    """The partitions of a working-set state: those in memory, and any other
+    read from the projection when asked for (``store``, an EventLog).
+
+    The dict holds the partitions the orchestrator works on (and every one
+    changed since the last commit, whose projection row is not written
+    yet); ``evict`` drops one once it rests.  A partition read from the
+    projection waits in a small cache (``_read``, least recently used
+    first) until it is changed (``keep``) or pushed out; refs known to have
+    no partition are remembered too (``_absent``), so a backfill of new refs
+    asks the projection once per ref.  Only the orchestrator's thread uses it.
+    """
+
+    __slots__ = ("store", "_read", "_absent", "cache_size")
+
+    def __init__(self, store, cache_size=4096):
+        super().__init__()
+        self.store = store
+        self._read = collections.OrderedDict()  # ref -> Partition, read not changed
+        self._absent = set()  # refs with no partition in the projection
+        self.cache_size = cache_size
+
+    def get(self, ref, default=None):
+        part = dict.get(self, ref)
+        if part is not None:
+            return part
+        part = self._read.get(ref)
+        if part is not None:
+            self._read.move_to_end(ref)
+            return part
+        if ref in self._absent:
+            return default
+        part = self.store.partition_row(ref)
+        if part is None:
+            if len(self._absent) >= self.cache_size * 4:
+                self._absent.clear()
+            self._absent.add(ref)
+            return default
+        self._read[ref] = part
+        if len(self._read) > self.cache_size:
+            self._read.popitem(last=False)
+        return part
+
+    def __getitem__(self, ref):
+        part = self.get(ref)
+        if part is None:
+            raise KeyError(ref)
+        return part
+
+    def __contains__(self, ref):
+        return self.get(ref) is not None
+
+    def __setitem__(self, ref, part):
+        self._absent.discard(ref)
+        self._read.pop(ref, None)
+        dict.__setitem__(self, ref, part)
+
+    def keep(self, part):
+        """Hold a partition in memory until it is evicted (it changed)."""
+        if dict.get(self, part.ref) is not part:
+            self[part.ref] = part
+
+    def evict(self, part):
+        """Back to the cache of read partitions: the projection has it now."""
+        if dict.pop(self, part.ref, None) is not None:
+            self._read[part.ref] = part
+            if len(self._read) > self.cache_size:
+                self._read.popitem(last=False)
+
+
 class BuildState:
     """The state of wants, partitions and job runs: a pure reduction of events.
 
@@ -851,10 +926,11 @@ class BuildState:
     Terminal status buckets are then plain counts.
     """
 
-    def __init__(self, working_set=False):
+    def __init__(self, working_set=False, store=None):
         self.working_set = working_set
+        self.store = store  # README "Performance": resting partitions live on disk only
         self.wants = {}
-        self.partitions = {}
+        self.partitions = _Partitions(store) if store is not None else {}
         self.job_runs = {}
         self.latest_event_id = 0
         self.event_counts = collections.Counter()
@@ -865,9 +941,14 @@ class BuildState:
         self.duration_count = 0
         self.seqs = {"wants": 0, "partitions": 0, "job_runs": 0}  # creation counters
         self.job_runs_by_job = {}  # job label -> {status: how many job runs}
-        self.downstream = {}  # ref -> refs whose upstream holds it (README "Lineage")
+        # ref -> refs whose upstream holds it (README "Lineage"); with a store,
+        # the projection's upstream rows answer (``downstream_of``), and this
+        # holds this step's changes to them only: dep -> {ref: linked?}.
+        self.downstream = {}
         self.job_versions = {}  # job label -> its code version now (README "Freshness")
-        self.stale = {}  # refs of the stale Live partitions (a dict used as an ordered set)
+        # The stale Live partitions (a dict used as an ordered set); with a
+        # store, a count (the projection's stale table has the refs).
+        self.stale = _Tally() if store is not None else {}
         self.sensors = {}  # sensor name -> what its evaluations left (README "Sensors")
         self.alerts = {}  # alert_id -> Alert (a working set keeps the owed ones)
         # Set by the orchestrator (None while replaying): the refs whose
@@ -880,7 +961,8 @@ class BuildState:
         def bucket(status, live):
             return {} if live or not working_set else _Tally()
         self.wants_by_status = {s: bucket(s, s in LIVE_WANT_STATUSES) for s in WANT_STATUSES}
-        self.partitions_by_status = {s: {} for s in PARTITION_STATUSES}
+        self.partitions_by_status = {
+            s: _Tally() if store is not None and s in _RESTING else {} for s in PARTITION_STATUSES}
         self.job_runs_by_status = {s: bucket(s, s in ACTIVE_JOB_RUN_STATUSES)
                                    for s in JOB_RUN_STATUSES}
         self.alerts_by_status = {s: bucket(s, s == OWED) for s in ALERT_STATUSES}
@@ -888,12 +970,15 @@ class BuildState:
         self.waiters = {}
         self.pending_refs = {}
         self.active_run_by_ref = {}
+        self._unneeded = set()  # refs that stopped being wanted since ``forget``
         self._todo = collections.deque()
         self._changed = {} if working_set else None  # (kind, key) -> entity
 
     def _touch(self, kind, key, entity):
         if self._changed is not None:
             self._changed[(kind, key)] = entity
+            if kind == "partitions" and self.store is not None:
+                self.partitions.keep(entity)
 
     def _link(self, kind, owner, member, members):
         # The lists that grow without bound (a partition's wants, a want's job
@@ -916,13 +1001,18 @@ class BuildState:
     def take_changes(self):
         """The entities changed since the last call: ``[(kind, entity)]``, and the
         new links as ``("links", (kind, owner, member))``, in order."""
+        if self.store is not None:
+            self.downstream = {}  # this step's upstream rows: in the projection from now on
         if not self._changed:
             return []
         changed, self._changed = self._changed, {}
         return [(kind, entity) for (kind, _), entity in changed.items()]
 
     def forget(self, changes):
-        """Drop the terminal wants and finished job runs among ``changes`` from memory."""
+        """Drop the terminal wants, finished job runs and resting partitions
+        among ``changes`` (committed now) from memory, and the partitions that
+        came to rest without changing (nothing wants or waits on them now)."""
+        refs = []  # partitions that may rest now
         for kind, entity in changes:
             if kind == "links":
                 continue
@@ -932,6 +1022,37 @@ class BuildState:
                 self.job_runs.pop(entity.job_run_id, None)
             elif kind == "alerts" and entity.status != OWED:
                 self.alerts.pop(entity.alert_id, None)
+            elif kind == "partitions":
+                refs.append(entity.ref)
+        if self.store is None:
+            return
+        refs.extend(self._unneeded)
+        self._unneeded.clear()
+        for ref in refs:
+            part = dict.get(self.partitions, ref)
+            if (part is not None and self._resting(part)
+                    and ("partitions", ref) not in self._changed):
+                self.partitions.evict(part)
+
+    def _resting(self, part):
+        # Nothing needs this partition in memory: settled, and neither
+        # wanted, waited on, waiting, building nor pending.
+        ref = part.ref
+        return (part.status in _RESTING and ref not in self.live_wants_by_ref
+                and ref not in self.waiters and ref not in self.active_run_by_ref
+                and ref not in self.pending_refs and not part.waiting_on)
+
+    def downstream_of(self, ref):
+        """The refs whose recorded upstream holds ``ref`` (README "Lineage"), sorted."""
+        if self.store is None:
+            return sorted(self.downstream.get(ref, ()))
+        refs = set(self.store.downstream_refs(ref))
+        for other, linked in self.downstream.get(ref, {}).items():
+            if linked:
+                refs.add(other)
+            else:
+                refs.discard(other)
+        return sorted(refs)
 
     def summary(self):
         """Counters and ids a projection stores beside the rows (``restore`` reads it)."""
@@ -947,12 +1068,14 @@ class BuildState:
                            "stale": len(self.stale)}}
 
     @classmethod
-    def restore(cls, summary, partitions, live_wants, active_runs, owed_alerts=()):
-        """The working-set state from a projection: its summary, every partition,
-        the non-terminal wants, the Queued/Running job runs (creation order)
-        and the owed alerts.  Rebuilds the indexes exactly as the reducer
-        keeps them."""
-        state = cls(working_set=True)
+    def restore(cls, summary, partitions, live_wants, active_runs, owed_alerts=(), store=None):
+        """The working-set state from a projection: its summary, the partitions
+        (with a ``store``: those at work -- building, waiting, up for retry --
+        the others are read from it when asked for; else every one), the
+        non-terminal wants, the Queued/Running job runs (creation order) and
+        the owed alerts.  Rebuilds the indexes exactly as the reducer keeps
+        them."""
+        state = cls(working_set=True, store=store)
         state.latest_event_id = summary["event_id"]
         state.seqs = dict(summary["seqs"])
         state.event_counts.update(summary["event_counts"])
@@ -964,17 +1087,21 @@ class BuildState:
         state.sensors = {name: dict(s) for name, s in summary["sensors"].items()}
         for kind, index in (("wants", state.wants_by_status),
                             ("job_runs", state.job_runs_by_status),
-                            ("alerts", state.alerts_by_status)):
+                            ("alerts", state.alerts_by_status),
+                            ("partitions", state.partitions_by_status)):
             for status, bucket in index.items():
                 if isinstance(bucket, _Tally):
                     bucket.n = summary["counts"][kind].get(status, 0)
+        if isinstance(state.stale, _Tally):
+            state.stale.n = summary["counts"]["stale"]
         for alert in owed_alerts:
             state.alerts[alert.alert_id] = alert
             state.alerts_by_status[OWED][alert.alert_id] = None
         for part in partitions:
             state.partitions[part.ref] = part
-            state.partitions_by_status[part.status][part.ref] = None
-            if part.stale_reasons:
+            if not isinstance(state.partitions_by_status[part.status], _Tally):
+                state.partitions_by_status[part.status][part.ref] = None
+            if part.stale_reasons and store is None:
                 state.stale[part.ref] = None
         for run in active_runs:
             state.job_runs[run.job_run_id] = run
@@ -992,8 +1119,9 @@ class BuildState:
             if part.status == UPSTREAM_BUILDING:
                 for dep in part.waiting_on:
                     state.waiters.setdefault(dep, set()).add(part.ref)
-            for dep in part.upstream:
-                state.downstream.setdefault(dep, set()).add(part.ref)
+            if store is None:
+                for dep in part.upstream:
+                    state.downstream.setdefault(dep, set()).add(part.ref)
         for ref in itertools.chain(state.live_wants_by_ref, list(state.waiters)):
             state._refresh_pending(ref)
         return state
@@ -1248,10 +1376,16 @@ class BuildState:
     def _set_upstream(self, part, upstream):
         if upstream == part.upstream:
             return
-        for dep in part.upstream:
-            _unindex(self.downstream, dep, part.ref)
-        for dep in upstream:
-            self.downstream.setdefault(dep, set()).add(part.ref)
+        if self.store is not None:  # this step's changes to the projection's rows
+            for dep in part.upstream:
+                self.downstream.setdefault(dep, {})[part.ref] = False
+            for dep in upstream:
+                self.downstream.setdefault(dep, {})[part.ref] = True
+        else:
+            for dep in part.upstream:
+                _unindex(self.downstream, dep, part.ref)
+            for dep in upstream:
+                self.downstream.setdefault(dep, set()).add(part.ref)
         part.upstream = upstream
         if self._changed is not None:
             self._changed[("upstream", part.ref)] = (part.ref, upstream)
@@ -1314,8 +1448,14 @@ class BuildState:
         # change of a job's code.
         label = p["job_label"]
         self.job_versions[label] = p["code_version"]
-        for ref in [r for r in self.partitions_by_status[LIVE]
-                    if self.partitions[r].job_label == label]:
+        if self.store is None:
+            refs = [r for r in self.partitions_by_status[LIVE]
+                    if self.partitions[r].job_label == label]
+        else:  # the projection's Live rows, and this step's changes
+            refs = set(self.store.live_refs_of_job(label)).union(
+                r for r, part in dict.items(self.partitions)
+                if part.job_label == label and part.status == LIVE)
+        for ref in sorted(refs):
             self._restale(ref, ts)
 
     def _on_sensor_evaluate(self, p, ts):
@@ -1429,6 +1569,8 @@ class BuildState:
             self.pending_refs[ref] = None
         else:
             self.pending_refs.pop(ref, None)
+            if self.store is not None:
+                self._unneeded.add(ref)  # it may rest now (``forget``)
 
     def _set_partition_status(self, part, status, ts):
         old = part.status
@@ -1461,7 +1603,7 @@ class BuildState:
         if old == LIVE or status == LIVE:
             self._restale(part.ref, ts)
         if part.built_by_job_run_id is not None:  # what was built from it sees the change
-            for ref in self.downstream.get(part.ref, ()):
+            for ref in self.downstream_of(part.ref):
                 self._todo.append((BuildState._restale, ref, ts))
 
     def _stale_reasons(self, part):
@@ -1508,10 +1650,10 @@ class BuildState:
         if reasons:
             self.stale[ref] = None
         else:
-            del self.stale[ref]
+            self.stale.pop(ref)
         if self._changed is not None:
             self._changed[("stale", ref)] = (ref, part.seq, bool(reasons))
-        for down in self.downstream.get(ref, ()):
+        for down in self.downstream_of(ref):
             self._todo.append((BuildState._restale, down, ts))
 
     def _notice(self, kind, summary, subject):
@@ -1876,20 +2018,26 @@ class EventLog:
                           "ref_events", "stale", "alerts"):
                 conn.execute("DELETE FROM %s" % table)
 
-    def load_projection(self):
+    def load_projection(self, every_partition=False):
         """``(summary, partitions, live wants, active job runs, owed alerts)`` as
         objects (``BuildState.restore``'s arguments), or ``(None, ...)`` when
-        there is no projection or it does not match the log."""
+        there is no projection or it does not match the log.  The partitions
+        are those at work (Building, UpstreamBuilding, UpForRetry) -- a state
+        with this log as its store reads the others when it needs them -- or,
+        with ``every_partition``, all of them."""
         with self.transaction(write=False) as conn:
             row = conn.execute("SELECT value FROM projection WHERE key = 'summary'").fetchone()
             summary = json.loads(row[0]) if row else None
             if (summary is None or summary.get("version") != PROJECTION_VERSION
                     or summary.get("event_id") != self._appended_id):
                 return None, [], [], [], []
-            # Every partition, parsed as one JSON document: far cheaper
-            # than a json.loads per row (this is most of a start-up).
+            # The partitions, parsed as one JSON document: far cheaper than a
+            # json.loads per row.
+            where = "" if every_partition else " WHERE status IN ('%s', '%s', '%s')" % (
+                BUILDING, UPSTREAM_BUILDING, UP_FOR_RETRY)
             (rows,) = conn.execute("SELECT json_group_array(json(row)) FROM "
-                                   "(SELECT row FROM partitions ORDER BY seq)").fetchone()
+                                   "(SELECT row FROM partitions%s ORDER BY seq)" % where
+                                   ).fetchone()
             partitions = [Partition.from_values(v) for v in json.loads(rows)]
             wants = [Want.from_row(r) for (r,) in conn.execute(
                 "SELECT row FROM wants WHERE status IN (?, ?, ?) ORDER BY seq",
@@ -1904,6 +2052,35 @@ class EventLog:
             alerts = [Alert.from_row(r) for (r,) in conn.execute(
                 "SELECT row FROM alerts WHERE status = ? ORDER BY alert_id", (OWED,))]
             return summary, partitions, wants, runs, alerts
+
+    # What a working-set state asks of the partitions it does not hold
+    # (``_Partitions``, ``BuildState.downstream_of``): each an indexed lookup.
+
+    def partition_row(self, ref):
+        """The partition of ``ref`` from the projection (without its want ids), or None."""
+        with self._errors():
+            row = self._conn().execute("SELECT row FROM partitions WHERE ref = ?",
+                                       (ref,)).fetchone()
+        return Partition.from_row(row[0]) if row is not None else None
+
+    def downstream_refs(self, ref):
+        """The refs whose recorded upstream holds ``ref`` (the upstream table's index)."""
+        with self._errors():
+            return [r for (r,) in self._conn().execute(
+                "SELECT ref FROM upstream WHERE dep = ?", (ref,))]
+
+    def stale_refs(self):
+        """The refs of the stale partitions, oldest first (README "Freshness")."""
+        with self._errors():
+            return [r for (r,) in self._conn().execute("SELECT ref FROM stale ORDER BY seq")]
+
+    def live_refs_of_job(self, label):
+        """The refs of the Live partitions of one job (a walk of the Live ones:
+        once per change of that job's code)."""
+        with self._errors():
+            return [r for (r,) in self._conn().execute(
+                "SELECT ref FROM partitions WHERE status = ? AND json_extract(row, '$[%d]') = ?"
+                % Partition.ROW.index("job_label"), (LIVE, label))]
 
     @staticmethod
     def _links(conn, kind, owner):
@@ -2513,7 +2690,7 @@ class Config:
         self.alerts_by_name = {}
         for key, setting in SETTINGS_OF["server"].items():
             setattr(self, key, server.get(key, setting.default))
-        self.job_for = functools.lru_cache(maxsize=1 << 16)(self._job_for)
+        self.job_for = functools.lru_cache(maxsize=4096)(self._job_for)
         for job in self.jobs:
             job.code_files = code_files(self.root, job.entrypoint)
             if job.version is None:
@@ -5034,7 +5211,8 @@ class Orchestrator:
         # The orchestrator's state also notes what alerts may be raised on
         # and whose staleness changed (all stale ones, at first: auto rebuild).
         state.notices = []
-        state.stale_dirty = dict.fromkeys(state.stale)
+        state.stale_dirty = dict.fromkeys(state.store.stale_refs() if state.store is not None
+                                          else state.stale)
         return state
 
     def _open_state(self):
@@ -5043,13 +5221,13 @@ class Orchestrator:
         # means), rebuild it from the events first.
         projection = self.log.load_projection()
         if projection[0] is not None:
-            return self._watched(BuildState.restore(*projection))
+            return self._watched(BuildState.restore(*projection, store=self.log))
         if self.log.latest_event_id():
             logger.info("Building the projection of the event log (%d events)",
                         self.log.latest_event_id())
         self.log.clear_projection()
-        state = BuildState(working_set=True)
-        batch = []
+        state = BuildState(working_set=True, store=self.log)
+        batch, total, started = [], self.log.latest_event_id(), time.monotonic()
         for event in itertools.chain(self.log.iter_events(), [None]):
             if event is not None:
                 state.apply(event)
@@ -5059,12 +5237,18 @@ class Orchestrator:
                 self.log.write_projection(changes, state.summary())
                 state.forget(changes)
                 batch = []
+                if state.latest_event_id % 500000 < 20000 and event is not None:
+                    logger.info("Projection: %d of %d events (%.0f s)", state.latest_event_id,
+                                total, time.monotonic() - started)
+        if total:
+            logger.info("Projection built: %d events in %.1f s", total,
+                        time.monotonic() - started)
         return self._watched(state)
 
     def _reload_state(self):
         projection = self.log.load_projection()
-        return (self._watched(BuildState.restore(*projection)) if projection[0] is not None
-                else self._open_state())
+        return (self._watched(BuildState.restore(*projection, store=self.log))
+                if projection[0] is not None else self._open_state())
 
     def find_want(self, want_id):
         """A want in memory (live) or from the projection (finished), or None."""
@@ -5480,7 +5664,7 @@ class Orchestrator:
         while frontier:
             nxt = []
             for dep in frontier:
-                for other in sorted(state.downstream.get(dep, ())):
+                for other in state.downstream_of(dep):
                     if other not in seen:
                         seen.add(other)
                         nxt.append(other)
@@ -5496,7 +5680,7 @@ class Orchestrator:
         while ready:
             r = ready.popleft()
             result.append(r)
-            for other in sorted(state.downstream.get(r, ())):
+            for other in state.downstream_of(r):
                 if other in waiting:
                     waiting[other] -= 1
                     if not waiting[other]:
@@ -5595,7 +5779,7 @@ class Orchestrator:
             self._plan_sensors(now)
             self._note_code_versions(now)
             # A job may have turned auto_rebuild on: look at every stale partition.
-            self.state.stale_dirty.update(dict.fromkeys(self.state.stale))
+            self.state.stale_dirty.update(dict.fromkeys(self.log.stale_refs()))
 
     def _note_code_versions(self, now):
         # README "Freshness": a job's code version that differs from the one

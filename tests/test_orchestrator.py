@@ -354,7 +354,7 @@ def _same_as_replay(d):
     for run_id, run in d.state.job_runs.items():
         assert full.job_runs[run_id].status == run.status
     assert {r: p.status for r, p in full.partitions.items()} == \
-        {r: p.status for r, p in d.state.partitions.items()}
+        {r: d.state.partitions[r].status for r in full.partitions}
     assert d.state.latest_event_id == full.latest_event_id == d.log.latest_event_id()
 
 
@@ -466,10 +466,12 @@ def test_upstream_is_what_was_read_and_what_was_reported_missing(tmp_path, drive
     parts = d.full().partitions
     assert parts["a"].upstream == [] and parts["b"].upstream == ["a"]
     assert parts["c"].upstream == ["b"] and parts["d"].upstream == ["c"]
-    assert d.state.downstream == {"a": {"b"}, "b": {"c"}, "c": {"d"}}
-    # The working set restored from the projection has the same index.
-    restored = databuild.BuildState.restore(*d.log.load_projection())
-    assert restored.downstream == d.state.downstream
+    # The working set answers from the projection's upstream rows, as a full
+    # replay from its index.
+    assert [d.state.downstream_of(r) for r in "abcd"] == [["b"], ["c"], ["d"], []]
+    assert [d.full().downstream_of(r) for r in "abcd"] == [["b"], ["c"], ["d"], []]
+    restored = databuild.BuildState.restore(*d.log.load_projection(every_partition=True))
+    assert restored.downstream == {"a": {"b"}, "b": {"c"}, "c": {"d"}}
 
 
 def test_taint_downstream_in_one_commit_in_dependency_order(tmp_path, driver_for):
@@ -485,7 +487,7 @@ def test_taint_downstream_in_one_commit_in_dependency_order(tmp_path, driver_for
         ("partition_taint", r) for r in "abcd"]
     assert {e.payload["reason"] for e in events} == {"bad rows"}
     assert [e.payload.get("upstream_of") for e in events] == [None, "a", "a", "a"]
-    assert {p.status for p in d.state.partitions.values()} == {"Tainted"}
+    assert {d.state.partitions[r].status for r in "abcd"} == {"Tainted"}
 
 
 def test_a_wanted_tainted_partition_is_rebuilt_after_its_upstream(tmp_path, driver_for):
@@ -911,3 +913,64 @@ def test_a_command_that_fails_after_changing_the_state_writes_none_of_its_step(
     assert d.settle(again["want_id"]) == SUCCESSFUL
     d.close()
     assert driver_for(ws).want_status(again["want_id"]) == SUCCESSFUL  # the log replays
+
+
+def test_a_partition_kept_only_on_disk_behaves_as_one_in_memory(tmp_path, driver_for):
+    # README "Performance" (history): a resting partition leaves memory once
+    # committed; dep checks, taints downstream, lineage, explain, as_of and a
+    # restart answer as they did while it was in memory.
+    ws, d = _chain(tmp_path, driver_for)
+    held = dict.keys(d.state.partitions)
+    assert not {"a", "b", "c", "d"} & set(held)  # all Live, nothing wants them: on disk
+    # Dep checks: x declares a and b; both are Live on disk, so x runs at once
+    # (no derivative want, a and b not rebuilt).
+    write_workspace(ws, jobs=[{"label": "t", "partition_patterns": ["[a-d]"]},
+                              {"label": "x", "partition_patterns": ["x"], "deps": ["a", "b"]}],
+                    plan={"c": {"deps": ["b"]}, "b": {"reads": ["a"]}, "d": {"reads": ["c"]},
+                          "x": {"reads": ["a"]}})
+    d.orch._use_config(databuild.load_config(ws))
+    runs = {r: run_count(ws, r) for r in "ab"}
+    want = d.want("x")
+    assert d.settle(want["want_id"]) == SUCCESSFUL
+    assert {r: run_count(ws, r) for r in "ab"} == runs and run_count(ws, "x") == 1
+    assert d.orch.find_want(want["want_id"]).derivative_want_ids == []
+    assert d.state.downstream_of("a") == ["b", "x"]
+    # Lineage and explain read the projection.
+    with d.log.view() as view:
+        tree = view.lineage("b", 3)
+        assert [n["ref"] for n in tree["downstream"]] == ["c", "x"]
+        assert [n["ref"] for n in tree["upstream"]] == ["a"]
+        story = databuild.explain_partition(view, "c", d.config.job_for)
+        assert story["summary"].startswith("Live, built by run")
+    # Taint downstream from a partition on disk: in dependency order.
+    answer = d.command("taint", ref="a", reason="bad", downstream=True)
+    assert answer["tainted"] == ["a", "b", "c", "x", "d"]  # each after its upstream
+    assert {d.state.partitions[r].status for r in "abcdx"} == {"Tainted"}
+    # as_of replays the log: the same answer as the working set had.
+    at = d.log.latest_event_id()
+    past = d.orch.state
+    full = d.full()
+    assert {r: full.partitions[r].status for r in "abcdx"} == \
+        {r: past.partitions[r].status for r in "abcdx"}
+    assert full.latest_event_id == at
+    # Restart: the new working set holds only what is at work, and answers the same.
+    d.close()
+    again = driver_for(ws)
+    assert not set(dict.keys(again.state.partitions)) & set("abcdx")
+    assert {r: again.state.partitions[r].status for r in "abcdx"} == \
+        {r: full.partitions[r].status for r in "abcdx"}
+    assert again.state.downstream_of("a") == ["b", "x"]
+    assert again.state.summary() == full.summary()
+    assert again.settle(again.want("d")["want_id"]) == SUCCESSFUL  # rebuilt upstream first
+    assert {again.state.partitions[r].status for r in "abcd"} == {"Live"}
+
+
+def test_settled_work_leaves_no_partition_in_memory(tmp_path, driver_for):
+    # README "Performance" (history): once a want settles, its partitions
+    # (and the upstream built for it) rest on disk; memory holds none.
+    ws = write_workspace(tmp_path / "ws", plan={"c": {"deps": ["b"]}})
+    d = driver_for(ws)
+    for refs in (["a", "b"], ["c"], ["a", "d"]):
+        assert d.settle(d.want(*refs)["want_id"]) == SUCCESSFUL
+        d.until(lambda s: not dict.keys(s.partitions))
+    assert {r: d.state.partitions[r].status for r in "abcd"} == dict.fromkeys("abcd", "Live")

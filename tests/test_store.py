@@ -114,7 +114,15 @@ def assert_projection_matches_replay(log):
         assert log.projected("wants", want_id).derivative_want_ids == want.derivative_want_ids
     for ref, part in full.partitions.items():
         assert log.projected("partitions", ref).want_ids == part.want_ids
-    restored = databuild.BuildState.restore(*log.load_projection())
+    restored = databuild.BuildState.restore(*log.load_projection(), store=log)
+    assert set(dict.keys(restored.partitions)) <= {  # at work only; the rest stays on disk
+        ref for ref, part in full.partitions.items()
+        if part.status in (databuild.BUILDING, databuild.UPSTREAM_BUILDING,
+                           databuild.UP_FOR_RETRY)}
+    for ref, part in full.partitions.items():
+        assert restored.partitions[ref].to_row() == part.to_row()
+        assert restored.downstream_of(ref) == full.downstream_of(ref)
+    assert set(log.stale_refs()) == set(full.stale)
     assert restored.latest_event_id == full.latest_event_id
     assert restored.pending_refs.keys() == full.pending_refs.keys()
     assert restored.live_wants_by_ref == full.live_wants_by_ref
