@@ -53,7 +53,9 @@ def build_log(workspace, n_events, seed=1):
     wants for partitions that already exist.  Returns the manual want ids."""
     rng = random.Random(seed)
     log = databuild.EventLog(os.path.join(workspace, ".databuild", "events.db"))
-    state = databuild.BuildState(working_set=True)  # to write the projection too
+    # The orchestrator's kind of state (to write the projection too): memory
+    # bounded by the work in progress, resting partitions read back from the log.
+    state = databuild.BuildState(working_set=True, store=log)
     ts = 1.7e9
     batch, want_ids, written, i = [], [], 0, 0
 

@@ -30,7 +30,7 @@ def add_stale(workspace, n):
     """Append ``n`` rebuilds of raw partitions to the log: each makes the daily
     partition built from it stale.  Returns the stale refs."""
     log = databuild.EventLog(os.path.join(workspace, ".databuild", "events.db"))
-    state = databuild.BuildState.restore(*log.load_projection())
+    state = databuild.BuildState.restore(*log.load_projection(every_partition=True))
     raws = [ref for ref in state.partitions if ref.startswith("raw/")][-n:]
     ts, entries = time.time(), []
     for i, raw in enumerate(raws):
