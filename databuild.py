@@ -883,6 +883,25 @@ class _Partitions(dict):
         self._read.pop(ref, None)
         dict.__setitem__(self, ref, part)
 
+    def prefetch(self, refs):
+        """Read the partitions of ``refs`` not known yet in one statement per
+        chunk (a want of many refs, mostly new ones), into the caches."""
+        unknown = [r for r in refs if not dict.__contains__(self, r)
+                   and r not in self._read and r not in self._absent]
+        if not unknown:
+            return
+        found = self.store.partition_rows(unknown)
+        for ref in unknown:
+            part = found.get(ref)
+            if part is None:
+                if len(self._absent) >= self.cache_size * 4:
+                    self._absent.clear()
+                self._absent.add(ref)
+            else:
+                self._read[ref] = part
+                if len(self._read) > self.cache_size:
+                    self._read.popitem(last=False)
+
     def keep(self, part):
         """Hold a partition in memory until it is evicted (it changed)."""
         if dict.get(self, part.ref) is not part:
@@ -1034,6 +1053,16 @@ class BuildState:
                     and ("partitions", ref) not in self._changed):
                 self.partitions.evict(part)
 
+    def _prefetched(self, refs, chunk=512):
+        # ``refs``, their partitions read from the store a chunk at a time
+        # (a backfill of new refs: one statement per chunk, not one per ref).
+        if self.store is None:
+            yield from refs
+            return
+        for i in range(0, len(refs), chunk):
+            self.partitions.prefetch(refs[i:i + chunk])
+            yield from refs[i:i + chunk]
+
     def _resting(self, part):
         # Nothing needs this partition in memory: settled, and neither
         # wanted, waited on, waiting, building nor pending.
@@ -1182,7 +1211,7 @@ class BuildState:
         want.chain = link + (parent.chain if parent is not None else ())
         self.wants[want.want_id] = want
         self._touch("wants", want.want_id, want)
-        for ref in want.partitions:
+        for ref in self._prefetched(want.partitions):
             part = self.partitions.get(ref)
             if part is not None and (part.status in (FAILED, UPSTREAM_FAILED)
                                      or part.stale_reasons):
@@ -2063,6 +2092,18 @@ class EventLog:
                                        (ref,)).fetchone()
         return Partition.from_row(row[0]) if row is not None else None
 
+    def partition_rows(self, refs):
+        """``{ref: partition}`` of those of ``refs`` the projection has."""
+        found = {}
+        with self._errors():
+            for i in range(0, len(refs), 500):
+                chunk = refs[i:i + 500]
+                for ref, row in self._conn().execute(
+                        "SELECT ref, row FROM partitions WHERE ref IN (%s)"
+                        % ",".join("?" * len(chunk)), chunk):
+                    found[ref] = Partition.from_row(row)
+        return found
+
     def downstream_refs(self, ref):
         """The refs whose recorded upstream holds ``ref`` (the upstream table's index)."""
         with self._errors():
@@ -2690,7 +2731,7 @@ class Config:
         self.alerts_by_name = {}
         for key, setting in SETTINGS_OF["server"].items():
             setattr(self, key, server.get(key, setting.default))
-        self.job_for = functools.lru_cache(maxsize=4096)(self._job_for)
+        self.job_for = functools.lru_cache(maxsize=16384)(self._job_for)
         for job in self.jobs:
             job.code_files = code_files(self.root, job.entrypoint)
             if job.version is None:

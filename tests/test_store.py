@@ -123,6 +123,14 @@ def assert_projection_matches_replay(log):
         assert restored.partitions[ref].to_row() == part.to_row()
         assert restored.downstream_of(ref) == full.downstream_of(ref)
     assert set(log.stale_refs()) == set(full.stale)
+    refs = sorted(full.partitions) + ["never/built"]
+    assert {r: p.to_row() for r, p in log.partition_rows(refs).items()} == {
+        r: p.to_row() for r, p in full.partitions.items()}  # one statement per chunk
+    fresh = databuild.BuildState.restore(*log.load_projection(), store=log)
+    fresh.partitions.prefetch(refs)
+    assert "never/built" not in fresh.partitions
+    assert all(fresh.partitions[r].to_row() == full.partitions[r].to_row()
+               for r in full.partitions)
     assert restored.latest_event_id == full.latest_event_id
     assert restored.pending_refs.keys() == full.pending_refs.keys()
     assert restored.live_wants_by_ref == full.live_wants_by_ref
