@@ -836,7 +836,8 @@ class _Partitions(dict):
     projection waits in a small cache (``_read``, least recently used
     first) until it is changed (``keep``) or pushed out; refs known to have
     no partition are remembered too (``_absent``), so a backfill of new refs
-    asks the projection once per ref.  Only the orchestrator's thread uses it.
+    asks the projection once per chunk of refs (``prefetch``).  Only the
+    orchestrator's thread uses it.
     """
 
     __slots__ = ("store", "_read", "_absent", "cache_size")
@@ -859,15 +860,19 @@ class _Partitions(dict):
         if ref in self._absent:
             return default
         part = self.store.partition_row(ref)
+        self._remember(ref, part)
+        return default if part is None else part
+
+    def _remember(self, ref, part):
+        # A partition read from the projection (None: it has none), cached.
         if part is None:
             if len(self._absent) >= self.cache_size * 4:
                 self._absent.clear()
             self._absent.add(ref)
-            return default
+            return
         self._read[ref] = part
         if len(self._read) > self.cache_size:
             self._read.popitem(last=False)
-        return part
 
     def __getitem__(self, ref):
         part = self.get(ref)
@@ -892,15 +897,7 @@ class _Partitions(dict):
             return
         found = self.store.partition_rows(unknown)
         for ref in unknown:
-            part = found.get(ref)
-            if part is None:
-                if len(self._absent) >= self.cache_size * 4:
-                    self._absent.clear()
-                self._absent.add(ref)
-            else:
-                self._read[ref] = part
-                if len(self._read) > self.cache_size:
-                    self._read.popitem(last=False)
+            self._remember(ref, found.get(ref))
 
     def keep(self, part):
         """Hold a partition in memory until it is evicted (it changed)."""
@@ -910,9 +907,7 @@ class _Partitions(dict):
     def evict(self, part):
         """Back to the cache of read partitions: the projection has it now."""
         if dict.pop(self, part.ref, None) is not None:
-            self._read[part.ref] = part
-            if len(self._read) > self.cache_size:
-                self._read.popitem(last=False)
+            self._remember(part.ref, part)
 
 
 class BuildState:
