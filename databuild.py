@@ -8827,6 +8827,48 @@ _DASHBOARD_HTML = r"""<!doctype html>
       color: var(--muted)
     }
 
+    table.grid td,
+    table.grid th {
+      padding: 1px;
+      border: 0
+    }
+
+    table.grid th.date {
+      writing-mode: vertical-rl;
+      transform: rotate(180deg);
+      font-weight: 400;
+      font-size: .8em;
+      color: var(--muted);
+      height: 6.5em;
+      text-align: left
+    }
+
+    table.grid td.key {
+      padding-right: .8em;
+      white-space: nowrap
+    }
+
+    a.cell {
+      display: block;
+      width: 14px;
+      height: 14px;
+      border-radius: 2px;
+      background: currentColor
+    }
+
+    svg.timeline text {
+      fill: var(--muted);
+      font-size: 11px
+    }
+
+    svg.timeline line {
+      stroke: var(--line)
+    }
+
+    svg.timeline rect {
+      fill: currentColor
+    }
+
     .bar {
       display: flex;
       flex-wrap: wrap;
@@ -8937,7 +8979,8 @@ _DASHBOARD_HTML = r"""<!doctype html>
     <nav><a href="#/wants">Wants</a><a href="#/partitions">Partitions</a><a href="#/job_runs">Job
         runs</a>
       <a href="#/events">Events</a><a href="#/schedules">Schedules</a><a href="#/sensors">Sensors</a>
-      <a href="#/alerts">Alerts</a><a href="#/jobs">Jobs</a>
+      <a href="#/alerts">Alerts</a><a href="#/jobs">Jobs</a><a href="#/grid">Grid</a><a
+        href="#/timeline">Timeline</a>
     </nav>
     <button id="new" class="primary">New want</button>
     <label class="muted">as of event <input id="asof" type="number" min="1" style="width:7em"
@@ -8968,6 +9011,8 @@ _DASHBOARD_HTML = r"""<!doctype html>
       again = false,
       follower = null,
       PAGE = 50;
+    var grow = null, // the timeline's timer that grows running bars
+      DATE = /\d{4}-\d{2}-\d{2}T\d{2}|\d{4}-\d{2}-\d{2}|\d{4}-\d{2}/; // README "Backfills"
     var STATUSES = /*STATUSES*/ ,
       EVENT_TYPES = /*EVENT_TYPES*/ ;
 
@@ -9016,6 +9061,10 @@ _DASHBOARD_HTML = r"""<!doctype html>
     function runLink(id) {
       return id ? '<a class="mono" href="#/job_runs/' + encodeURIComponent(id) + '" title="' + esc(
         id) + '">' + esc(short(id)) + '</a>' : "\u2013";
+    }
+
+    function link(path) { // the fragment of a view: "#/" + kind/id
+      return "#/" + path;
     }
 
     function refLink(r) {
@@ -9541,6 +9590,165 @@ _DASHBOARD_HTML = r"""<!doctype html>
           };
         });
       },
+      grid: function(r) {
+        // Refs that differ by a date: a row per ref without it, a column per date.
+        var q = r.q;
+        return api("/api/partitions", {
+          prefix: q.prefix,
+          limit: 1000
+        }).then(function(j) {
+          var rows = {},
+            dates = {},
+            undated = 0;
+          j.data.forEach(function(p) {
+            var m = DATE.exec(p.ref);
+            if (!m) return undated++;
+            var key = p.ref.slice(0, m.index) + "{date}" + p.ref.slice(m.index + m[0].length);
+            (rows[key] = rows[key] || {})[m[0]] = p;
+            dates[m[0]] = true;
+          });
+          var ds = Object.keys(dates).sort(),
+            keys = Object.keys(rows).sort();
+          var note = (j.total > j.data.length ? "The first " + j.data.length + " of " + j.total +
+              " partitions: narrow them with a prefix. " : "") +
+            (undated ? undated + " without a date not shown." : "");
+          return {
+            html: "<h1>Grid</h1>" + '<div class="bar"><input id="prefix" ' +
+              'placeholder="ref prefix, e.g. daily/" value="' + esc(q.prefix || "") +
+              '" size="32"><span class="muted" id="gridnote">' + esc(note) + "</span></div>" +
+              (keys.length ? '<table class="grid"><tr><th></th>' + ds.map(function(d) {
+                return '<th class="date" data-date="' + esc(d) + '">' + esc(d) + "</th>";
+              }).join("") + "</tr>" + keys.map(function(k) {
+                return '<tr data-row="' + esc(k) + '"><td class="key mono">' + esc(k) +
+                  "</td>" + ds.map(function(d) {
+                    var p = rows[k][d];
+                    return "<td>" + (p ? '<a class="cell s-' + esc(p.status) +
+                      '" data-ref="' + esc(p.ref) + '" data-status="' + esc(p.status) +
+                      '" href="' + link("partitions/" + encodeURIComponent(p.ref)) +
+                      '" title="' + esc(p.ref + " " + p.status + (p.stale ? " (stale)" :
+                        "")) + '"></a>' : "") + "</td>";
+                  }).join("") + "</tr>";
+              }).join("") + "</table>" :
+                '<p class="muted">No partitions with a date in their ref here.</p>'),
+            wire: function() {
+              $("prefix").onchange = function() {
+                go("grid", {
+                  prefix: this.value
+                });
+              };
+            }
+          };
+        });
+      },
+      timeline: function(r) {
+        // Job runs as bars on a time axis, a lane per job; running bars grow.
+        var q = r.q,
+          win = {
+            hour: 3600,
+            day: 86400
+          } [q.window];
+        return api("/api/job_runs", {
+          limit: 1000
+        }).then(function(j) {
+          var now = Date.now() / 1000,
+            t = function(s) {
+              return s ? Date.parse(s) / 1000 : null;
+            };
+          var runs = j.data.filter(function(x) {
+            return x.started_at && (!win || (t(x.finished_at) || now) >= now - win);
+          });
+          var lanes = Array.from(new Set(runs.map(function(x) {
+            return x.job_label;
+          }))).sort();
+          var t0 = win ? now - win : Math.min.apply(null, runs.map(function(x) {
+              return t(x.started_at);
+            })),
+            t1 = win ? now : Math.max.apply(null, runs.map(function(x) {
+              return t(x.finished_at) || now;
+            }));
+          if (!(t1 > t0)) t1 = t0 + 1;
+          if (runs.some(function(x) { // room on the right for running bars to grow into
+              return !x.finished_at;
+            })) t1 += Math.max(30, (t1 - t0) / 10);
+          var L = 160,
+            W = 1100,
+            H = 12, // a bar's row; runs of a job that overlap take rows of its lane
+            x = function(v) {
+              return L + Math.max(0, (v - t0) / (t1 - t0)) * (W - L);
+            };
+          var rows = {},
+            top = {},
+            y = 0;
+          lanes.forEach(function(l) {
+            var ends = [];
+            runs.filter(function(r) {
+              return r.job_label === l;
+            }).sort(function(a, b) {
+              return t(a.started_at) - t(b.started_at);
+            }).forEach(function(r) {
+              var i = ends.findIndex(function(e) {
+                return e <= t(r.started_at);
+              });
+              if (i < 0) i = ends.push(0) - 1;
+              ends[i] = t(r.finished_at) || Infinity;
+              rows[r.job_run_id] = i;
+            });
+            top[l] = y;
+            y += Math.max(ends.length * H, 18) + 8;
+          });
+          var span = t1 - t0,
+            cut = span > 86400 ? [5, 16] : span > 60 ? [11, 19] : [11, 21];
+          var axis = [0, 1, 2, 3, 4, 5].map(function(i) {
+            var v = t0 + span * i / 5,
+              text = new Date(v * 1000).toISOString().replace("T", " ").slice(cut[0], cut[1]);
+            return '<line x1="' + x(v) + '" x2="' + x(v) + '" y1="0" y2="' + y +
+              '"></line><text x="' + x(v) + '" y="' + (y + 14) + '" text-anchor="' + (i ?
+                i === 5 ? "end" : "middle" : "start") + '">' + text + "</text>";
+          }).join("");
+          var bars = runs.map(function(r) {
+            var a = x(t(r.started_at)),
+              b = x(t(r.finished_at) || now);
+            return '<a href="' + link("job_runs/" + encodeURIComponent(r.job_run_id)) +
+              '"><rect class="s-' + esc(r.status) + '" data-job-run-id="' + esc(r.job_run_id) +
+              '" data-status="' + esc(r.status) + '" data-start="' + t(r.started_at) + '"' +
+              (r.finished_at ? "" : " data-running") + ' x="' + a + '" y="' + (top[r
+                .job_label] + rows[r.job_run_id] * H) + '" height="' + (H - 2) +
+              '" width="' + Math.max(2, b - a - 1) + '"><title>' +
+              esc(r.job_label + " " + r.status + " " + r.partitions.join(" ")) +
+              "</title></rect></a>";
+          }).join("");
+          var labels = lanes.map(function(l) {
+            return '<text x="0" y="' + (top[l] + 10) + '">' + esc(l) + "</text>";
+          }).join("");
+          var choose = ["", "hour", "day"].map(function(w) {
+            return '<option value="' + w + '"' + ((q.window || "") === w ? " selected" : "") +
+              ">" + (w ? "last " + w : "all runs shown") + "</option>";
+          }).join("");
+          return {
+            html: "<h1>Timeline</h1>" + '<div class="bar"><select id="window">' + choose +
+              '</select><span class="muted">' + runs.length + " runs" + (j.total > j.data
+                .length ? " (the newest " + j.data.length + " of " + j.total + ")" : "") +
+              "</span></div>" + (runs.length ? '<svg class="timeline" width="' + W +
+                '" height="' + (y + 20) + '">' + axis + labels + bars +
+                "</svg>" : '<p class="muted">No job run started in this window.</p>'),
+            wire: function() {
+              $("window").onchange = function() {
+                go("timeline", {
+                  window: this.value
+                });
+              };
+              grow = setInterval(function() { // running bars reach now
+                var n = Date.now() / 1000;
+                Array.prototype.forEach.call(document.querySelectorAll("rect[data-running]"),
+                  function(e) {
+                    e.setAttribute("width", Math.max(2, Math.min(x(n), W) - x(+e.dataset
+                      .start)));
+                  });
+              }, 1000);
+            }
+          };
+        });
+      },
       jobs: function() {
         return api("/api/jobs", {}).then(function(j) {
           return {
@@ -9879,6 +10087,7 @@ _DASHBOARD_HTML = r"""<!doctype html>
       Promise.resolve(v(r)).then(function(out) {
         if (!(out.keep && follower)) {
           stopFollow();
+          clearInterval(grow);
           var y = window.scrollY;
           $("view").innerHTML = out.html;
           window.scrollTo(0, y);

@@ -278,3 +278,65 @@ def test_stale_marks_sensors_and_alerts_views(tmp_path, serve, browser):
     text = until(b, "#view", ["partition_failed", "delivered", "partition bad failed"])
     assert len(b.find_elements(By.CSS_SELECTOR, "[data-alert]")) == 1
     shot(b, "alerts")
+
+
+def test_grid_shows_refs_that_differ_by_a_date(tmp_path, serve, browser):
+    # README "Dashboard": a row per ref without its date, a column per date.
+    ws = write_workspace(tmp_path / "ws", plan={"agg/date=2025-01-03": {"exit": 3}})
+    server = serve(ws)
+    c = server.client
+    c.wait_want(c.create_want(["raw/date=[2025-01-01..2025-01-05]",
+                               "agg/date=[2025-01-02..2025-01-04]", "plain"])["want_id"], 30)
+    b = browser
+    login(b, server, "/grid")
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "a.cell[data-ref]")) == 8)
+    rows = [e.get_attribute("data-row") for e in b.find_elements(By.CSS_SELECTOR, "[data-row]")]
+    assert rows == ["agg/date={date}", "raw/date={date}"]
+    dates = [e.get_attribute("data-date") for e in b.find_elements(By.CSS_SELECTOR, "[data-date]")]
+    assert dates == ["2025-01-0%d" % d for d in range(1, 6)]
+    cells = {e.get_attribute("data-ref"): e.get_attribute("data-status")
+             for e in b.find_elements(By.CSS_SELECTOR, "a.cell")}
+    assert cells["agg/date=2025-01-03"] == "Failed" and cells["raw/date=2025-01-05"] == "Live"
+    assert "plain" not in cells and "1 without a date not shown" in text_of(b, "#gridnote")
+    # The agg row has no cell on the first and last dates: cells stay under their dates.
+    agg = b.find_elements(By.CSS_SELECTOR, "[data-row='agg/date={date}'] td")
+    assert [bool(td.find_elements(By.CSS_SELECTOR, "a.cell")) for td in agg[1:]] == \
+        [False, True, True, True, False]
+    shot(b, "grid")
+    click(b, By.CSS_SELECTOR, "a.cell[data-ref='agg/date=2025-01-03']")
+    until(b, "#view h1", ["agg/date=2025-01-03"])
+    login(b, server, "/grid?prefix=agg/")
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "a.cell[data-ref]")) == 3)
+
+
+def test_timeline_draws_runs_in_lanes_per_job(tmp_path, serve, browser):
+    ws = write_workspace(tmp_path / "ws", jobs=[
+        {"label": "raw", "partition_patterns": ["raw/.*"]},
+        {"label": "agg", "partition_patterns": ["agg/.*"]}],
+        plan={"agg/1": {"deps": ["raw/1"]}, "raw/slow": {"sleep": 30}})
+    server = serve(ws)
+    c = server.client
+    c.wait_want(c.create_want(["agg/1", "raw/2"])["want_id"], 30)
+    runs = c.list_job_runs(limit=100)["data"]
+    slow = c.create_want(["raw/slow"])
+    wait_for(lambda: c.list_job_runs(status="Running")["total"] == 1)
+    b = browser
+    login(b, server, "/timeline")
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "rect[data-job-run-id]")) ==
+             len(runs) + 1)
+    bars = {e.get_attribute("data-job-run-id"): e
+            for e in b.find_elements(By.CSS_SELECTOR, "rect[data-job-run-id]")}
+    assert {r["job_run_id"]: r["status"] for r in runs}.items() <= {
+        k: e.get_attribute("data-status") for k, e in bars.items()}.items()
+    lanes = {r["job_label"]: bars[r["job_run_id"]].get_attribute("y") for r in runs}
+    assert set(lanes) == {"raw", "agg"} and lanes["raw"] != lanes["agg"]
+    (running,) = b.find_elements(By.CSS_SELECTOR, "rect[data-running]")
+    width = float(running.get_attribute("width"))
+    wait_for(lambda: float(running.get_attribute("width")) > width, 5)  # it grows, live
+    shot(b, "timeline")
+    c.cancel_want(slow["want_id"])
+    click(b, By.CSS_SELECTOR, "rect[data-job-run-id='%s']" % runs[0]["job_run_id"])
+    until(b, "#view", [runs[0]["job_run_id"][:8]])
+    login(b, server, "/timeline?window=hour")
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "rect[data-job-run-id]")) ==
+             len(runs) + 1)
