@@ -9358,12 +9358,24 @@ _DASHBOARD_HTML = r"""<!doctype html>
         var q = r.q;
         return api("/api/job_runs", {
           status: q.status,
+          job_label: q.job,
           limit: PAGE,
           offset: q.offset
         }).then(function(j) {
+          var took = j.data.filter(function(x) {
+            return x.duration_ms != null;
+          }).map(function(x) {
+            return x.duration_ms / 1000;
+          }).sort(function(a, b) {
+            return a - b;
+          });
           return {
-            html: "<h1>Job runs</h1>" + '<div class="bar">' + statusFilter("job_runs", q) +
-              "</div>" +
+            html: "<h1>Job runs" + (q.job ? " of " + esc(q.job) : "") + "</h1>" +
+              '<div class="bar">' + statusFilter("job_runs", q) + (q.job ?
+                '<span class="muted" id="durations">' + j.total + " runs; this page: " +
+                (took.length ? "median " + took[took.length >> 1].toFixed(1) + "s, longest " +
+                  took[took.length - 1].toFixed(1) + "s" : "none finished") +
+                '</span> <a href="#/job_runs">all jobs</a>' : "") + "</div>" +
               table([
                 ["job run", function(x) {
                   return runLink(x.job_run_id);
@@ -9394,7 +9406,8 @@ _DASHBOARD_HTML = r"""<!doctype html>
             wire: function() {
               $("flt").onchange = function() {
                 go("job_runs", {
-                  status: this.value
+                  status: this.value,
+                  job: q.job
                 });
               };
               wirePager("job_runs", q);
@@ -9444,7 +9457,9 @@ _DASHBOARD_HTML = r"""<!doctype html>
                   if (p.partitions) h.push(few(p.partitions, refLink, 2));
                   if (p.error) h.push(esc(p.error));
                   if (p.reason) h.push(esc(p.reason));
-                  return h.join(" ");
+                  return h.join(" ") + '<details data-event-id="' + e.event_id +
+                    '"><summary class="muted">details</summary><pre class="mono">' +
+                    esc(JSON.stringify(p, null, 2)) + "</pre></details>";
                 }]
               ], rows) +
               '<div class="bar"><span class="muted">' + shown +
@@ -9754,7 +9769,8 @@ _DASHBOARD_HTML = r"""<!doctype html>
           return {
             html: "<h1>Jobs</h1>" + table([
               ["job", function(x) {
-                return esc(x.label);
+                return '<a data-job="' + esc(x.label) + '" href="' + link("job_runs?job=" +
+                  encodeURIComponent(x.label)) + '" title="its runs">' + esc(x.label) + "</a>";
               }],
               ["executor", function(x) {
                 return esc(x.executor);
@@ -10088,8 +10104,16 @@ _DASHBOARD_HTML = r"""<!doctype html>
         if (!(out.keep && follower)) {
           stopFollow();
           clearInterval(grow);
-          var y = window.scrollY;
+          var y = window.scrollY,
+            open = Array.prototype.map.call(document.querySelectorAll(
+              "details[open][data-event-id]"), function(d) {
+              return d.dataset.eventId;
+            });
           $("view").innerHTML = out.html;
+          open.forEach(function(id) { // an event's details stay open as the page renews
+            var d = document.querySelector('details[data-event-id="' + id + '"]');
+            if (d) d.open = true;
+          });
           window.scrollTo(0, y);
           wireActions();
           if (out.wire) out.wire();

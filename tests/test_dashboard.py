@@ -340,3 +340,28 @@ def test_timeline_draws_runs_in_lanes_per_job(tmp_path, serve, browser):
     login(b, server, "/timeline?window=hour")
     wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "rect[data-job-run-id]")) ==
              len(runs) + 1)
+
+
+def test_event_details_expand_and_a_jobs_history(tmp_path, serve, browser):
+    ws = write_workspace(tmp_path / "ws", jobs=[
+        {"label": "raw", "partition_patterns": ["raw/.*"]},
+        {"label": "agg", "partition_patterns": ["agg/.*"]}],
+        plan={"raw/2": {"exit": 3}})
+    server = serve(ws)
+    c = server.client
+    c.wait_want(c.create_want(["raw/1", "raw/2", "agg/1"])["want_id"], 30)
+    b = browser
+    login(b, server, "/events")
+    until(b, "#view", ["job_run_failure"])
+    (failure,) = [e for e in c.events(since=0, limit=100)["data"]
+                  if e["type"] == "job_run_failure"]
+    details = b.find_element(By.CSS_SELECTOR, "details[data-event-id='%d']"
+                             % failure["event_id"])
+    assert not details.get_attribute("open")
+    details.find_element(By.TAG_NAME, "summary").click()
+    wait_for(lambda: '"exit_code": 3' in details.find_element(By.TAG_NAME, "pre").text)
+    shot(b, "events_details")
+    b.get(b.current_url.split("#")[0] + "#/jobs")
+    click(b, By.CSS_SELECTOR, "a[data-job='raw']")
+    text = until(b, "#view", ["Job runs of raw", "2 runs", "median"])
+    assert "agg/1" not in text and "raw/2" in text and "Failed" in text
