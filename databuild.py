@@ -8856,6 +8856,32 @@ _DASHBOARD_HTML = r"""<!doctype html>
       background: currentColor
     }
 
+    .graphbox {
+      overflow: auto;
+      max-height: 75vh
+    }
+
+    svg.graph path {
+      fill: none;
+      stroke: var(--muted);
+      stroke-opacity: .5
+    }
+
+    svg.graph g.node rect {
+      fill: var(--panel);
+      stroke: currentColor;
+      stroke-width: 1.5
+    }
+
+    svg.graph g.node.stale rect {
+      stroke-dasharray: 4 2
+    }
+
+    svg.graph g.node text {
+      fill: var(--fg);
+      font: 12px ui-monospace, monospace
+    }
+
     svg.timeline text {
       fill: var(--muted);
       font-size: 11px
@@ -8979,7 +9005,7 @@ _DASHBOARD_HTML = r"""<!doctype html>
     <nav><a href="#/wants">Wants</a><a href="#/partitions">Partitions</a><a href="#/job_runs">Job
         runs</a>
       <a href="#/events">Events</a><a href="#/schedules">Schedules</a><a href="#/sensors">Sensors</a>
-      <a href="#/alerts">Alerts</a><a href="#/jobs">Jobs</a><a href="#/grid">Grid</a><a
+      <a href="#/alerts">Alerts</a><a href="#/jobs">Jobs</a><a href="#/graph">Graph</a><a href="#/grid">Grid</a><a
         href="#/timeline">Timeline</a>
     </nav>
     <button id="new" class="primary">New want</button>
@@ -9011,7 +9037,9 @@ _DASHBOARD_HTML = r"""<!doctype html>
       again = false,
       follower = null,
       PAGE = 50;
-    var grow = null, // the timeline's timer that grows running bars
+    var GRAPH_LIMIT = 400, // more nodes than this: the graph draws one per job
+      findText = "", // what a list's text box holds
+      grow = null, // the timeline's timer that grows running bars
       DATE = /\d{4}-\d{2}-\d{2}T\d{2}|\d{4}-\d{2}-\d{2}|\d{4}-\d{2}/; // README "Backfills"
     var STATUSES = /*STATUSES*/ ,
       EVENT_TYPES = /*EVENT_TYPES*/ ;
@@ -9061,6 +9089,37 @@ _DASHBOARD_HTML = r"""<!doctype html>
     function runLink(id) {
       return id ? '<a class="mono" href="#/job_runs/' + encodeURIComponent(id) + '" title="' + esc(
         id) + '">' + esc(short(id)) + '</a>' : "\u2013";
+    }
+
+    function finder() { // a list's text box: it filters the rows shown as you type
+      return '<input id="find" type="search" placeholder="filter: id, ref, comment" value="' +
+        esc(findText) + '" size="26">';
+    }
+
+    function applyFinder() {
+      var box = $("find");
+      if (!box) return;
+      var show = function() {
+        findText = box.value;
+        var t = box.value.trim().toLowerCase();
+        Array.prototype.forEach.call(document.querySelectorAll("#view table tr"), function(tr,
+          i) {
+          if (i) tr.hidden = !!t && rowText(tr).indexOf(t) < 0;
+        });
+      };
+      box.oninput = show;
+      show();
+    }
+
+    function rowText(tr) { // what a row shows, with the whole ids and refs of its links
+      var t = tr.textContent;
+      Array.prototype.forEach.call(tr.querySelectorAll("a"), function(a) {
+        t += " " + (a.title || "");
+        try {
+          t += " " + decodeURIComponent(a.getAttribute("href") || "");
+        } catch (e) {}
+      });
+      return t.toLowerCase();
     }
 
     function link(path) { // the fragment of a view: "#/" + kind/id
@@ -9251,12 +9310,25 @@ _DASHBOARD_HTML = r"""<!doctype html>
           limit: PAGE,
           offset: q.offset
         }).then(function(j) {
+          // The wants people made (root wants), each with the derivative
+          // wants of the page folded under it; ?all=1 lists every want.
+          var folded = {},
+            onPage = {};
+          j.data.forEach(function(w) {
+            onPage[w.want_id] = true;
+          });
+          var rows = q.all ? j.data : j.data.filter(function(w) {
+            if (w.root_want_id === w.want_id || !onPage[w.root_want_id]) return true;
+            (folded[w.root_want_id] = folded[w.root_want_id] || []).push(w);
+          });
           return {
             html: "<h1>Wants</h1>" + '<div class="bar">' + statusFilter("wants", q) +
-              "</div>" +
+              finder() + '<label><input type="checkbox" id="all"' + (q.all ? " checked" :
+                "") + "> derivative wants as rows too</label></div>" +
               table([
                 ["want", function(w) {
-                  return wantLink(w.want_id);
+                  return wantLink(w.want_id) + (w.root_want_id !== w.want_id ?
+                    ' <span class="muted">of</span> ' + wantLink(w.root_want_id) : "");
                 }],
                 ["status", function(w) {
                   return st(w.status);
@@ -9268,19 +9340,36 @@ _DASHBOARD_HTML = r"""<!doctype html>
                   return esc(w.priority);
                 }],
                 ["source", function(w) {
-                  return esc(sourceText(w.source));
+                  return esc(sourceText(w.source)) + (w.comment ?
+                    ' <span class="muted">' + esc(w.comment) + "</span>" : "");
                 }],
-                ["data time", function(w) {
-                  return epoch(w.data_timestamp);
+                ["derivative wants", function(w) {
+                  var d = folded[w.want_id];
+                  return d ? '<details data-derivatives="' + esc(w.want_id) + '"><summary>' +
+                    d.length + " derivative want" + (d.length > 1 ? "s" : "") +
+                    "</summary>" + d.map(function(x) {
+                      return '<div data-derivative="' + esc(x.want_id) + '">' + wantLink(x
+                        .want_id) + " " + st(x.status) + " " + few(x.partitions, refLink, 2) +
+                        "</div>";
+                    }).join("") + "</details>" : (w.derivative_want_ids.length && !q.all ?
+                      '<span class="muted">' + w.derivative_want_ids.length +
+                      " (other pages)</span>" : "\u2013");
                 }],
                 ["created", function(w) {
                   return when(w.created_at);
                 }]
-              ], j.data) + pager("wants", q, j.total),
+              ], rows) + pager("wants", q, j.total),
             wire: function() {
               $("flt").onchange = function() {
                 go("wants", {
-                  status: this.value
+                  status: this.value,
+                  all: q.all
+                });
+              };
+              $("all").onchange = function() {
+                go("wants", {
+                  status: q.status,
+                  all: this.checked ? "1" : ""
                 });
               };
               wirePager("wants", q);
@@ -9302,7 +9391,7 @@ _DASHBOARD_HTML = r"""<!doctype html>
             html: "<h1>Partitions</h1>" +
               '<div class="bar"><input id="prefix" placeholder="ref prefix, e.g. raw/" value="' +
               esc(q.prefix || "").replace("\u2013", "") + '" size="32">' +
-              statusFilter("partitions", q) +
+              statusFilter("partitions", q) + finder() +
               '<label><input type="checkbox" id="stale"' + (q.stale ? " checked" : "") +
               '> stale only</label></div>' +
               table([
@@ -9371,7 +9460,7 @@ _DASHBOARD_HTML = r"""<!doctype html>
           });
           return {
             html: "<h1>Job runs" + (q.job ? " of " + esc(q.job) : "") + "</h1>" +
-              '<div class="bar">' + statusFilter("job_runs", q) + (q.job ?
+              '<div class="bar">' + statusFilter("job_runs", q) + finder() + (q.job ?
                 '<span class="muted" id="durations">' + j.total + " runs; this page: " +
                 (took.length ? "median " + took[took.length >> 1].toFixed(1) + "s, longest " +
                   took[took.length - 1].toFixed(1) + "s" : "none finished") +
@@ -9655,6 +9744,104 @@ _DASHBOARD_HTML = r"""<!doctype html>
           };
         });
       },
+      graph: function(r) {
+        // The lineage graph of the partitions under a prefix and their
+        // direct upstream; beyond GRAPH_LIMIT nodes (or ?limit=N), one per job.
+        var q = r.q,
+          most = +q.limit || GRAPH_LIMIT;
+        return api("/api/partitions", {
+          prefix: q.prefix,
+          limit: 1000
+        }).then(function(j) {
+          var nodes = {},
+            edges = [],
+            part = {};
+          j.data.forEach(function(p) {
+            part[p.ref] = p;
+          });
+          j.data.forEach(function(p) {
+            p.upstream.forEach(function(u) {
+              edges.push([u, p.ref]);
+              if (!part[u]) part[u] = {
+                ref: u,
+                status: "unknown",
+                job_label: "(outside the prefix)",
+                neighbour: true
+              };
+            });
+          });
+          var refs = Object.keys(part),
+            note = (j.total > j.data.length ? "The first " + j.data.length + " of " + j.total +
+              " partitions. " : "") + refs.length + " nodes";
+          if (refs.length > most) {
+            var jobs = {};
+            refs.forEach(function(ref) {
+              var p = part[ref],
+                k = p.job_label || "?";
+              var n = jobs[k] = jobs[k] || {
+                label: k,
+                counts: {},
+                total: 0
+              };
+              n.counts[p.status] = (n.counts[p.status] || 0) + 1;
+              n.total++;
+            });
+            Object.keys(jobs).forEach(function(k) {
+              var n = jobs[k],
+                worst = ["Failed", "UpstreamFailed", "Building", "UpstreamBuilding",
+                  "UpForRetry", "Tainted", "Canceled", "Missing"
+                ].filter(function(s) {
+                  return n.counts[s];
+                })[0] || "Live";
+              nodes[k] = {
+                label: k + " (" + n.total + ")",
+                status: worst,
+                title: k + ": " + Object.keys(n.counts).map(function(s) {
+                  return n.counts[s] + " " + s;
+                }).join(", "),
+                href: link("partitions?prefix=" + encodeURIComponent(q.prefix || "")),
+                attrs: 'data-job="' + esc(k) + '" data-status="' + esc(worst) + '"'
+              };
+            });
+            var seen = {};
+            edges = edges.map(function(e) {
+              return [part[e[0]].job_label || "?", part[e[1]].job_label || "?"];
+            }).filter(function(e) {
+              var k = e.join("\n");
+              return e[0] !== e[1] && !seen[k] && (seen[k] = true);
+            });
+            note += ": more than " + most + ", so one node per job (narrow with a prefix)";
+          } else {
+            refs.forEach(function(ref) {
+              var p = part[ref];
+              nodes[ref] = {
+                label: ref,
+                status: p.status,
+                stale: p.stale,
+                title: ref + " " + p.status + (p.stale ? " (stale)" : "") + (p.neighbour ?
+                  " (upstream, outside the prefix)" : ""),
+                href: link("partitions/" + encodeURIComponent(ref)),
+                attrs: 'data-ref="' + esc(ref) + '" data-status="' + esc(p.status) + '"' + (p
+                  .stale ? " data-stale" : "")
+              };
+            });
+          }
+          return {
+            html: "<h1>Graph</h1>" + '<div class="bar"><input id="prefix" ' +
+              'placeholder="ref prefix, e.g. daily/" value="' + esc(q.prefix || "") +
+              '" size="32"><span class="muted" id="graphnote">' + esc(note) + "</span></div>" +
+              (refs.length ? drawGraph(nodes, edges) :
+                '<p class="muted">No partitions here.</p>'),
+            wire: function() {
+              $("prefix").onchange = function() {
+                go("graph", {
+                  prefix: this.value
+                });
+              };
+            }
+          };
+        });
+      },
       timeline: function(r) {
         // Job runs as bars on a time axis, a lane per job; running bars grow.
         var q = r.q,
@@ -9903,6 +10090,136 @@ _DASHBOARD_HTML = r"""<!doctype html>
         });
     }
 
+    function drawGraph(nodes, edges) {
+      // A layered layout of our own: a column per depth (upstream to the
+      // left), nodes ordered in a column by where their upstream sit.
+      // nodes: {id: {label, status, stale, href, attrs}}; edges: [[up, down]].
+      var ups = {},
+        depth = {},
+        ids = Object.keys(nodes).sort();
+      edges.forEach(function(e) {
+        (ups[e[1]] = ups[e[1]] || []).push(e[0]);
+      });
+      var level = function(id, seen) {
+        if (depth[id] != null) return depth[id];
+        if (seen[id]) return 0; // a cycle: cut here
+        seen[id] = true;
+        var d = 0;
+        (ups[id] || []).forEach(function(u) {
+          d = Math.max(d, level(u, seen) + 1);
+        });
+        return (depth[id] = d);
+      };
+      ids.forEach(function(id) {
+        level(id, {});
+      });
+      var cols = [],
+        pos = {},
+        downs = {};
+      edges.forEach(function(e) {
+        (downs[e[0]] = downs[e[0]] || []).push(e[1]);
+      });
+      ids.forEach(function(id) {
+        (cols[depth[id]] = cols[depth[id]] || []).push(id);
+      });
+      cols = cols.filter(Boolean);
+      cols.forEach(function(col) {
+        col.forEach(function(id, i) {
+          pos[id] = i;
+        });
+      });
+      // Sweeps: each node wants the mean row of its neighbours in the column
+      // just placed (upstream going right, downstream going left); a column
+      // takes the rows its nodes want, in that order, none sharing a row.
+      [ups, downs, ups].forEach(function(near, k) {
+        (k === 1 ? cols.slice().reverse() : cols).forEach(function(col) {
+          col.forEach(function(id) {
+            var n = (near[id] || []).filter(function(x) {
+              return pos[x] != null && depth[x] !== depth[id];
+            });
+            if (n.length) pos[id] = n.reduce(function(a, x) {
+              return a + pos[x];
+            }, 0) / n.length;
+          });
+          col.sort(function(a, b) {
+            return pos[a] - pos[b] || (a < b ? -1 : 1);
+          });
+          col.forEach(function(id, i) {
+            pos[id] = Math.max(Math.round(pos[id]), i ? pos[col[i - 1]] + 1 : 0);
+          });
+        });
+      });
+      var longest = Math.max.apply(null, ids.map(function(id) {
+          return nodes[id].label.length;
+        }).concat([8])),
+        NW = Math.min(340, longest * 7 + 20),
+        NH = 20,
+        GX = 70,
+        GY = 8,
+        at = function(id) {
+          return [depth[id] * (NW + GX), pos[id] * (NH + GY)];
+        };
+      var height = (Math.max.apply(null, ids.map(function(id) {
+        return pos[id];
+      })) + 1) * (NH + GY);
+      var lines = edges.filter(function(e) {
+        return nodes[e[0]] && nodes[e[1]];
+      }).map(function(e) {
+        var a = at(e[0]),
+          b = at(e[1]),
+          x1 = a[0] + NW,
+          y1 = a[1] + NH / 2,
+          x2 = b[0],
+          y2 = b[1] + NH / 2;
+        return '<path data-edge="' + esc(e[0] + " " + e[1]) + '" d="M' + x1 + " " + y1 + " C" +
+          (x1 + GX / 2) + " " + y1 + " " + (x2 - GX / 2) + " " + y2 + " " + x2 + " " + y2 +
+          '"></path>';
+      }).join("");
+      var boxes = ids.map(function(id) {
+        var n = nodes[id],
+          p = at(id),
+          text = n.label.length * 7 + 12 > NW ? n.label.slice(0, Math.floor((NW - 24) / 7)) +
+          "\u2026" : n.label;
+        return '<a href="' + n.href + '"><g ' + n.attrs + ' class="node s-' + esc(n.status) +
+          (n.stale ? " stale" : "") + '" transform="translate(' + p[0] + "," + p[1] +
+          ')"><title>' + esc(n.title || n.label) + '</title><rect width="' + NW + '" height="' +
+          NH + '" rx="3"></rect><text x="6" y="14">' + esc(text) + "</text></g></a>";
+      }).join("");
+      return '<div class="graphbox"><svg class="graph" width="' + (cols.length * (NW + GX)) +
+        '" height="' + (height + 4) + '">' + lines + boxes + "</svg></div>";
+    }
+
+    function neighbourhood(p, l) { // a partition's lineage (as fetched) as a graph
+      var nodes = {},
+        edges = [];
+      var add = function(n) {
+        nodes[n.ref] = {
+          label: n.ref,
+          status: n.status,
+          stale: n.stale,
+          title: n.ref + " " + n.status,
+          href: link("partitions/" + encodeURIComponent(n.ref)),
+          attrs: 'data-ref="' + esc(n.ref) + '" data-status="' + esc(n.status) + '"' + (n.ref ===
+            p.ref ? " data-focus" : "")
+        };
+      };
+      var walk = function(n, key) {
+        add(n);
+        (n[key] || []).forEach(function(m) {
+          edges.push(key === "upstream" ? [m.ref, n.ref] : [n.ref, m.ref]);
+          walk(m, key);
+        });
+      };
+      walk(Object.assign({}, p, {
+        upstream: l.upstream
+      }), "upstream");
+      walk(Object.assign({}, p, {
+        downstream: l.downstream
+      }), "downstream");
+      return Object.keys(nodes).length > 1 ? drawGraph(nodes, edges) :
+        '<p class="muted">no recorded lineage</p>';
+    }
+
     function lineageTree(nodes, key) {
       if (!nodes || !nodes.length) return "";
       return '<ul class="tree">' + nodes.map(function(n) {
@@ -9974,7 +10291,8 @@ _DASHBOARD_HTML = r"""<!doctype html>
               ["retry at", when(p.retry_at)],
               ["updated", when(p.updated_at)]
             ]) + "</div><div>" +
-            '<h2 style="margin-top:0">Built from</h2>' + (lineageTree(l.upstream, "upstream") ||
+            '<h2 style="margin-top:0">Neighbourhood</h2>' + neighbourhood(p, l) +
+            '<h2>Built from</h2>' + (lineageTree(l.upstream, "upstream") ||
               '<p class="muted">no recorded upstream</p>') +
             "<h2>Built into</h2>" + (lineageTree(l.downstream, "downstream") ||
               '<p class="muted">nothing recorded</p>') + "</div></div>" +
@@ -10117,6 +10435,7 @@ _DASHBOARD_HTML = r"""<!doctype html>
           window.scrollTo(0, y);
           wireActions();
           if (out.wire) out.wire();
+          applyFinder();
         }
       }).catch(function(e) {
         stopFollow();

@@ -44,6 +44,14 @@ def text_of(b, css):
         return text_of(b, css)
 
 
+def attrs(b, css, name):
+    """An attribute of every element matching ``css``, read again if the page re-rendered."""
+    try:
+        return [e.get_attribute(name) for e in b.find_elements(By.CSS_SELECTOR, css)]
+    except StaleElementReferenceException:
+        return attrs(b, css, name)
+
+
 def click(b, by, value, timeout=10):
     """Click an element, found again if the page re-rendered it meanwhile."""
     def attempt():
@@ -365,3 +373,75 @@ def test_event_details_expand_and_a_jobs_history(tmp_path, serve, browser):
     click(b, By.CSS_SELECTOR, "a[data-job='raw']")
     text = until(b, "#view", ["Job runs of raw", "2 runs", "median"])
     assert "agg/1" not in text and "raw/2" in text and "Failed" in text
+
+
+def test_wants_list_folds_derivative_wants_and_filters_as_you_type(tmp_path, serve, browser):
+    ws = write_workspace(tmp_path / "ws", plan={"c": {"deps": ["b"]}, "b": {"deps": ["a"]}})
+    server = serve(ws)
+    c = server.client
+    root = c.wait_want(c.create_want(["c"])["want_id"], 30)
+    other = c.wait_want(c.create_want(["x"], comment="nightly fix")["want_id"], 30)
+    derivatives = [w["want_id"] for w in c.list_wants(limit=10)["data"]
+                   if w["root_want_id"] == root["want_id"] and w["want_id"] != root["want_id"]]
+    assert len(derivatives) == 2
+    b = browser
+    login(b, server, "/wants")
+    until(b, "#view", ["2 derivative wants", "nightly fix"])
+    rows = b.find_elements(By.CSS_SELECTOR, "#view table tr")[1:]
+    assert len(rows) == 2  # the two wants people made; derivatives folded
+    folded = b.find_element(By.CSS_SELECTOR, "[data-derivatives='%s']" % root["want_id"])
+    folded.find_element(By.TAG_NAME, "summary").click()
+    shown = [e.get_attribute("data-derivative")
+             for e in folded.find_elements(By.CSS_SELECTOR, "[data-derivative]")]
+    assert sorted(shown) == sorted(derivatives)
+    shot(b, "wants_folded")
+    box = b.find_element(By.ID, "find")
+    box.send_keys("nightly")
+    wait_for(lambda: [r.is_displayed() for r in rows] == [other["want_id"] in r.get_attribute(
+        "innerHTML") for r in rows])
+    box.clear()
+    box.send_keys(root["want_id"][:8])
+    wait_for(lambda: [r.is_displayed() for r in rows] == [root["want_id"] in r.get_attribute(
+        "innerHTML") for r in rows])
+    box.clear()
+    box.send_keys(" ")  # an empty filter shows every row
+    box.send_keys("\b")
+    click(b, By.ID, "all")
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#view table tr")) == 5)
+    assert "all=1" in b.current_url
+
+
+def test_graph_lays_lineage_out_left_to_right_and_collapses_by_job(tmp_path, serve, browser):
+    ws = write_workspace(tmp_path / "ws", jobs=[
+        {"label": "raw", "partition_patterns": ["raw/.*"]},
+        {"label": "agg", "partition_patterns": ["agg/.*"]}],
+        plan={"agg/b": {"deps": ["raw/a"], "reads": ["raw/a"]},
+              "agg/c": {"deps": ["agg/b"], "reads": ["agg/b"]}})
+    server = serve(ws)
+    c = server.client
+    c.wait_want(c.create_want(["agg/c"])["want_id"], 30)
+    b = browser
+    login(b, server, "/graph")
+    wait_for(lambda: len(attrs(b, "g[data-ref]", "data-ref")) == 3)
+
+    def column(ref):  # the x of a node's translate(x,y)
+        g = b.find_element(By.CSS_SELECTOR, "g[data-ref='%s']" % ref)
+        return float(g.get_attribute("transform").split("(")[1].split(",")[0])
+    assert column("raw/a") < column("agg/b") < column("agg/c")
+    assert sorted(attrs(b, "path[data-edge]", "data-edge")) == ["agg/b agg/c", "raw/a agg/b"]
+    assert set(attrs(b, "g[data-ref]", "data-status")) == {"Live"}
+    shot(b, "graph")
+    # A prefix: its partitions and their direct upstream.
+    login(b, server, "/graph?prefix=agg/c")
+    wait_for(lambda: sorted(attrs(b, "g[data-ref]", "data-ref")) == ["agg/b", "agg/c"])
+    # Beyond the limit: a node per job, and the page says so.
+    login(b, server, "/graph?limit=2")
+    wait_for(lambda: sorted(attrs(b, "g[data-job]", "data-job")) == ["agg", "raw"])
+    assert "one node per job" in text_of(b, "#graphnote")
+    assert attrs(b, "path[data-edge]", "data-edge") == ["raw agg"]
+    # A partition's view draws its neighbourhood; a click on a node opens it.
+    login(b, server, "/graph")
+    click(b, By.CSS_SELECTOR, "g[data-ref='agg/b']")
+    until(b, "#view h1", ["agg/b"])
+    wait_for(lambda: attrs(b, "g[data-focus]", "data-ref") == ["agg/b"])
+    assert set(attrs(b, "g[data-ref]", "data-ref")) == {"raw/a", "agg/b", "agg/c"}
