@@ -9082,12 +9082,12 @@ _DASHBOARD_HTML = r"""<!doctype html>
     }
 
     function wantLink(id) {
-      return id ? '<a class="mono" href="#/wants/' + encodeURIComponent(id) + '" title="' + esc(
+      return id ? '<a class="mono" href="' + link("wants/" + encodeURIComponent(id)) + '" title="' + esc(
         id) + '">' + esc(short(id)) + '</a>' : "\u2013";
     }
 
     function runLink(id) {
-      return id ? '<a class="mono" href="#/job_runs/' + encodeURIComponent(id) + '" title="' + esc(
+      return id ? '<a class="mono" href="' + link("job_runs/" + encodeURIComponent(id)) + '" title="' + esc(
         id) + '">' + esc(short(id)) + '</a>' : "\u2013";
     }
 
@@ -9122,12 +9122,25 @@ _DASHBOARD_HTML = r"""<!doctype html>
       return t.toLowerCase();
     }
 
-    function link(path) { // the fragment of a view: "#/" + kind/id
-      return "#/" + path;
+    function link(path) { // the fragment of a view: "#/" + kind/id, as of the event shown
+      return withAsOf("#/" + path);
+    }
+
+    function withAsOf(hash) { // a fragment with this page's ?as_of=N (or none, at present)
+      var h = hash.replace(/([?&])as_of=[^&]*&?/, "$1").replace(/[?&]$/, "");
+      return asOf ? h + (h.indexOf("?") < 0 ? "?" : "&") + "as_of=" + asOf : h;
+    }
+
+    function showAsOf(v) { // the header's field and colours follow the event shown
+      asOf = v ? String(+v) : null;
+      $("asof").value = asOf || "";
+      document.documentElement.classList.toggle("past", !!asOf);
+      $("msg").className = "";
     }
 
     function refLink(r) {
-      return '<a class="mono" href="#/partitions/' + encodeURIComponent(r) + '">' + esc(r) + '</a>';
+      return '<a class="mono" href="' + link("partitions/" + encodeURIComponent(r)) + '">' + esc(r) +
+        '</a>';
     }
 
     function few(list, fn, n) {
@@ -9218,7 +9231,7 @@ _DASHBOARD_HTML = r"""<!doctype html>
         .map(function(k) {
           return k + "=" + encodeURIComponent(q[k]);
         }).join("&");
-      location.hash = "#/" + kind + (s ? "?" + s : "");
+      location.hash = withAsOf("#/" + kind + (s ? "?" + s : ""));
     }
 
     function pager(kind, q, total) {
@@ -9464,7 +9477,7 @@ _DASHBOARD_HTML = r"""<!doctype html>
                 '<span class="muted" id="durations">' + j.total + " runs; this page: " +
                 (took.length ? "median " + took[took.length >> 1].toFixed(1) + "s, longest " +
                   took[took.length - 1].toFixed(1) + "s" : "none finished") +
-                '</span> <a href="#/job_runs">all jobs</a>' : "") + "</div>" +
+                '</span> <a href="' + link("job_runs") + '">all jobs</a>' : "") + "</div>" +
               table([
                 ["job run", function(x) {
                   return runLink(x.job_run_id);
@@ -10418,6 +10431,12 @@ _DASHBOARD_HTML = r"""<!doctype html>
       again = false;
       var r = route(),
         v = views[r.kind] || views.wants;
+      if (r.q.as_of && r.q.as_of !== asOf) showAsOf(r.q.as_of); // a link to the past
+      else if (!r.q.as_of && asOf) history.replaceState(null, "", withAsOf(location.hash ||
+        "#/wants")); // the past stays until Now
+      Array.prototype.forEach.call(document.querySelectorAll("nav a"), function(a) {
+        a.setAttribute("href", link(a.getAttribute("href").replace(/^#\/([^?]*).*$/, "$1")));
+      });
       Promise.resolve(v(r)).then(function(out) {
         if (!(out.keep && follower)) {
           stopFollow();
@@ -10472,10 +10491,8 @@ _DASHBOARD_HTML = r"""<!doctype html>
     }
 
     function setAsOf(v) {
-      asOf = v ? String(+v) : null;
-      $("asof").value = asOf || "";
-      document.documentElement.classList.toggle("past", !!asOf);
-      $("msg").className = "";
+      showAsOf(v);
+      history.replaceState(null, "", withAsOf(location.hash || "#/wants"));
       render();
       poll();
     }

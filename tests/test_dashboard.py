@@ -149,6 +149,13 @@ def test_time_travel_shows_a_view_as_it_was(tmp_path, serve, browser):
     until(b, "#msg", ["as of event %d" % before])
     table = until(b, "#view table", ["a", "Live"])
     assert "z" not in table.split() and "Tainted" not in table
+    # The fragment says which event is shown, and links from the view keep it.
+    assert "as_of=%d" % before in b.current_url
+    assert all("as_of=%d" % before in h for h in attrs(b, "#view a[href^='#'], nav a", "href"))
+    b.get("about:blank")
+    login(b, server, "/partitions?as_of=%d" % before)  # a shared link to the past
+    until(b, "#msg", ["as of event %d" % before])
+    assert "Tainted" not in until(b, "#view table", ["a", "Live"])
     b.get(server.url + "/#/events")  # the events up to that one, newest first
     until(b, "#view table tr:nth-child(2) td", [str(before)])
     b.get(server.url + "/#/wants/" + first["want_id"])
@@ -156,7 +163,7 @@ def test_time_travel_shows_a_view_as_it_was(tmp_path, serve, browser):
     assert all(not e.is_enabled() for e in b.find_elements(By.CSS_SELECTOR, "[data-act]"))
     click(b, By.ID, "live")
     until(b, "#msg", ["event"])
-    assert "as of" not in text_of(b, "#msg")
+    assert "as of" not in text_of(b, "#msg") and "as_of" not in b.current_url
 
 
 def test_live_log_grows_and_the_buttons_act(tmp_path, serve, browser):
