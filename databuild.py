@@ -9122,6 +9122,12 @@ _DASHBOARD_HTML = r"""<!doctype html>
       return t.toLowerCase();
     }
 
+    function secs(t) { // a duration, as people read one
+      return t < 60 ? t.toFixed(1) + "s" : t < 3600 ? Math.floor(t / 60) + "m " + ("0" + Math
+        .floor(t % 60)).slice(-2) + "s" : Math.floor(t / 3600) + "h " + ("0" + Math.floor(t %
+        3600 / 60)).slice(-2) + "m";
+    }
+
     function link(path) { // the fragment of a view: "#/" + kind/id, as of the event shown
       return withAsOf("#/" + path);
     }
@@ -10010,7 +10016,13 @@ _DASHBOARD_HTML = r"""<!doctype html>
         });
         return Promise.all([runs, tree(w, 0)]).then(function(a) {
           var c = w.counts,
-            live = c.Live || 0;
+            live = c.Live || 0,
+            errors = {}; // ref -> the error of its newest failed run
+          a[0].data.slice().reverse().forEach(function(x) {
+            if (x.status === "Failed") x.partitions.forEach(function(r) {
+              errors[r] = x.error || "failed";
+            });
+          });
           var acts = w.terminal ? [] : [action("Cancel want", "danger", function() {
             if (!confirm("Cancel want " + w.want_id + "?")) return;
             return send("DELETE", "/api/wants/" + encodeURIComponent(w.want_id)).then(
@@ -10050,7 +10062,12 @@ _DASHBOARD_HTML = r"""<!doctype html>
                   ' <span class="s-Failed status">breached</span>' : "") : "none"],
                 ["comment", esc(w.comment)],
                 ["created", when(w.created_at)],
-                ["updated", when(w.updated_at)]
+                ["updated", when(w.updated_at)],
+                ["elapsed", secs(((w.terminal ? Date.parse(w.updated_at) : Date.now()) -
+                  Date.parse(w.created_at)) / 1000) + (w.terminal ? "" : " so far")],
+                ["runs took", a[0].data.length ? secs(a[0].data.reduce(function(t, x) {
+                  return t + (x.duration_ms || 0);
+                }, 0) / 1000) + " in " + a[0].data.length + " runs" : "\u2013"]
               ]) +
               "</div><div><h2 style=\"margin-top:0\">Partitions</h2>" + table([
                 ["ref", function(r) {
@@ -10058,6 +10075,10 @@ _DASHBOARD_HTML = r"""<!doctype html>
                 }],
                 ["status", function(r) {
                   return st(w.partition_statuses[r]);
+                }],
+                ["error", function(r) { // why a partition of this want failed
+                  return /Failed/.test(w.partition_statuses[r]) ? '<span data-error="' +
+                    esc(r) + '">' + esc(errors[r] || "upstream failed") + "</span>" : "";
                 }]
               ], w.partitions) + "</div></div>" +
               "<h2>Derivative wants</h2>" + (a[1] || '<p class="muted">none</p>') +
@@ -10076,6 +10097,9 @@ _DASHBOARD_HTML = r"""<!doctype html>
                 }],
                 ["attempt", function(x) {
                   return esc(x.attempt);
+                }],
+                ["duration", function(x) {
+                  return x.duration_ms == null ? "\u2013" : secs(x.duration_ms / 1000);
                 }],
                 ["error", function(x) {
                   return esc(x.error);

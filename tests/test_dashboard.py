@@ -246,6 +246,10 @@ def test_want_view_shows_progress_and_retries_what_is_not_live(tmp_path, serve, 
     assert "1 Failed" in text
     bar = b.find_element(By.CSS_SELECTOR, "progress[data-live]")
     assert (bar.get_attribute("value"), bar.get_attribute("max")) == ("3", "4")
+    # The failed partition with its error; how long the want and its runs took.
+    assert attrs(b, "[data-error]", "data-error") == ["p/2"]
+    assert "exit code 3" in text_of(b, "[data-error]")
+    assert "elapsed" in text and "in 4 runs" in text and "duration" in text
     shot(b, "want_progress")
     set_plan(ws, {})
     click(b, By.XPATH, "//button[text()='Retry']")
