@@ -2496,16 +2496,20 @@ class StoreView:
         clause = (" WHERE " + " AND ".join(where)) if where else ""
         # One JSON column a row: as cheap to parse row by row (measured) as
         # through _json_page.
-        if want_id is not None or job_label is not None:
+        if want_id is not None:
             rows = self._page("SELECT r.row, COUNT(*) OVER () FROM %s%s "
                               "ORDER BY r.seq DESC LIMIT ? OFFSET ?" % (source, clause),
                               args + [limit, offset])
             total = rows[0][1] if rows else self._count(source, clause, args)
-        else:
+        else:  # totals from the counters kept with the projection, not a count
             rows = self._page("SELECT r.row FROM %s%s ORDER BY r.seq DESC LIMIT ? OFFSET ?"
                               % (source, clause), args + [limit, offset])
-            total = (self.summary["seqs"]["job_runs"] if status is None
-                     else self.summary["counts"]["job_runs"].get(status, 0))
+            if job_label is not None:
+                counts = self.summary["job_runs_by_job"].get(job_label, {})
+                total = (sum(counts.values()) if status is None else counts.get(status, 0))
+            else:
+                total = (self.summary["seqs"]["job_runs"] if status is None
+                         else self.summary["counts"]["job_runs"].get(status, 0))
         return [JobRun.from_row(r[0]).to_dict() for r in rows], total
 
 
@@ -8873,6 +8877,10 @@ _DASHBOARD_HTML = r"""<!doctype html>
       stroke-width: 1.5
     }
 
+    svg.graph g.node[data-focus] rect {
+      stroke-width: 3
+    }
+
     svg.graph g.node.stale rect {
       stroke-dasharray: 4 2
     }
@@ -9038,6 +9046,8 @@ _DASHBOARD_HTML = r"""<!doctype html>
       follower = null,
       PAGE = 50;
     var GRAPH_LIMIT = 400, // more nodes than this: the graph draws one per job
+      GRID_DATES = 62, // the grid's columns at most (the newest dates: two months)
+      GRID_ROWS = 100, // and its rows
       findText = "", // what a list's text box holds
       grow = null, // the timeline's timer that grows running bars
       DATE = /\d{4}-\d{2}-\d{2}T\d{2}|\d{4}-\d{2}-\d{2}|\d{4}-\d{2}/; // README "Backfills"
@@ -9731,14 +9741,20 @@ _DASHBOARD_HTML = r"""<!doctype html>
             dates[m[0]] = true;
           });
           var ds = Object.keys(dates).sort(),
-            keys = Object.keys(rows).sort();
-          var note = (j.total > j.data.length ? "The first " + j.data.length + " of " + j.total +
-              " partitions: narrow them with a prefix. " : "") +
-            (undated ? undated + " without a date not shown." : "");
+            keys = Object.keys(rows).sort(),
+            note = (j.total > j.data.length ? "The first " + j.data.length + " of " + j
+              .total + " partitions: narrow them with a prefix. " : "");
+          if (ds.length > GRID_DATES) { // the newest dates: what a team checks first
+            note += "The newest " + GRID_DATES + " of " + ds.length + " dates. ";
+            ds = ds.slice(-GRID_DATES);
+          }
+          if (keys.length > GRID_ROWS) {
+            note += "The first " + GRID_ROWS + " of " + keys.length + " rows. ";
+            keys = keys.slice(0, GRID_ROWS);
+          }
+          note += undated ? undated + " without a date not shown." : "";
           return {
-            html: "<h1>Grid</h1>" + '<div class="bar"><input id="prefix" ' +
-              'placeholder="ref prefix, e.g. daily/" value="' + esc(q.prefix || "") +
-              '" size="32"><span class="muted" id="gridnote">' + esc(note) + "</span></div>" +
+            html: "<h1>Grid</h1>" + prefixBar(q, "gridnote", note) +
               (keys.length ? '<table class="grid"><tr><th></th>' + ds.map(function(d) {
                 return '<th class="date" data-date="' + esc(d) + '">' + esc(d) + "</th>";
               }).join("") + "</tr>" + keys.map(function(k) {
@@ -9753,13 +9769,7 @@ _DASHBOARD_HTML = r"""<!doctype html>
                   }).join("") + "</tr>";
               }).join("") + "</table>" :
                 '<p class="muted">No partitions with a date in their ref here.</p>'),
-            wire: function() {
-              $("prefix").onchange = function() {
-                go("grid", {
-                  prefix: this.value
-                });
-              };
-            }
+            wire: wirePrefix("grid")
           };
         });
       },
@@ -9792,7 +9802,7 @@ _DASHBOARD_HTML = r"""<!doctype html>
           var refs = Object.keys(part),
             note = (j.total > j.data.length ? "The first " + j.data.length + " of " + j.total +
               " partitions. " : "") + refs.length + " nodes";
-          if (refs.length > most) {
+          if (j.data.length > most) { // partitions, their upstream neighbours aside
             var jobs = {};
             refs.forEach(function(ref) {
               var p = part[ref],
@@ -9829,7 +9839,8 @@ _DASHBOARD_HTML = r"""<!doctype html>
               var k = e.join("\n");
               return e[0] !== e[1] && !seen[k] && (seen[k] = true);
             });
-            note += ": more than " + most + ", so one node per job (narrow with a prefix)";
+            note += ": more than " + most + " partitions, so one node per job (narrow with a " +
+              "prefix, or ?limit=N)";
           } else {
             refs.forEach(function(ref) {
               var p = part[ref];
@@ -9846,18 +9857,10 @@ _DASHBOARD_HTML = r"""<!doctype html>
             });
           }
           return {
-            html: "<h1>Graph</h1>" + '<div class="bar"><input id="prefix" ' +
-              'placeholder="ref prefix, e.g. daily/" value="' + esc(q.prefix || "") +
-              '" size="32"><span class="muted" id="graphnote">' + esc(note) + "</span></div>" +
+            html: "<h1>Graph</h1>" + prefixBar(q, "graphnote", note) +
               (refs.length ? drawGraph(nodes, edges) :
                 '<p class="muted">No partitions here.</p>'),
-            wire: function() {
-              $("prefix").onchange = function() {
-                go("graph", {
-                  prefix: this.value
-                });
-              };
-            }
+            wire: wirePrefix("graph")
           };
         });
       },
@@ -10127,6 +10130,22 @@ _DASHBOARD_HTML = r"""<!doctype html>
         });
     }
 
+    function prefixBar(q, id, note) { // a picture's prefix box, and what it left out
+      return '<div class="bar"><input id="prefix" placeholder="ref prefix, e.g. daily/" ' +
+        'value="' + esc(q.prefix || "") + '" size="32"><span class="muted" id="' + id + '">' +
+        esc(note) + "</span></div>";
+    }
+
+    function wirePrefix(kind) {
+      return function() {
+        $("prefix").onchange = function() {
+          go(kind, {
+            prefix: this.value
+          });
+        };
+      };
+    }
+
     function drawGraph(nodes, edges) {
       // A layered layout of our own: a column per depth (upstream to the
       // left), nodes ordered in a column by where their upstream sit.
@@ -10328,11 +10347,11 @@ _DASHBOARD_HTML = r"""<!doctype html>
               ["retry at", when(p.retry_at)],
               ["updated", when(p.updated_at)]
             ]) + "</div><div>" +
-            '<h2 style="margin-top:0">Neighbourhood</h2>' + neighbourhood(p, l) +
-            '<h2>Built from</h2>' + (lineageTree(l.upstream, "upstream") ||
+            '<h2 style="margin-top:0">Built from</h2>' + (lineageTree(l.upstream, "upstream") ||
               '<p class="muted">no recorded upstream</p>') +
             "<h2>Built into</h2>" + (lineageTree(l.downstream, "downstream") ||
               '<p class="muted">nothing recorded</p>') + "</div></div>" +
+            "<h2>Neighbourhood</h2>" + neighbourhood(p, l) +
             "<h2>Explain</h2>" + (x ? "<p>" + esc(x.summary) + "</p>" + table([
               ["#", function(s) {
                 return esc(s.event_id);

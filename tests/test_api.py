@@ -505,6 +505,10 @@ def test_a_backfill_with_a_bad_day_plans_runs_settles_and_retries(backfill_ws, s
     # Each out partition ran once (declared deps: no dep-miss runs), the bad one never.
     outs = server.client.list_job_runs(job_label="out")["data"]
     assert sorted(r["status"] for r in outs) == ["Succeeded"] * 7
+    # A job's totals come from the counters kept with the projection.
+    assert server.client.list_job_runs(job_label="out", limit=2)["total"] == 7
+    assert server.client.list_job_runs(job_label="raw", status="Failed")["total"] == \
+        len(server.client.list_job_runs(job_label="raw", status="Failed")["data"]) >= 1
     lineage = server.client.request("GET", "/api/partitions/out/date=2025-01-05/lineage")
     assert [u["ref"] for u in lineage["data"]["upstream"]] == ["raw/date=2025-01-05"]
     # Retry wants what is not Live, once the bad day is mended.
