@@ -5251,8 +5251,7 @@ class Orchestrator:
         # The orchestrator's state also notes what alerts may be raised on
         # and whose staleness changed (all stale ones, at first: auto rebuild).
         state.notices = []
-        state.stale_dirty = dict.fromkeys(state.store.stale_refs() if state.store is not None
-                                          else state.stale)
+        state.stale_dirty = dict.fromkeys(state.store.stale_refs())
         return state
 
     def _open_state(self):
@@ -5268,6 +5267,7 @@ class Orchestrator:
         self.log.clear_projection()
         state = BuildState(working_set=True, store=self.log)
         batch, total, started = [], self.log.latest_event_id(), time.monotonic()
+        said = 0  # events when progress was last logged
         for event in itertools.chain(self.log.iter_events(), [None]):
             if event is not None:
                 state.apply(event)
@@ -5277,9 +5277,10 @@ class Orchestrator:
                 self.log.write_projection(changes, state.summary())
                 state.forget(changes)
                 batch = []
-                if state.latest_event_id % 500000 < 20000 and event is not None:
-                    logger.info("Projection: %d of %d events (%.0f s)", state.latest_event_id,
-                                total, time.monotonic() - started)
+                if event is not None and state.latest_event_id - said >= 500000:
+                    said = state.latest_event_id
+                    logger.info("Projection: %d of %d events (%.0f s)", said, total,
+                                time.monotonic() - started)
         if total:
             logger.info("Projection built: %d events in %.1f s", total,
                         time.monotonic() - started)
@@ -9121,13 +9122,10 @@ _DASHBOARD_HTML = r"""<!doctype html>
       show();
     }
 
-    function rowText(tr) { // what a row shows, with the whole ids and refs of its links
+    function rowText(tr) { // what a row shows, and the whole ids behind its short ones
       var t = tr.textContent;
-      Array.prototype.forEach.call(tr.querySelectorAll("a"), function(a) {
-        t += " " + (a.title || "");
-        try {
-          t += " " + decodeURIComponent(a.getAttribute("href") || "");
-        } catch (e) {}
+      Array.prototype.forEach.call(tr.querySelectorAll("a[title]"), function(a) {
+        t += " " + a.title;
       });
       return t.toLowerCase();
     }
@@ -9801,7 +9799,8 @@ _DASHBOARD_HTML = r"""<!doctype html>
           });
           var refs = Object.keys(part),
             note = (j.total > j.data.length ? "The first " + j.data.length + " of " + j.total +
-              " partitions. " : "") + refs.length + " nodes";
+              " partitions. " : "") + (j.data.length > most ? j.data.length + " partitions" :
+              refs.length + " nodes");
           if (j.data.length > most) { // partitions, their upstream neighbours aside
             var jobs = {};
             refs.forEach(function(ref) {
@@ -9818,10 +9817,10 @@ _DASHBOARD_HTML = r"""<!doctype html>
             Object.keys(jobs).forEach(function(k) {
               var n = jobs[k],
                 worst = ["Failed", "UpstreamFailed", "Building", "UpstreamBuilding",
-                  "UpForRetry", "Tainted", "Canceled", "Missing"
+                  "UpForRetry", "Tainted", "Canceled", "Live"
                 ].filter(function(s) {
                   return n.counts[s];
-                })[0] || "Live";
+                })[0] || "unknown"; // the job's colour: its worst status
               nodes[k] = {
                 label: k + " (" + n.total + ")",
                 status: worst,

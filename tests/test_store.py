@@ -165,13 +165,19 @@ def test_projection_rows_are_the_replay(tmp_path, driver_for):
     assert_projection_matches_replay(d.log)
 
 
-def test_projection_is_rebuilt_when_missing(tmp_path, driver_for):
+def test_projection_is_rebuilt_when_missing(tmp_path, driver_for, caplog):
     ws = write_workspace(tmp_path / "ws", plan={"b": {"deps": ["a"]}})
     d = driver_for(ws)
     want = d.want("b")
     d.settle(want["want_id"])
+    events = d.log.latest_event_id()
     d.log.clear_projection()  # as if the log came from elsewhere, or an older version
-    d.orch = databuild.Orchestrator(d.config, d.log)
+    with caplog.at_level("INFO", logger="databuild"):
+        d.orch = databuild.Orchestrator(d.config, d.log)
+    said = [r.getMessage() for r in caplog.records]
+    assert "Building the projection of the event log (%d events)" % events in said
+    assert any(m.startswith("Projection built: %d events in " % events) for m in said)
+    assert not dict.keys(d.orch.state.partitions)  # all at rest: on disk only
     assert d.orch.find_want(want["want_id"]).status == "Successful"
     assert not d.orch.state.wants  # finished work is not loaded
     assert_projection_matches_replay(d.log)
